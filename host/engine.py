@@ -1,0 +1,118 @@
+"""Compiling modules once: the wasmtime Engine, the WASI linker and the module cache.
+
+Compiled code is cached twice: in memory by the module's sha256, and on disk in the
+host's own state directory, keyed by sha256(wasm) + wasmtime version + the engine
+settings. The disk cache is written only by this host, in a directory only root can
+write; nothing that came from an image is ever deserialized (wasmtime would run it as
+native code).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from importlib.metadata import version as package_version
+from pathlib import Path
+
+import wasmtime
+from layotto.host.errors import ModuleError
+
+log = logging.getLogger(__name__)
+
+WASM_MAGIC = b"\0asm"
+WASI_MODULES = frozenset({"wasi_snapshot_preview1", "wasi_unstable"})
+
+ENGINE_SETTINGS = "epoch_interruption=1;cranelift_opt_level=speed"
+
+
+@dataclass(frozen=True)
+class CompiledModule:
+    """A module compiled for this host's engine."""
+
+    digest: str
+    module: wasmtime.Module
+    exports: frozenset[str]
+    from_cache: str  # "memory", "disk" or "compiled"
+
+
+class WasmEngine:
+    """One wasmtime Engine for the whole node host."""
+
+    def __init__(self, cache_dir: Path | None) -> None:
+        config = wasmtime.Config()
+        config.epoch_interruption = True
+        config.cranelift_opt_level = "speed"
+        self.engine = wasmtime.Engine(config)
+        self.cache_dir = cache_dir
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(cache_dir, 0o700)
+        self._fingerprint = hashlib.sha256(
+            f"wasmtime-py {package_version('wasmtime')};{ENGINE_SETTINGS}".encode()
+        ).hexdigest()[:16]
+        self._modules: dict[str, wasmtime.Module] = {}
+        self._lock = threading.Lock()
+        self.stats = {"memory_hits": 0, "disk_hits": 0, "compiles": 0}
+
+    def _cache_path(self, digest: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        return self.cache_dir / f"{digest}-{self._fingerprint}.cwasm"
+
+    def load(self, wasm: bytes, *, name: str) -> CompiledModule:
+        """Validate and compile ``wasm`` (named ``name`` in errors), using the caches."""
+        if wasm[:4] != WASM_MAGIC:
+            raise ModuleError(f"{name} is not a WebAssembly module (it does not start with \\0asm)")
+        digest = hashlib.sha256(wasm).hexdigest()
+        with self._lock:
+            module = self._modules.get(digest)
+        source = "memory"
+        if module is None:
+            module, source = self._load_uncached(wasm, digest, name)
+            with self._lock:
+                self._modules.setdefault(digest, module)
+        self.stats[{"memory": "memory_hits", "disk": "disk_hits", "compiled": "compiles"}[source]] += 1
+        exports = frozenset(e.name for e in module.exports)
+        self.check_imports(module, name)
+        return CompiledModule(digest, module, exports, source)
+
+    def _load_uncached(self, wasm: bytes, digest: str, name: str) -> tuple[wasmtime.Module, str]:
+        path = self._cache_path(digest)
+        if path is not None and path.exists():
+            try:
+                return wasmtime.Module.deserialize_file(self.engine, str(path)), "disk"
+            except wasmtime.WasmtimeError as exc:
+                log.warning("dropping unusable cache entry %s: %s", path, exc)
+                path.unlink(missing_ok=True)
+        try:
+            module = wasmtime.Module(self.engine, wasm)
+        except wasmtime.WasmtimeError as exc:
+            raise ModuleError(f"{name} is not a valid WebAssembly module: {_first_line(exc)}") from exc
+        if path is not None:
+            try:
+                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+                with os.fdopen(fd, "wb") as out:
+                    out.write(module.serialize())
+                os.replace(tmp, path)
+            except OSError as exc:
+                log.warning("cannot write module cache %s: %s", path, exc)
+        return module, "compiled"
+
+    @staticmethod
+    def check_imports(module: wasmtime.Module, name: str) -> None:
+        """Refuse modules importing anything the host does not provide."""
+        missing = [f"{imp.module}.{imp.name}" for imp in module.imports if imp.module not in WASI_MODULES]
+        if missing:
+            shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ModuleError(
+                f"{name} imports {shown}, which the layotto host does not provide "
+                "(available: WASI preview 1, module wasi_snapshot_preview1)"
+            )
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -1,0 +1,388 @@
+"""A nanoprocess: one WebAssembly command module running in its own Store on its own thread.
+
+Each nanoprocess has its own Store (so its own linear memory and limits), a WASI context
+built from the container's OCI process (argv, env, a preopened rootfs), and stdio routed
+to the files containerd gave the task. Killing it is immediate even inside a busy loop:
+the engine's epoch is bumped and the store's epoch-deadline callback turns the kill into
+a trap at the next loop header or call. A sleep inside WASI is interruptible too, because
+the host provides its own ``poll_oneoff``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import wasmtime
+from layotto.host.engine import CompiledModule, WasmEngine
+from layotto.host.errors import ModuleError
+from wasmtime import _bindings as ffi
+
+log = logging.getLogger(__name__)
+
+SIGKILL = 9
+SIGTERM = 15
+TRAP_EXIT = 134  # 128 + SIGABRT, what the wasmtime CLI reports for a trap
+KILL_GRACE = 0.25  # seconds a killed module may take to unwind before we report it gone
+
+_current = threading.local()
+
+_EpochCallback = ctypes.CFUNCTYPE(
+    ctypes.c_size_t,
+    ctypes.POINTER(ffi.wasmtime_context_t),
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(ctypes.c_uint8),
+)
+_NO_FINALIZER = ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
+_UPDATE_CONTINUE = 0
+
+
+@dataclass
+class ProcessSpec:
+    """Everything a nanoprocess needs, taken from the OCI bundle and the Create request."""
+
+    name: str
+    args: list[str]
+    env: list[str]
+    rootfs: Path
+    cwd: str = "/"
+    entry: str = "_start"
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    memory_limit: int | None = None
+
+
+@dataclass
+class ExitInfo:
+    status: int
+    exited_at: float
+    reason: str = ""
+    oom: bool = False
+
+
+class Output:
+    """A write end for the module's stdout or stderr (a containerd fifo or a file)."""
+
+    def __init__(self, target: str) -> None:
+        self.fd: int | None = None
+        self.lock = threading.Lock()
+        if not target:
+            return
+        if target.startswith("file://"):
+            path = target.removeprefix("file://")
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            return
+        path = target.removeprefix("fifo://")
+        try:
+            # Non-blocking open: a fifo with no reader must not hang the host.
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno in (errno.ENXIO, errno.ENOENT):
+                log.info("no reader for %s; output dropped", path)
+                return
+            raise
+        os.set_blocking(fd, True)
+        self.fd = fd
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            view = memoryview(data)
+            while view and self.fd is not None:
+                try:
+                    written = os.write(self.fd, view)
+                except InterruptedError:
+                    continue
+                except OSError:  # EPIPE after `ctr run -d` returned, and the like: drop
+                    self._close_locked()
+                    return
+                view = view[written:]
+
+    def _close_locked(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+    def close(self) -> None:
+        with self.lock:
+            self._close_locked()
+
+
+def build_linker(engine: WasmEngine) -> wasmtime.Linker:
+    """WASI preview 1, with an interruptible ``poll_oneoff`` in place of wasmtime's."""
+    linker = wasmtime.Linker(engine.engine)
+    linker.define_wasi()
+    linker.allow_shadowing = True
+    i32 = wasmtime.ValType.i32()
+    linker.define_func(
+        "wasi_snapshot_preview1",
+        "poll_oneoff",
+        wasmtime.FuncType([i32, i32, i32, i32], [i32]),
+        _poll_oneoff,
+        access_caller=True,
+    )
+    return linker
+
+
+_SUB = struct.Struct("<QB7xIxxxxQQH6x")  # userdata, tag, (clock id, timeout, precision, flags)
+_SUB_SIZE = 48
+_EVENT_SIZE = 32
+_WASI_EINVAL = 28
+_WASI_EFAULT = 21
+_WASI_ENOTSUP = 58
+
+
+def _poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, nsubs: int, nevents_ptr: int) -> int:
+    """WASI poll_oneoff: sleeps wait on the nanoprocess's kill event, fds are reported ready."""
+    proc: Nanoprocess | None = getattr(_current, "proc", None)
+    memory = caller.get("memory")
+    if not isinstance(memory, wasmtime.Memory):
+        return _WASI_ENOTSUP
+    if nsubs == 0:
+        return _WASI_EINVAL
+    size = memory.data_len(caller)
+    if in_ptr + nsubs * _SUB_SIZE > size or out_ptr + nsubs * _EVENT_SIZE > size or nevents_ptr + 4 > size:
+        return _WASI_EFAULT
+    raw = bytes(memory.read(caller, in_ptr, in_ptr + nsubs * _SUB_SIZE))
+    clocks: list[tuple[int, float]] = []
+    ready: list[tuple[int, int]] = []  # (userdata, type) of fd subscriptions
+    for i in range(nsubs):
+        userdata, tag, clock_id, timeout, _precision, flags = _SUB.unpack_from(raw, i * _SUB_SIZE)
+        if tag == 0:
+            seconds = timeout / 1e9
+            if flags & 1:  # absolute time
+                now = time.time() if clock_id == 0 else time.monotonic()
+                seconds -= now
+            clocks.append((userdata, max(0.0, seconds)))
+        else:
+            ready.append((userdata, tag))
+    events = bytearray()
+    if ready:
+        for userdata, tag in ready:
+            events += struct.pack("<QHBxxxxxQH6x", userdata, 0, tag, 0, 0)
+    else:
+        wait = min(seconds for _, seconds in clocks)
+        if proc is not None:
+            if proc.kill_event.wait(wait):
+                raise wasmtime.Trap("nanoprocess killed")
+        else:
+            time.sleep(wait)
+        for userdata, seconds in clocks:
+            if seconds <= wait:
+                events += struct.pack("<QHBxxxxxQH6x", userdata, 0, 0, 0, 0)
+    memory.write(caller, bytes(events), out_ptr)
+    memory.write(caller, struct.pack("<I", len(events) // _EVENT_SIZE), nevents_ptr)
+    return 0
+
+
+class Nanoprocess:
+    """One running command module."""
+
+    def __init__(
+        self, engine: WasmEngine, linker: wasmtime.Linker, compiled: CompiledModule, spec: ProcessSpec
+    ):
+        if spec.entry not in compiled.exports:
+            raise ModuleError(
+                f"{spec.args[0] if spec.args else spec.name} has no export named {spec.entry!r} "
+                f"(exports: {', '.join(sorted(compiled.exports)) or 'none'})"
+            )
+        self.engine = engine
+        self.linker = linker
+        self.compiled = compiled
+        self.spec = spec
+        self.kill_event = threading.Event()
+        self.kill_signal = 0
+        self.exit: ExitInfo | None = None
+        self.started_at: float | None = None
+        self._thread: threading.Thread | None = None
+        self._thread_id: int | None = None
+        self._cpu_seconds = 0.0
+        self._exit_callbacks: list[Callable[[ExitInfo], None]] = []
+        self._exit_lock = threading.Lock()
+        self._store: wasmtime.Store | None = None
+        self._memory: wasmtime.Memory | None = None
+        self._outputs: list[Output] = []
+        self._epoch_cb = _EpochCallback(self._on_epoch_deadline)
+
+    # --- lifecycle -----------------------------------------------------------------
+
+    def on_exit(self, callback: Callable[[ExitInfo], None]) -> None:
+        with self._exit_lock:
+            if self.exit is None:
+                self._exit_callbacks.append(callback)
+                return
+        callback(self.exit)
+
+    def start(self) -> threading.Event:
+        """Start the module's thread; the returned event is set once it is instantiated."""
+        self.stdout = Output(self.spec.stdout)
+        self.stderr = Output(self.spec.stderr) if self.spec.stderr != self.spec.stdout else self.stdout
+        self._outputs = [self.stdout, self.stderr]
+        ready = threading.Event()
+        self.start_error: BaseException | None = None
+        self.started_at = time.time()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name=f"nanoprocess-{self.spec.name}", daemon=True
+        )
+        self._thread.start()
+        return ready
+
+    def kill(self, signal: int) -> None:
+        """Stop the module: takes effect at its next loop iteration, call or sleep."""
+        if self.exit is not None:
+            return
+        if not self.kill_signal:
+            self.kill_signal = signal
+        self.kill_event.set()
+        self.engine.engine.increment_epoch()
+        timer = threading.Timer(KILL_GRACE, self._reap_stuck)
+        timer.daemon = True
+        timer.start()
+
+    def _reap_stuck(self) -> None:
+        # Still inside a blocking WASI call (a read from a fifo nobody writes, say):
+        # report the exit now and close its output; the thread ends when the call returns.
+        if self.exit is None:
+            log.warning(
+                "%s: did not stop within %.2fs of the kill; reporting it exited", self.spec.name, KILL_GRACE
+            )
+            self._finish(128 + self.kill_signal, "killed")
+
+    # --- the module's thread -------------------------------------------------------
+
+    def _on_epoch_deadline(self, _ctx: object, _env: object, delta: object, kind: object) -> int:
+        if self.kill_event.is_set():
+            err = ffi.wasmtime_error_new(f"nanoprocess killed by signal {self.kill_signal}".encode())
+            return ctypes.cast(err, ctypes.c_void_p).value or 0
+        delta[0] = 1  # type: ignore[index]
+        kind[0] = _UPDATE_CONTINUE  # type: ignore[index]
+        return 0
+
+    def _configure(self) -> wasmtime.Store:
+        spec = self.spec
+        store = wasmtime.Store(self.engine.engine)
+        if spec.memory_limit:
+            store.set_limits(memory_size=spec.memory_limit)
+        store.set_epoch_deadline(1)
+        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), self._epoch_cb, None, _NO_FINALIZER)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = list(spec.args)
+        wasi.env = [tuple(e.split("=", 1)) if "=" in e else (e, "") for e in spec.env]
+        wasi.preopen_dir(str(spec.rootfs), "/")
+        cwd = spec.rootfs / spec.cwd.lstrip("/")
+        if spec.cwd not in ("", "/") and cwd.is_dir():
+            wasi.preopen_dir(str(cwd), ".")
+        if spec.stdin:
+            wasi.stdin_file = spec.stdin.removeprefix("file://")
+        wasi.stdout_custom = self.stdout.write
+        wasi.stderr_custom = self.stderr.write
+        store.set_wasi(wasi)
+        return store
+
+    def _run(self, ready: threading.Event) -> None:
+        _current.proc = self
+        self._thread_id = threading.get_ident()
+        try:
+            store = self._configure()
+            instance = self.linker.instantiate(store, self.compiled.module)
+            exports = instance.exports(store)
+            entry = exports[self.spec.entry]
+            memory = exports.get("memory") if hasattr(exports, "get") else None
+            self._memory = memory if isinstance(memory, wasmtime.Memory) else None
+            self._store = store
+        except Exception as exc:  # instantiation failed: report it from Start
+            self.start_error = ModuleError(
+                f"{self.spec.name}: cannot instantiate the module: {_describe(exc)}"
+            )
+            self._cpu_seconds = time.thread_time()
+            ready.set()
+            self._finish(1, str(self.start_error), emit_stderr=False)
+            return
+        ready.set()
+        status, reason = 0, ""
+        try:
+            if isinstance(entry, wasmtime.Func):
+                entry(store)
+            else:
+                raise ModuleError(f"export {self.spec.entry!r} is not a function")
+        except wasmtime.ExitTrap as exc:
+            status = exc.code
+        except (wasmtime.Trap, wasmtime.WasmtimeError, ModuleError) as exc:
+            if self.kill_event.is_set():
+                status, reason = 128 + self.kill_signal, "killed"
+            else:
+                status, reason = TRAP_EXIT, f"wasm trap: {_describe(exc)}"
+                self.stderr.write(f"{self.spec.name}: {reason}\n".encode())
+        except Exception as exc:  # a host bug must not leave the task running forever
+            log.exception("%s: unexpected error", self.spec.name)
+            status, reason = TRAP_EXIT, f"host error: {exc}"
+        self._cpu_seconds = time.thread_time()
+        self._finish(status, reason)
+
+    def _finish(self, status: int, reason: str, emit_stderr: bool = False) -> None:
+        with self._exit_lock:
+            if self.exit is not None:
+                return
+            oom = self._hit_memory_limit()
+            self.exit = ExitInfo(status, time.time(), reason, oom)
+            callbacks, self._exit_callbacks = self._exit_callbacks, []
+        for out in self._outputs:
+            out.close()
+        for callback in callbacks:
+            try:
+                callback(self.exit)
+            except Exception:
+                log.exception("exit callback failed")
+
+    def _hit_memory_limit(self) -> bool:
+        limit = self.spec.memory_limit
+        if not limit or self._memory is None or self._store is None:
+            return False
+        try:
+            return self._memory.data_len(self._store) + 65536 > limit
+        except Exception:
+            return False
+
+    # --- introspection ---------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.started_at is not None and self.exit is None
+
+    def memory_bytes(self) -> int:
+        """Linear memory currently allocated by the module."""
+        if self._memory is None or self._store is None or self.exit is not None:
+            return 0
+        try:
+            return self._memory.data_len(self._store)
+        except Exception:
+            return 0
+
+    def cpu_seconds(self) -> float:
+        """CPU time the module's thread has used."""
+        if self.exit is None and self._thread_id is not None:
+            try:
+                return time.clock_gettime(time.pthread_getcpuclockid(self._thread_id))
+            except (OSError, AttributeError):
+                pass
+        return self._cpu_seconds
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, wasmtime.Trap):
+        text = exc.message.strip() or text
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    # wasmtime puts the backtrace after the message; keep the cause and the first frame.
+    return "; ".join(lines[:3])

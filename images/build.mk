@@ -1,0 +1,39 @@
+# WebAssembly example and test modules.
+# Included by the top-level Makefile; paths are relative to the repository root.
+#
+#   make modules            builds $(WASM_OUT)/hello.wasm and every tests/modules/* module
+
+WASM_OUT ?= build/wasm
+WASM_CC ?= clang --target=wasm32-wasi -O2
+WASM_CFLAGS ?= -Wall -Wextra
+WAT2WASM ?= wat2wasm
+
+WASM_EXAMPLES := hello
+WASM_TEST_C := $(wildcard tests/modules/*.c)
+WASM_TEST_WAT := $(wildcard tests/modules/*.wat)
+WASM_MODULES := $(patsubst %,$(WASM_OUT)/%.wasm,$(WASM_EXAMPLES)) \
+	$(patsubst tests/modules/%.c,$(WASM_OUT)/%.wasm,$(WASM_TEST_C)) \
+	$(patsubst tests/modules/%.wat,$(WASM_OUT)/%.wasm,$(WASM_TEST_WAT)) \
+	$(WASM_OUT)/notwasm.txt
+
+.PHONY: modules
+modules: $(WASM_MODULES)
+
+$(WASM_OUT):
+	mkdir -p $@
+
+# Examples live in images/<name>/<name>.c (a pattern rule can only substitute one %).
+define WASM_EXAMPLE_RULE
+$(WASM_OUT)/$(1).wasm: images/$(1)/$(1).c | $(WASM_OUT)
+	$$(WASM_CC) $$(WASM_CFLAGS) -o $$@ $$<
+endef
+$(foreach example,$(WASM_EXAMPLES),$(eval $(call WASM_EXAMPLE_RULE,$(example))))
+
+$(WASM_OUT)/%.wasm: tests/modules/%.c | $(WASM_OUT)
+	$(WASM_CC) $(WASM_CFLAGS) -o $@ $<
+
+$(WASM_OUT)/%.wasm: tests/modules/%.wat | $(WASM_OUT)
+	$(WAT2WASM) -o $@ $<
+
+$(WASM_OUT)/notwasm.txt: tests/modules/notwasm.txt | $(WASM_OUT)
+	cp $< $@
