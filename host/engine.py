@@ -19,6 +19,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 import wasmtime
+
 from layotto.host.errors import ModuleError
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class CompiledModule:
     module: wasmtime.Module
     exports: frozenset[str]
     from_cache: str  # "memory", "disk" or "compiled"
+    reads_stdin: bool = True  # imports fd_read: give it the container's stdin
 
 
 class WasmEngine:
@@ -78,7 +80,8 @@ class WasmEngine:
         self.stats[{"memory": "memory_hits", "disk": "disk_hits", "compiled": "compiles"}[source]] += 1
         exports = frozenset(e.name for e in module.exports)
         self.check_imports(module, name)
-        return CompiledModule(digest, module, exports, source)
+        reads_stdin = any(imp.name == "fd_read" for imp in module.imports)
+        return CompiledModule(digest, module, exports, source, reads_stdin)
 
     def _load_uncached(self, wasm: bytes, digest: str, name: str) -> tuple[wasmtime.Module, str]:
         path = self._cache_path(digest)

@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import wasmtime
+from wasmtime import _bindings as ffi
+
 from layotto.host.engine import CompiledModule, WasmEngine
 from layotto.host.errors import ModuleError
-from wasmtime import _bindings as ffi
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,61 @@ class Output:
     def close(self) -> None:
         with self.lock:
             self._close_locked()
+
+
+class StdinPump:
+    """Feeds a containerd stdin fifo to the module through a pipe the host owns.
+
+    wasmtime opens ``stdin_file`` itself, and opening a fifo for reading blocks until a
+    writer appears (``ctr run`` without ``-i`` never opens one). So the module reads the
+    read end of our own pipe, and a helper thread copies the fifo into it; at the module's
+    exit a non-blocking open of the fifo's write end releases a helper still waiting.
+    """
+
+    def __init__(self, fifo: str) -> None:
+        self.fifo = fifo
+        self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._copy, name="stdin-pump", daemon=True)
+        self._thread.start()
+
+    @property
+    def path(self) -> str:
+        return f"/proc/self/fd/{self.read_fd}"
+
+    def _copy(self) -> None:
+        try:
+            src = os.open(self.fifo, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            src = -1
+        try:
+            while src >= 0 and not self._stop.is_set():
+                data = os.read(src, 65536)
+                if not data:
+                    break
+                os.write(self.write_fd, data)
+        except OSError:
+            pass
+        finally:
+            if src >= 0:
+                os.close(src)
+            self._close_write()
+
+    def _close_write(self) -> None:
+        fd, self.write_fd = self.write_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            try:  # wake a helper blocked in open(): it then reads EOF
+                os.close(os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+            except OSError:
+                pass
+        if self.read_fd >= 0:
+            os.close(self.read_fd)
+            self.read_fd = -1
 
 
 def build_linker(engine: WasmEngine) -> wasmtime.Linker:
@@ -211,6 +267,7 @@ class Nanoprocess:
         self._store: wasmtime.Store | None = None
         self._memory: wasmtime.Memory | None = None
         self._outputs: list[Output] = []
+        self._stdin: StdinPump | None = None
         self._epoch_cb = _EpochCallback(self._on_epoch_deadline)
 
     # --- lifecycle -----------------------------------------------------------------
@@ -281,8 +338,9 @@ class Nanoprocess:
         cwd = spec.rootfs / spec.cwd.lstrip("/")
         if spec.cwd not in ("", "/") and cwd.is_dir():
             wasi.preopen_dir(str(cwd), ".")
-        if spec.stdin:
-            wasi.stdin_file = spec.stdin.removeprefix("file://")
+        if spec.stdin and self.compiled.reads_stdin:
+            self._stdin = StdinPump(spec.stdin.removeprefix("file://"))
+            wasi.stdin_file = self._stdin.path
         wasi.stdout_custom = self.stdout.write
         wasi.stderr_custom = self.stderr.write
         store.set_wasi(wasi)
@@ -327,6 +385,10 @@ class Nanoprocess:
             status, reason = TRAP_EXIT, f"host error: {exc}"
         self._cpu_seconds = time.thread_time()
         self._finish(status, reason)
+        # Drop the Store now: its linear memory and WASI descriptors go with it.
+        self._memory = None
+        self._store = None
+        del store, instance, exports, entry
 
     def _finish(self, status: int, reason: str, emit_stderr: bool = False) -> None:
         with self._exit_lock:
@@ -337,6 +399,8 @@ class Nanoprocess:
             callbacks, self._exit_callbacks = self._exit_callbacks, []
         for out in self._outputs:
             out.close()
+        if self._stdin is not None:
+            self._stdin.close()
         for callback in callbacks:
             try:
                 callback(self.exit)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import DecodeError, Message
+
 from layotto.shim.protocol import ttrpc_pb2
 
 log = logging.getLogger(__name__)

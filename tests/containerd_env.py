@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -27,7 +28,6 @@ import struct
 import subprocess
 import sys
 import tarfile
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -46,9 +46,10 @@ __all__ = [
     "write_oci_archive",
 ]
 
-#: Longest base directory accepted: sockets live under it and the shims create their
-#: own sockets under ``<base>/state/...``; unix socket paths are limited to 107 bytes.
-MAX_BASE_LEN = 40
+#: Longest base directory accepted. Sockets live under it, and shims create their own
+#: under ``<base>/state/...``: with base <= 32 bytes the state dir is <= 38 bytes,
+#: leaving room below the 107-byte unix socket path limit for "/" + a 64-hex name.
+MAX_BASE_LEN = 32
 
 _RUNC_DEFAULT_ROOT = "/run/containerd/runc"
 _SHIM_SOCKET_DIR = "/run/containerd/s/"
@@ -70,8 +71,16 @@ class CtrError(subprocess.CalledProcessError):
 
 
 def make_base(prefix: str = "lt-") -> Path:
-    """A new, short, empty base directory under /tmp (``/tmp/lt-XXXXXXXX``)."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    """A new, short, empty base directory ``/tmp/lt-<8 hex digits>`` (mode 0700). Its
+    name is also a valid containerd identifier, handy for unique container ids."""
+    for _ in range(100):
+        path = Path("/tmp") / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free /tmp/{prefix}XXXXXXXX name")
 
 
 def _unescape_mountinfo(field: str) -> str:
@@ -220,6 +229,8 @@ class Containerd:
         self.config_path: Path = self.base / "config.toml"
         self.cni_bin_dir: Path = self.base / "cni" / "bin"
         self.cni_conf_dir: Path = self.base / "cni" / "conf"
+        #: Where ctr() puts stdio fifos of `ctr run` / `tasks start|exec`; None: ctr's default.
+        self.fifo_dir: Path | None = self.base / "fifo"
         self.process: subprocess.Popen[bytes] | None = None
         #: Seconds the last start() took until `ctr version` answered.
         self.startup_seconds: float | None = None
@@ -407,7 +418,29 @@ class Containerd:
     # ------------------------------------------------------------------ ctr
 
     def ctr_argv(self, *args: str, namespace: str = "default") -> list[str]:
-        return [self.ctr_bin, "--address", str(self.address), "--namespace", namespace, *args]
+        """The ctr command line for *args*. ``run``, ``tasks start`` and ``tasks exec``
+        get ``--fifo-dir <base>/fifo`` unless they name one (ctr's default,
+        /run/containerd/fifo, keeps detached tasks' fifos forever)."""
+        return [
+            self.ctr_bin,
+            "--address",
+            str(self.address),
+            "--namespace",
+            namespace,
+            *self._with_fifo_dir(args),
+        ]
+
+    def _with_fifo_dir(self, args: Sequence[str]) -> list[str]:
+        a = list(args)
+        if self.fifo_dir is None or any(x == "--fifo-dir" or x.startswith("--fifo-dir=") for x in a):
+            return a
+        if a[:1] == ["run"]:
+            at = 1
+        elif len(a) >= 2 and a[0] in ("tasks", "task", "t") and a[1] in ("start", "exec"):
+            at = 2
+        else:
+            return a
+        return [*a[:at], "--fifo-dir", str(self.fifo_dir), *a[at:]]
 
     def ctr(
         self,
@@ -519,12 +552,12 @@ class Containerd:
 
     def owned_pids(self) -> list[int]:
         """Live processes that belong to this containerd: the daemon, processes whose
-        command line names our state dir, socket or config, whose cwd is under base, or
+        command line names our state dir, socket or config, whose cwd is in state, or
         whose environment has our TTRPC_ADDRESS (shims and what they spawn); plus all
         their descendants. Never this process or its ancestors."""
         needles = [os.fsencode(p) for p in (self.state, self.address, self.config_path)]
         ttrpc_env = b"TTRPC_ADDRESS=" + os.fsencode(self.ttrpc_address)
-        base = str(self.base) + "/"
+        state_dir = str(self.state) + "/"
         exclude = _self_and_ancestors()
         children: dict[int, list[int]] = {}
         matched: set[int] = set()
@@ -539,7 +572,7 @@ class Containerd:
             hit = any(n in cmdline for n in needles)
             if not hit:
                 try:
-                    hit = (os.readlink(f"/proc/{pid}/cwd") + "/").startswith(base)
+                    hit = (os.readlink(f"/proc/{pid}/cwd") + "/").startswith(state_dir)
                 except OSError:
                     pass
             if not hit:
@@ -799,6 +832,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)  # also when started in the background (SIG_IGN)
     c = Containerd(
         args.base,
         path_prepend=args.path_prepend,

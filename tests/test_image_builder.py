@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from layotto.images import builder
 
 # The smallest valid module: magic + version, no sections.

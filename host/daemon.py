@@ -1,0 +1,93 @@
+"""The node host process: one per containerd, serving the Task API for every container."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+from layotto.host.runtime import NodeRuntime
+from layotto.shim.events import Publisher
+from layotto.shim.paths import HostPaths
+from layotto.shim.task_service import SERVICE_NAMES, TaskService
+from layotto.shim.ttrpc import Server
+
+log = logging.getLogger("layotto.host")
+
+DEFAULT_RUN_DIR = Path("/run/containerd/layotto")
+DEFAULT_STATE_DIR = Path("/var/lib/containerd/layotto")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="socket, pid file and log")
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="compiled-module cache")
+    parser.add_argument(
+        "--containerd-ttrpc",
+        default=os.environ.get("TTRPC_ADDRESS", "/run/containerd/containerd.sock.ttrpc"),
+        help="containerd's ttrpc socket, where task events are published",
+    )
+    parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--debug", action="store_true")
+
+
+def _listener(args: argparse.Namespace, paths: HostPaths) -> socket.socket:
+    if args.listen_fd is not None:
+        return socket.socket(fileno=args.listen_fd)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        paths.socket.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(paths.socket))
+    os.chmod(paths.socket, 0o600)
+    sock.listen(512)
+    paths.pid_file.write_text(f"{os.getpid()}\n")
+    return sock
+
+
+async def serve(args: argparse.Namespace) -> None:
+    paths = HostPaths(args.run_dir)
+    sock = _listener(args, paths)
+    runtime = NodeRuntime(args.state_dir)
+    publisher = Publisher(args.containerd_ttrpc)
+    publisher.start()
+    service = TaskService(runtime, publisher)
+    server = Server()
+    for name in SERVICE_NAMES:
+        server.register(name, service.methods())
+    await server.start(sock)
+    log.info("layotto node host %d serving %s", os.getpid(), paths.address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    await server.close()
+    await service.close()
+    await publisher.drain(2.0)
+    await publisher.close()
+    with contextlib.suppress(OSError):
+        if paths.pid_file.read_text().strip() == str(os.getpid()):
+            paths.pid_file.unlink()
+            paths.socket.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="layotto host", description="Run the layotto node host.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    run(args)
+    return 0
+
+
+def run(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(args))

@@ -1,0 +1,29 @@
+"""The node host's wasm runtime: the seam between "speak containerd" (shim/) and "run wasm".
+
+The Task service only ever calls ``load`` (compile or fetch a module) and ``spawn``
+(start a nanoprocess); everything wasmtime-specific stays on this side.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from layotto.host.engine import CompiledModule, WasmEngine
+from layotto.host.nanoprocess import Nanoprocess, ProcessSpec, build_linker
+
+
+class NodeRuntime:
+    """Compiles modules once and runs each container's module as a nanoprocess."""
+
+    def __init__(self, state_dir: Path | None) -> None:
+        cache = state_dir / "modules" if state_dir is not None else None
+        self.engine = WasmEngine(cache)
+        self.linker = build_linker(self.engine)
+
+    def load(self, path: Path, *, name: str) -> CompiledModule:
+        """Read and compile the module at ``path`` (called ``name`` in error messages)."""
+        return self.engine.load(path.read_bytes(), name=name)
+
+    def spawn(self, compiled: CompiledModule, spec: ProcessSpec) -> Nanoprocess:
+        """A nanoprocess ready to ``start()``."""
+        return Nanoprocess(self.engine, self.linker, compiled, spec)

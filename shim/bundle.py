@@ -1,0 +1,206 @@
+"""The OCI bundle containerd prepares: config.json, the rootfs mounts, and the module in it."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from layotto.host.errors import ModuleError
+from layotto.shim.paths import MOUNT_MARKER
+
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MNT_DETACH = 0x2
+
+# mount(8) option → (flags to set, flags to clear)
+_FLAGS: dict[str, tuple[int, int]] = {
+    "ro": (MS_RDONLY, 0),
+    "rw": (0, MS_RDONLY),
+    "nosuid": (MS_NOSUID, 0),
+    "suid": (0, MS_NOSUID),
+    "nodev": (MS_NODEV, 0),
+    "dev": (0, MS_NODEV),
+    "noexec": (MS_NOEXEC, 0),
+    "exec": (0, MS_NOEXEC),
+    "bind": (MS_BIND, 0),
+    "rbind": (MS_BIND | MS_REC, 0),
+    "defaults": (0, 0),
+}
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass
+class Mount:
+    type: str
+    source: str
+    options: list[str] = field(default_factory=list)
+
+
+@dataclass
+class OciProcess:
+    args: list[str]
+    env: list[str]
+    cwd: str
+    terminal: bool
+
+
+@dataclass
+class BundleSpec:
+    """The parts of config.json the host uses."""
+
+    path: Path
+    process: OciProcess
+    root_path: Path
+    annotations: dict[str, str]
+    memory_limit: int | None
+    raw: dict[str, Any]
+
+    @classmethod
+    def load(cls, bundle: Path) -> BundleSpec:
+        try:
+            raw = json.loads((bundle / "config.json").read_text())
+        except FileNotFoundError as exc:
+            raise ModuleError(f"bundle {bundle} has no config.json") from exc
+        except json.JSONDecodeError as exc:
+            raise ModuleError(f"bundle {bundle}: config.json is not valid JSON: {exc}") from exc
+        proc = raw.get("process") or {}
+        root = (raw.get("root") or {}).get("path") or "rootfs"
+        root_path = Path(root) if os.path.isabs(root) else bundle / root
+        limit = ((raw.get("linux") or {}).get("resources") or {}).get("memory", {}) or {}
+        memory_limit = limit.get("limit")
+        return cls(
+            path=bundle,
+            process=OciProcess(
+                args=list(proc.get("args") or []),
+                env=list(proc.get("env") or []),
+                cwd=proc.get("cwd") or "/",
+                terminal=bool(proc.get("terminal")),
+            ),
+            root_path=root_path,
+            annotations=dict(raw.get("annotations") or {}),
+            memory_limit=int(memory_limit) if memory_limit and int(memory_limit) > 0 else None,
+            raw=raw,
+        )
+
+
+def parse_options(options: list[str]) -> tuple[int, str]:
+    """Split mount options into mount(2) flags and the filesystem's data string."""
+    flags = 0
+    data = []
+    for opt in options:
+        if opt in _FLAGS:
+            set_, clear = _FLAGS[opt]
+            flags = (flags | set_) & ~clear
+        else:
+            data.append(opt)
+    return flags, ",".join(data)
+
+
+def _mount(source: str, target: Path, fstype: str, flags: int, data: str) -> None:
+    if _libc.mount(source.encode(), os.fsencode(target), fstype.encode(), flags, data.encode() or None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mount {fstype} {source} on {target}: {os.strerror(err)}")
+
+
+def mount_rootfs(bundle: Path, mounts: list[Mount]) -> Path:
+    """Mount containerd's rootfs mounts on ``<bundle>/rootfs``, in order."""
+    target = bundle / "rootfs"
+    target.mkdir(mode=0o711, exist_ok=True)
+    if not mounts:
+        return target
+    (bundle / MOUNT_MARKER).touch()
+    try:
+        for m in mounts:
+            flags, data = parse_options(m.options)
+            fstype = "" if flags & MS_BIND else m.type
+            _mount(m.source, target, fstype or m.type, flags & ~MS_RDONLY if flags & MS_BIND else flags, data)
+            if flags & MS_BIND and flags & MS_RDONLY:
+                _mount("", target, "", MS_REMOUNT | MS_BIND | MS_RDONLY | (flags & MS_REC), "")
+    except OSError:
+        unmount_rootfs(bundle)
+        raise
+    return target
+
+
+def unmount_rootfs(bundle: Path) -> None:
+    """Unmount everything on ``<bundle>/rootfs``; a no-op when nothing is mounted."""
+    target = os.fsencode(bundle / "rootfs")
+    for _ in range(64):
+        if _libc.umount2(target, 0) == 0:
+            continue
+        err = ctypes.get_errno()
+        if err == errno.EBUSY and _libc.umount2(target, MNT_DETACH) == 0:
+            continue
+        break
+    try:
+        (bundle / MOUNT_MARKER).unlink()
+    except FileNotFoundError:
+        pass
+
+
+@dataclass
+class ModuleRef:
+    """Where the module is: its path inside the image and the export to call."""
+
+    image_path: str
+    host_path: Path
+    entry: str
+
+
+def resolve_in_rootfs(rootfs: Path, image_path: str) -> Path:
+    """Resolve a path of the image inside ``rootfs``; symlinks are followed but never escape it."""
+    pending = list(PurePosixPath("/" + image_path.lstrip("/")).parts[1:])
+    resolved: list[str] = []
+    hops = 0
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = rootfs.joinpath(*resolved, part)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > 40:
+                raise ModuleError(f"{image_path}: too many levels of symbolic links")
+            link = os.readlink(candidate)
+            if link.startswith("/"):
+                resolved = []
+            pending = [p for p in PurePosixPath(link).parts if p != "/"] + pending
+            continue
+        resolved.append(part)
+    return rootfs.joinpath(*resolved)
+
+
+def locate_module(spec: BundleSpec, rootfs: Path) -> ModuleRef:
+    """Find the module named by ``process.args[0]`` (``/path.wasm`` or ``/path.wasm#export``)."""
+    if not spec.process.args:
+        raise ModuleError("the container has no command: set CMD or ENTRYPOINT to the module's path")
+    first = spec.process.args[0]
+    image_path, _, entry = first.partition("#")
+    entry = entry or "_start"
+    candidates = [image_path]
+    if not image_path.startswith("/"):
+        cwd = spec.process.cwd or "/"
+        candidates = [str(PurePosixPath(cwd) / image_path)]
+        for env in spec.process.env:
+            if env.startswith("PATH="):
+                candidates += [str(PurePosixPath(d) / image_path) for d in env[5:].split(":") if d]
+    for candidate in candidates:
+        host_path = resolve_in_rootfs(rootfs, candidate)
+        if host_path.is_file():
+            return ModuleRef(candidate, host_path, entry)
+    raise ModuleError(f"{image_path}: no such file in the container image")

@@ -1,0 +1,378 @@
+"""containerd's Task API (containerd.task.v2.Task, also served as v3) for every container.
+
+One node host serves every container on the node: each container's task is a nanoprocess
+(or, for a pod's sandbox container, a placeholder that runs until it is killed).
+Semantics follow what containerd 1.6+ relies on: see shared/reference/shim-protocol.md §3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from google.protobuf import empty_pb2
+from google.protobuf.message import Message
+
+from layotto.host.engine import CompiledModule
+from layotto.host.errors import ModuleError
+from layotto.host.nanoprocess import ExitInfo, Nanoprocess, ProcessSpec
+from layotto.host.runtime import NodeRuntime
+from layotto.shim import bundle as oci
+from layotto.shim.events import Publisher, bare_any, timestamp
+from layotto.shim.protocol import cgroups_v1_pb2, events_pb2, task_pb2, task_types_pb2
+from layotto.shim.ttrpc import Code, Context, Method, TtrpcError
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
+NAMESPACE_KEY = "containerd-namespace-ttrpc"
+SANDBOX_ANNOTATION = "io.kubernetes.cri.container-type"
+HOST_OVERHEAD_BYTES = 64 * 1024  # Store, instance and WASI context of one nanoprocess (measured order)
+
+Status = task_types_pb2.Status
+
+
+@dataclass
+class Task:
+    id: str
+    namespace: str
+    bundle: Path
+    spec: oci.BundleSpec
+    rootfs: Path
+    mounted: bool
+    stdin: str
+    stdout: str
+    stderr: str
+    terminal: bool
+    pid: int
+    compiled: CompiledModule | None = None  # None: a pod sandbox placeholder
+    module_path: str = ""
+    entry: str = "_start"
+    status: int = Status.CREATED
+    proc: Nanoprocess | None = None
+    exit_status: int = 0
+    exited_at: float | None = None
+    exit_reason: str = ""
+    created_at: float = field(default_factory=time.time)
+    exited: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    @property
+    def is_sandbox(self) -> bool:
+        return self.compiled is None
+
+
+class TaskService:
+    """The Task API over the node runtime; one instance serves every connection."""
+
+    def __init__(self, runtime: NodeRuntime, publisher: Publisher) -> None:
+        self.runtime = runtime
+        self.publisher = publisher
+        self.tasks: dict[tuple[str, str], Task] = {}
+        self.pid = os.getpid()
+
+    def methods(self) -> dict[str, Method]:
+        def m(request_type: type[Message], handler: object) -> Method:
+            return Method(request_type, handler)  # type: ignore[arg-type]
+
+        return {
+            "Create": m(task_pb2.CreateTaskRequest, self.create),
+            "Start": m(task_pb2.StartRequest, self.start),
+            "Wait": m(task_pb2.WaitRequest, self.wait),
+            "State": m(task_pb2.StateRequest, self.state),
+            "Kill": m(task_pb2.KillRequest, self.kill),
+            "Delete": m(task_pb2.DeleteRequest, self.delete),
+            "Connect": m(task_pb2.ConnectRequest, self.connect),
+            "Shutdown": m(task_pb2.ShutdownRequest, self.shutdown),
+            "Pids": m(task_pb2.PidsRequest, self.pids),
+            "Stats": m(task_pb2.StatsRequest, self.stats),
+            "Pause": m(task_pb2.PauseRequest, self._unsupported("pause")),
+            "Resume": m(task_pb2.ResumeRequest, self._unsupported("resume")),
+            "Checkpoint": m(task_pb2.CheckpointTaskRequest, self._unsupported("checkpoint")),
+            "Exec": m(task_pb2.ExecProcessRequest, self._unsupported("exec")),
+            "ResizePty": m(task_pb2.ResizePtyRequest, self._unsupported("terminals")),
+            "CloseIO": m(task_pb2.CloseIORequest, self.close_io),
+            "Update": m(task_pb2.UpdateTaskRequest, self._unsupported("update")),
+        }
+
+    # --- helpers ---------------------------------------------------------------------
+
+    @staticmethod
+    def _unsupported(what: str) -> object:
+        async def handler(_request: Message, _ctx: Context) -> Message:
+            raise TtrpcError(Code.UNIMPLEMENTED, f"{what} is not supported by the layotto runtime")
+
+        return handler
+
+    @staticmethod
+    def _namespace(ctx: Context) -> str:
+        return ctx.get(NAMESPACE_KEY, "default")
+
+    def _task(self, ctx: Context, task_id: str, exec_id: str = "") -> Task:
+        if exec_id:
+            raise TtrpcError(Code.NOT_FOUND, f"exec {exec_id} in task {task_id}: exec is not supported")
+        task = self.tasks.get((self._namespace(ctx), task_id))
+        if task is None:
+            raise TtrpcError(Code.NOT_FOUND, f"task {task_id} not found")
+        return task
+
+    def _publish(self, task: Task, topic: str, event: Message) -> None:
+        self.publisher.publish(task.namespace, topic, event)
+
+    # --- Create / Start ----------------------------------------------------------------
+
+    async def create(self, req: task_pb2.CreateTaskRequest, ctx: Context) -> task_pb2.CreateTaskResponse:
+        namespace = self._namespace(ctx)
+        if (namespace, req.id) in self.tasks:
+            raise TtrpcError(Code.ALREADY_EXISTS, f"task {req.id} already exists")
+        if req.checkpoint:
+            raise TtrpcError(Code.UNIMPLEMENTED, "checkpoint restore is not supported by the layotto runtime")
+        bundle = Path(req.bundle)
+        try:
+            spec = await asyncio.to_thread(oci.BundleSpec.load, bundle)
+        except ModuleError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        if req.terminal or spec.process.terminal:
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT,
+                "a terminal (tty) is not supported by the layotto runtime: run without -t",
+            )
+        mounts = [oci.Mount(m.type, m.source, list(m.options)) for m in req.rootfs]
+        try:
+            rootfs = await asyncio.to_thread(oci.mount_rootfs, bundle, mounts) if mounts else spec.root_path
+        except OSError as exc:
+            raise TtrpcError(Code.INTERNAL, f"mounting the rootfs of {req.id}: {exc}") from exc
+        try:
+            compiled, module_path, entry = await self._load_module(spec, rootfs)
+        except BaseException:
+            if mounts:
+                await asyncio.to_thread(oci.unmount_rootfs, bundle)
+            raise
+        task = Task(
+            id=req.id,
+            namespace=namespace,
+            bundle=bundle,
+            spec=spec,
+            rootfs=rootfs,
+            mounted=bool(mounts),
+            stdin=req.stdin,
+            stdout=req.stdout,
+            stderr=req.stderr,
+            terminal=req.terminal,
+            pid=self.pid,
+            compiled=compiled,
+            module_path=module_path,
+            entry=entry,
+        )
+        self.tasks[(namespace, req.id)] = task
+        log.info(
+            "created %s/%s: %s",
+            namespace,
+            req.id,
+            "pod sandbox" if compiled is None else f"{module_path} ({compiled.from_cache})",
+        )
+        self._publish(
+            task,
+            "/tasks/create",
+            events_pb2.TaskCreate(
+                container_id=req.id,
+                bundle=req.bundle,
+                rootfs=list(req.rootfs),
+                io=events_pb2.TaskIO(
+                    stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal
+                ),
+                checkpoint=req.checkpoint,
+                pid=task.pid,
+            ),
+        )
+        return task_pb2.CreateTaskResponse(pid=task.pid)
+
+    async def _load_module(
+        self, spec: oci.BundleSpec, rootfs: Path
+    ) -> tuple[CompiledModule | None, str, str]:
+        if spec.annotations.get(SANDBOX_ANNOTATION) == "sandbox":
+            return None, "", ""
+        try:
+            ref = await asyncio.to_thread(oci.locate_module, spec, rootfs)
+            compiled = await asyncio.to_thread(self.runtime.load, ref.host_path, name=ref.image_path)
+        except ModuleError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        except OSError as exc:
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"reading the module: {exc}") from exc
+        if ref.entry not in compiled.exports:
+            raise TtrpcError(
+                Code.INVALID_ARGUMENT,
+                f"{ref.image_path} has no export named {ref.entry!r} "
+                f"(it exports: {', '.join(sorted(compiled.exports)) or 'nothing'})",
+            )
+        return compiled, ref.image_path, ref.entry
+
+    async def start(self, req: task_pb2.StartRequest, ctx: Context) -> task_pb2.StartResponse:
+        task = self._task(ctx, req.id, req.exec_id)
+        if task.status != Status.CREATED:
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"task {req.id} was already started")
+        task.status = Status.RUNNING
+        self._publish(task, "/tasks/start", events_pb2.TaskStart(container_id=task.id, pid=task.pid))
+        if task.compiled is None:
+            return task_pb2.StartResponse(pid=task.pid)
+        args = list(task.spec.process.args)
+        args[0] = task.module_path
+        spec = ProcessSpec(
+            name=f"{task.namespace}/{task.id}",
+            args=args,
+            env=task.spec.process.env,
+            rootfs=task.rootfs,
+            cwd=task.spec.process.cwd,
+            entry=task.entry,
+            stdin=task.stdin,
+            stdout=task.stdout,
+            stderr=task.stderr,
+            memory_limit=task.spec.memory_limit,
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            proc = self.runtime.spawn(task.compiled, spec)
+            proc.on_exit(lambda info: loop.call_soon_threadsafe(self._on_exit, task, info))
+            ready = proc.start()
+        except (ModuleError, OSError) as exc:
+            self._on_exit(task, ExitInfo(1, time.time(), str(exc)))
+            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
+        task.proc = proc
+        await asyncio.to_thread(ready.wait)
+        if proc.start_error is not None:
+            raise TtrpcError(Code.FAILED_PRECONDITION, str(proc.start_error))
+        return task_pb2.StartResponse(pid=task.pid)
+
+    def _on_exit(self, task: Task, info: ExitInfo) -> None:
+        if task.exited.done():
+            return
+        task.status = Status.STOPPED
+        task.exit_status = info.status
+        task.exited_at = info.exited_at
+        task.exit_reason = info.reason
+        if info.oom:
+            self._publish(task, "/tasks/oom", events_pb2.TaskOOM(container_id=task.id))
+        self._publish(
+            task,
+            "/tasks/exit",
+            events_pb2.TaskExit(
+                container_id=task.id,
+                id=task.id,
+                pid=task.pid,
+                exit_status=info.status,
+                exited_at=timestamp(info.exited_at),
+            ),
+        )
+        task.exited.set_result(None)
+        log.info("exited %s/%s: status %d %s", task.namespace, task.id, info.status, info.reason)
+
+    # --- Wait / State / Kill / Delete -----------------------------------------------
+
+    async def wait(self, req: task_pb2.WaitRequest, ctx: Context) -> task_pb2.WaitResponse:
+        task = self._task(ctx, req.id, req.exec_id)
+        await asyncio.shield(task.exited)
+        return task_pb2.WaitResponse(exit_status=task.exit_status, exited_at=timestamp(task.exited_at))
+
+    async def state(self, req: task_pb2.StateRequest, ctx: Context) -> task_pb2.StateResponse:
+        task = self._task(ctx, req.id, req.exec_id)
+        response = task_pb2.StateResponse(
+            id=task.id,
+            bundle=str(task.bundle),
+            pid=task.pid,
+            status=task.status,
+            stdin=task.stdin,
+            stdout=task.stdout,
+            stderr=task.stderr,
+            terminal=task.terminal,
+            exit_status=task.exit_status,
+        )
+        if task.exited_at is not None:
+            response.exited_at.CopyFrom(timestamp(task.exited_at))
+        return response
+
+    async def kill(self, req: task_pb2.KillRequest, ctx: Context) -> empty_pb2.Empty:
+        task = self._task(ctx, req.id, req.exec_id)
+        if task.status == Status.STOPPED:
+            raise TtrpcError(Code.NOT_FOUND, f"task {req.id}: process already finished")
+        if req.signal == 0:
+            return empty_pb2.Empty()
+        if task.status == Status.CREATED or task.proc is None:
+            # Never started, or a pod sandbox placeholder: it ends right here.
+            self._on_exit(task, ExitInfo(128 + req.signal, time.time(), f"killed by signal {req.signal}"))
+            return empty_pb2.Empty()
+        task.proc.kill(req.signal)
+        return empty_pb2.Empty()
+
+    async def delete(self, req: task_pb2.DeleteRequest, ctx: Context) -> task_pb2.DeleteResponse:
+        task = self._task(ctx, req.id, req.exec_id)
+        if task.status == Status.RUNNING:
+            raise TtrpcError(
+                Code.FAILED_PRECONDITION, f"task {req.id} must be stopped before deletion: running"
+            )
+        if task.mounted:
+            await asyncio.to_thread(oci.unmount_rootfs, task.bundle)
+            task.mounted = False
+        self.tasks.pop((task.namespace, task.id), None)
+        exited_at = timestamp(task.exited_at if task.exited_at is not None else time.time())
+        self._publish(
+            task,
+            "/tasks/delete",
+            events_pb2.TaskDelete(
+                container_id=task.id, pid=task.pid, exit_status=task.exit_status, exited_at=exited_at
+            ),
+        )
+        log.info("deleted %s/%s", task.namespace, task.id)
+        return task_pb2.DeleteResponse(pid=task.pid, exit_status=task.exit_status, exited_at=exited_at)
+
+    # --- the rest ----------------------------------------------------------------------
+
+    async def connect(self, req: task_pb2.ConnectRequest, ctx: Context) -> task_pb2.ConnectResponse:
+        task = self.tasks.get((self._namespace(ctx), req.id))
+        return task_pb2.ConnectResponse(shim_pid=self.pid, task_pid=task.pid if task else 0)
+
+    async def shutdown(self, req: task_pb2.ShutdownRequest, ctx: Context) -> empty_pb2.Empty:
+        # The node host outlives every container: it serves the whole node.
+        return empty_pb2.Empty()
+
+    async def pids(self, req: task_pb2.PidsRequest, ctx: Context) -> task_pb2.PidsResponse:
+        task = self._task(ctx, req.id)
+        if task.status != Status.RUNNING:
+            return task_pb2.PidsResponse()
+        return task_pb2.PidsResponse(processes=[task_types_pb2.ProcessInfo(pid=task.pid)])
+
+    async def close_io(self, req: task_pb2.CloseIORequest, ctx: Context) -> empty_pb2.Empty:
+        self._task(ctx, req.id, req.exec_id)
+        return empty_pb2.Empty()
+
+    async def stats(self, req: task_pb2.StatsRequest, ctx: Context) -> task_pb2.StatsResponse:
+        task = self._task(ctx, req.id)
+        proc = task.proc
+        linear = proc.memory_bytes() if proc is not None else 0
+        usage = linear + HOST_OVERHEAD_BYTES if task.status == Status.RUNNING else 0
+        cpu_ns = int((proc.cpu_seconds() if proc is not None else 0.0) * 1e9)
+        limit = task.spec.memory_limit or 0
+        metrics = cgroups_v1_pb2.Metrics(
+            pids=cgroups_v1_pb2.PidsStat(current=1 if task.status == Status.RUNNING else 0),
+            cpu=cgroups_v1_pb2.CPUStat(usage=cgroups_v1_pb2.CPUUsage(total=cpu_ns, user=cpu_ns)),
+            memory=cgroups_v1_pb2.MemoryStat(
+                rss=usage,
+                total_rss=usage,
+                hierarchical_memory_limit=limit,
+                usage=cgroups_v1_pb2.MemoryEntry(usage=usage, limit=limit, max=usage),
+            ),
+        )
+        return task_pb2.StatsResponse(stats=bare_any(metrics))
+
+    # --- host shutdown -------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Stop every module and unmount every rootfs (the host is going away)."""
+        for task in list(self.tasks.values()):
+            if task.proc is not None and task.proc.running:
+                task.proc.kill(9)
+            if task.mounted:
+                await asyncio.to_thread(oci.unmount_rootfs, task.bundle)
+                task.mounted = False
