@@ -442,11 +442,20 @@ class Nanoprocess:
 
 
 def _describe(exc: BaseException) -> str:
+    """The cause of a wasmtime error in one line, with the innermost wasm frame.
+
+    wasmtime formats errors as "error while executing at wasm backtrace: <frames> ...
+    Caused by: <cause>"; the cause is what a user needs first.
+    """
     text = str(exc).strip()
-    if isinstance(exc, wasmtime.Trap):
-        text = exc.message.strip() or text
-    lines = [line for line in text.splitlines() if line.strip()]
-    if not lines:
+    if not text:
         return type(exc).__name__
-    # wasmtime puts the backtrace after the message; keep the cause and the first frame.
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    cause = ""
+    if "Caused by:" in lines:
+        cause = "; ".join(lines[lines.index("Caused by:") + 1 :])
+    frames = [line for line in lines if line[:1].isdigit() and " - " in line]
+    if cause:
+        where = f" (in {frames[0].split(' - ', 1)[1]})" if frames else ""
+        return cause.removeprefix("wasm trap: ") + where
     return "; ".join(lines[:3])

@@ -1,0 +1,62 @@
+# Layotto for Python. The two commands: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+WASM_OUT ?= build/wasm
+APT_PACKAGES := containerd runc clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt busybox-static hyperfine
+
+include images/build.mk
+
+.PHONY: all deps venv proto modules images demo test unit integration bench lint clean
+
+all: venv modules
+
+# System packages: installed only when a tool is missing (needs root and Debian's apt).
+deps:
+	@missing=""; \
+	for tool in containerd:containerd ctr:containerd runc:runc clang:clang wasm-ld:lld wat2wasm:wabt busybox:busybox-static hyperfine:hyperfine; do \
+	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool#*:}"; \
+	done; \
+	[ -e /usr/lib/wasm32-wasi/libc.a ] || [ -e /usr/lib/wasm32-wasi/crt1.o ] || missing="$$missing wasi-libc"; \
+	[ -n "$$(ls /usr/lib/llvm-14/lib/clang/14.0.6/lib/wasi/libclang_rt.builtins-wasm32.a 2>/dev/null)" ] || missing="$$missing libclang-rt-14-dev-wasm32"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml setup.py shim/protocol/*.proto
+	@[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+proto: venv
+	$(VPY) shim/protocol/build_protos.py
+
+build/hello.tar: $(WASM_OUT)/hello.wasm venv
+	$(VENV)/bin/layotto image build --wasm $< --name docker.io/library/hello:latest -o $@
+
+images: build/hello.tar
+
+# Builds hello, starts a private containerd with the layotto runtime, runs hello through ctr.
+demo: deps venv modules images
+	$(VPY) -m tests.demo
+
+unit: venv modules
+	$(VPY) -m pytest -q tests -m "not integration"
+
+test: deps venv modules lint
+	$(VPY) -m pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: deps venv modules
+	$(VPY) -m tests.bench.coldstart
+
+clean:
+	rm -rf build .pytest_cache
