@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -28,6 +29,42 @@ WASM_MAGIC = b"\0asm"
 WASI_MODULES = frozenset({"wasi_snapshot_preview1", "wasi_unstable"})
 
 ENGINE_SETTINGS = "epoch_interruption=1;cranelift_opt_level=speed"
+
+
+class EpochTicker:
+    """Advances the engine's epoch every ``interval`` seconds while anyone needs it.
+
+    Only CPU-limited nanoprocesses need a steady tick (their epoch-deadline callback
+    does the accounting); kills bump the epoch themselves. So the thread runs only
+    while at least one CPU-limited module is running.
+    """
+
+    def __init__(self, engine: wasmtime.Engine, interval: float = 0.005) -> None:
+        self.engine = engine
+        self.interval = interval
+        self._users = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        with self._cond:
+            self._users += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="epoch-ticker", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def release(self) -> None:
+        with self._cond:
+            self._users -= 1
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._users <= 0:
+                    self._cond.wait()
+            time.sleep(self.interval)
+            self.engine.increment_epoch()
 
 
 @dataclass(frozen=True)
@@ -49,6 +86,7 @@ class WasmEngine:
         config.epoch_interruption = True
         config.cranelift_opt_level = "speed"
         self.engine = wasmtime.Engine(config)
+        self.ticker = EpochTicker(self.engine)
         self.cache_dir = cache_dir
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,19 @@ class ProcessSpec:
     stdout: str = ""
     stderr: str = ""
     memory_limit: int | None = None
+    cpu_quota_us: int | None = None  # CFS-style quota per period, as in the OCI spec
+    cpu_period_us: int = 100_000
+
+
+@dataclass
+class Throttle:
+    """CPU accounting for a nanoprocess with a CPU quota (cgroups' cpu.stat, per module)."""
+
+    periods: int = 0
+    throttled_periods: int = 0
+    throttled_seconds: float = 0.0
+    period_start: float = 0.0  # monotonic
+    cpu_at_period_start: float = 0.0  # the module thread's CPU seconds
 
 
 @dataclass
@@ -269,6 +282,7 @@ class Nanoprocess:
         self._outputs: list[Output] = []
         self._stdin: StdinPump | None = None
         self._epoch_cb = _EpochCallback(self._on_epoch_deadline)
+        self.throttle = Throttle()
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -317,12 +331,39 @@ class Nanoprocess:
     # --- the module's thread -------------------------------------------------------
 
     def _on_epoch_deadline(self, _ctx: object, _env: object, delta: object, kind: object) -> int:
+        # Runs on the module's own thread whenever the engine's epoch passes this store's
+        # deadline: on every kill, and every tick while CPU-limited modules run.
         if self.kill_event.is_set():
             err = ffi.wasmtime_error_new(f"nanoprocess killed by signal {self.kill_signal}".encode())
             return ctypes.cast(err, ctypes.c_void_p).value or 0
+        if self.spec.cpu_quota_us:
+            self._throttle()
+            if self.kill_event.is_set():
+                err = ffi.wasmtime_error_new(f"nanoprocess killed by signal {self.kill_signal}".encode())
+                return ctypes.cast(err, ctypes.c_void_p).value or 0
         delta[0] = 1  # type: ignore[index]
         kind[0] = _UPDATE_CONTINUE  # type: ignore[index]
         return 0
+
+    def _throttle(self) -> None:
+        """Sleep out the rest of the period once this period's CPU quota is used up."""
+        t = self.throttle
+        quota = (self.spec.cpu_quota_us or 0) / 1e6
+        period = self.spec.cpu_period_us / 1e6
+        now = time.monotonic()
+        cpu = time.thread_time()
+        if now - t.period_start >= period:
+            t.period_start, t.cpu_at_period_start = now, cpu
+            t.periods += 1
+            return
+        if cpu - t.cpu_at_period_start < quota:
+            return
+        pause = t.period_start + period - now
+        t.throttled_periods += 1
+        t.throttled_seconds += pause
+        self.kill_event.wait(pause)
+        t.period_start, t.cpu_at_period_start = time.monotonic(), time.thread_time()
+        t.periods += 1
 
     def _configure(self) -> wasmtime.Store:
         spec = self.spec
@@ -367,6 +408,10 @@ class Nanoprocess:
             return
         ready.set()
         status, reason = 0, ""
+        if self.spec.cpu_quota_us:
+            self.throttle.period_start = time.monotonic()
+            self.throttle.cpu_at_period_start = time.thread_time()
+            self.engine.ticker.acquire()
         try:
             if isinstance(entry, wasmtime.Func):
                 entry(store)
@@ -383,6 +428,9 @@ class Nanoprocess:
         except Exception as exc:  # a host bug must not leave the task running forever
             log.exception("%s: unexpected error", self.spec.name)
             status, reason = TRAP_EXIT, f"host error: {exc}"
+        finally:
+            if self.spec.cpu_quota_us:
+                self.engine.ticker.release()
         self._cpu_seconds = time.thread_time()
         self._finish(status, reason)
         # Drop the Store now: its linear memory and WASI descriptors go with it.
@@ -394,7 +442,7 @@ class Nanoprocess:
         with self._exit_lock:
             if self.exit is not None:
                 return
-            oom = self._hit_memory_limit()
+            oom = status != 0 and not self.kill_event.is_set() and self._hit_memory_limit()
             self.exit = ExitInfo(status, time.time(), reason, oom)
             callbacks, self._exit_callbacks = self._exit_callbacks, []
         for out in self._outputs:
@@ -408,13 +456,21 @@ class Nanoprocess:
                 log.exception("exit callback failed")
 
     def _hit_memory_limit(self) -> bool:
+        """Did the module end up against its memory cap?
+
+        wasmtime's store limits make ``memory.grow`` fail rather than trap, and expose no
+        hook for the failure; a module that exits non-zero with its linear memory within
+        one allocation step (the larger of 1 MiB and 1/16 of the cap) of the cap is taken
+        to have failed for lack of memory.
+        """
         limit = self.spec.memory_limit
         if not limit or self._memory is None or self._store is None:
             return False
         try:
-            return self._memory.data_len(self._store) + 65536 > limit
+            size = self._memory.data_len(self._store)
         except Exception:
             return False
+        return size + max((1 << 20) + 65536, limit // 16) >= limit
 
     # --- introspection ---------------------------------------------------------------
 

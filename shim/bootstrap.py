@@ -175,10 +175,12 @@ def _ask_host_to_forget(paths: HostPaths, task_id: str, namespace: str) -> None:
         s.connect(str(paths.socket))
         kill = wire.field_bytes(1, task_id) + wire.field_varint(3, SIGKILL) + wire.field_varint(4, 1)
         _ttrpc_call(s, 1, "Kill", kill, namespace)
+        stream_id = 1
         deadline = time.monotonic() + 2.0
         while time.monotonic() < deadline:
+            stream_id += 2  # ttrpc stream ids must increase on a connection
             # FAILED_PRECONDITION (9) while the module is still winding down.
-            if _ttrpc_call(s, 3, "Delete", wire.field_bytes(1, task_id), namespace) != 9:
+            if _ttrpc_call(s, stream_id, "Delete", wire.field_bytes(1, task_id), namespace) != 9:
                 break
             time.sleep(0.02)
     except OSError:

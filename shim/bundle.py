@@ -64,6 +64,8 @@ class BundleSpec:
     root_path: Path
     annotations: dict[str, str]
     memory_limit: int | None
+    cpu_quota_us: int | None
+    cpu_period_us: int
     raw: dict[str, Any]
 
     @classmethod
@@ -77,8 +79,11 @@ class BundleSpec:
         proc = raw.get("process") or {}
         root = (raw.get("root") or {}).get("path") or "rootfs"
         root_path = Path(root) if os.path.isabs(root) else bundle / root
-        limit = ((raw.get("linux") or {}).get("resources") or {}).get("memory", {}) or {}
-        memory_limit = limit.get("limit")
+        resources = (raw.get("linux") or {}).get("resources") or {}
+        memory_limit = (resources.get("memory") or {}).get("limit")
+        cpu = resources.get("cpu") or {}
+        quota = cpu.get("quota")
+        period = cpu.get("period") or 100_000
         return cls(
             path=bundle,
             process=OciProcess(
@@ -90,6 +95,8 @@ class BundleSpec:
             root_path=root_path,
             annotations=dict(raw.get("annotations") or {}),
             memory_limit=int(memory_limit) if memory_limit and int(memory_limit) > 0 else None,
+            cpu_quota_us=int(quota) if quota and int(quota) > 0 else None,
+            cpu_period_us=int(period),
             raw=raw,
         )
 

@@ -231,6 +231,8 @@ class TaskService:
             stdout=task.stdout,
             stderr=task.stderr,
             memory_limit=task.spec.memory_limit,
+            cpu_quota_us=task.spec.cpu_quota_us,
+            cpu_period_us=task.spec.cpu_period_us,
         )
         loop = asyncio.get_running_loop()
         try:
@@ -356,7 +358,14 @@ class TaskService:
         limit = task.spec.memory_limit or 0
         metrics = cgroups_v1_pb2.Metrics(
             pids=cgroups_v1_pb2.PidsStat(current=1 if task.status == Status.RUNNING else 0),
-            cpu=cgroups_v1_pb2.CPUStat(usage=cgroups_v1_pb2.CPUUsage(total=cpu_ns, user=cpu_ns)),
+            cpu=cgroups_v1_pb2.CPUStat(
+                usage=cgroups_v1_pb2.CPUUsage(total=cpu_ns, user=cpu_ns, per_cpu=[cpu_ns]),
+                throttling=cgroups_v1_pb2.Throttle(
+                    periods=proc.throttle.periods if proc else 0,
+                    throttled_periods=proc.throttle.throttled_periods if proc else 0,
+                    throttled_time=int(proc.throttle.throttled_seconds * 1e9) if proc else 0,
+                ),
+            ),
             memory=cgroups_v1_pb2.MemoryStat(
                 rss=usage,
                 total_rss=usage,

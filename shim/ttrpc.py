@@ -301,8 +301,10 @@ class Client:
                 if length > MAX_MESSAGE:
                     raise ConnectionError(f"response of {length} bytes exceeds {MAX_MESSAGE}")
                 data = await self._reader.readexactly(length)
+                if mtype != TYPE_RESPONSE:
+                    continue  # only a Response ends a unary call
                 future = self._pending.pop(stream_id, None)
-                if future is None or future.done() or mtype != TYPE_RESPONSE:
+                if future is None or future.done():
                     continue  # a late answer to a call that timed out
                 response = ttrpc_pb2.Response()
                 try:
@@ -342,9 +344,10 @@ class Client:
         for key, value in (metadata or {}).items():
             req.metadata.add(key=key, value=value)
         stream_id = next(self._ids)
+        data = frame(stream_id, TYPE_REQUEST, req.SerializeToString())  # refuses > 4 MiB
         future: asyncio.Future[ttrpc_pb2.Response] = asyncio.get_running_loop().create_future()
         self._pending[stream_id] = future
-        self._writer.write(frame(stream_id, TYPE_REQUEST, req.SerializeToString()))
+        self._writer.write(data)
         try:
             response = await asyncio.wait_for(future, timeout) if timeout else await future
         except TimeoutError as exc:

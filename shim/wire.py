@@ -7,7 +7,6 @@ Request) are encoded here by hand; the field numbers are those of shim/protocol/
 
 from __future__ import annotations
 
-import struct
 import time
 
 VARINT = 0
@@ -86,12 +85,12 @@ def fields(data: bytes) -> list[tuple[int, int, int | bytes]]:
                 raise ValueError("truncated field")
             out.append((number, wtype, data[pos : pos + size]))
             pos += size
-        elif wtype == 1:
-            out.append((number, wtype, struct.unpack_from("<Q", data, pos)[0]))
-            pos += 8
-        elif wtype == 5:
-            out.append((number, wtype, struct.unpack_from("<I", data, pos)[0]))
-            pos += 4
+        elif wtype in (1, 5):
+            size = 8 if wtype == 1 else 4
+            if pos + size > len(data):
+                raise ValueError("truncated field")
+            out.append((number, wtype, int.from_bytes(data[pos : pos + size], "little")))
+            pos += size
         else:
             raise ValueError(f"unsupported wire type {wtype}")
     return out
