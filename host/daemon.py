@@ -12,6 +12,7 @@ import socket
 from pathlib import Path
 
 from layotto.host.runtime import NodeRuntime
+from layotto.shim.content import ContainerdContent
 from layotto.shim.events import Publisher
 from layotto.shim.paths import HostPaths
 from layotto.shim.task_service import SERVICE_NAMES, TaskService
@@ -30,6 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--containerd-ttrpc",
         default=os.environ.get("TTRPC_ADDRESS", "/run/containerd/containerd.sock.ttrpc"),
         help="containerd's ttrpc socket, where task events are published",
+    )
+    parser.add_argument(
+        "--containerd-address",
+        default=os.environ.get("GRPC_ADDRESS", "/run/containerd/containerd.sock"),
+        help="containerd's gRPC socket, to read modules shipped as OCI wasm layers",
     )
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--debug", action="store_true")
@@ -55,7 +61,8 @@ async def serve(args: argparse.Namespace) -> None:
     runtime = NodeRuntime(args.state_dir)
     publisher = Publisher(args.containerd_ttrpc)
     publisher.start()
-    service = TaskService(runtime, publisher)
+    content = ContainerdContent(args.containerd_address) if args.containerd_address else None
+    service = TaskService(runtime, publisher, content)
     server = Server()
     for name in SERVICE_NAMES:
         server.register(name, service.methods())

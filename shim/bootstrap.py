@@ -62,7 +62,9 @@ def _can_connect(path: Path) -> bool:
         s.close()
 
 
-def ensure_host(paths: HostPaths, *, state_dir: Path, ttrpc_address: str, debug: bool = False) -> None:
+def ensure_host(
+    paths: HostPaths, *, state_dir: Path, ttrpc_address: str, grpc_address: str = "", debug: bool = False
+) -> None:
     """Start the node host unless one already serves ``paths.socket``."""
     paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
     with open(paths.lock_file, "a+b") as lock:
@@ -92,6 +94,8 @@ def ensure_host(paths: HostPaths, *, state_dir: Path, ttrpc_address: str, debug:
             ]
             if ttrpc_address:
                 cmd += ["--containerd-ttrpc", ttrpc_address]
+            if grpc_address:
+                cmd += ["--containerd-address", grpc_address]
             if debug:
                 cmd.append("--debug")
             with open(paths.log_file, "ab") as log, open(os.devnull, "rb") as null:
@@ -126,6 +130,7 @@ def start(args: argparse.Namespace) -> int:
         paths,
         state_dir=state_dir_for_bundle(bundle),
         ttrpc_address=ttrpc.removeprefix("unix://"),
+        grpc_address=args.address.removeprefix("unix://"),
         debug=args.debug,
     )
     (bundle / "address").write_text(paths.address)

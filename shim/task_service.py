@@ -22,6 +22,7 @@ from layotto.host.errors import ModuleError
 from layotto.host.nanoprocess import ExitInfo, Nanoprocess, ProcessSpec
 from layotto.host.runtime import NodeRuntime
 from layotto.shim import bundle as oci
+from layotto.shim.content import MAX_MODULE_BYTES, ContainerdContent
 from layotto.shim.events import Publisher, bare_any, timestamp
 from layotto.shim.protocol import cgroups_v1_pb2, events_pb2, task_pb2, task_types_pb2
 from layotto.shim.ttrpc import Code, Context, Method, TtrpcError
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 SANDBOX_ANNOTATION = "io.kubernetes.cri.container-type"
+CRI_IMAGE_ANNOTATION = "io.kubernetes.cri.image-name"
+WASM_IMAGE_ANNOTATION = "layotto.io/wasm-image"  # for `ctr run --rootfs`, which records no image
 HOST_OVERHEAD_BYTES = 64 * 1024  # Store, instance and WASI context of one nanoprocess (measured order)
 
 Status = task_types_pb2.Status
@@ -68,9 +71,12 @@ class Task:
 class TaskService:
     """The Task API over the node runtime; one instance serves every connection."""
 
-    def __init__(self, runtime: NodeRuntime, publisher: Publisher) -> None:
+    def __init__(
+        self, runtime: NodeRuntime, publisher: Publisher, content: ContainerdContent | None = None
+    ) -> None:
         self.runtime = runtime
         self.publisher = publisher
+        self.content = content
         self.tasks: dict[tuple[str, str], Task] = {}
         self.pid = os.getpid()
 
@@ -146,7 +152,7 @@ class TaskService:
         except OSError as exc:
             raise TtrpcError(Code.INTERNAL, f"mounting the rootfs of {req.id}: {exc}") from exc
         try:
-            compiled, module_path, entry = await self._load_module(spec, rootfs)
+            compiled, module_path, entry = await self._load_module(spec, rootfs, namespace, req.id)
         except BaseException:
             if mounts:
                 await asyncio.to_thread(oci.unmount_rootfs, bundle)
@@ -191,24 +197,70 @@ class TaskService:
         return task_pb2.CreateTaskResponse(pid=task.pid)
 
     async def _load_module(
-        self, spec: oci.BundleSpec, rootfs: Path
+        self, spec: oci.BundleSpec, rootfs: Path, namespace: str, task_id: str
     ) -> tuple[CompiledModule | None, str, str]:
         if spec.annotations.get(SANDBOX_ANNOTATION) == "sandbox":
             return None, "", ""
         try:
-            ref = await asyncio.to_thread(oci.locate_module, spec, rootfs)
+            try:
+                ref = await asyncio.to_thread(oci.locate_module, spec, rootfs)
+            except ModuleError as missing:
+                # No module file in the rootfs: the image may carry it as an OCI wasm layer.
+                found = await self._load_from_layers(spec, namespace, task_id)
+                if found is None:
+                    raise missing from None
+                return found
             compiled = await asyncio.to_thread(self.runtime.load, ref.host_path, name=ref.image_path)
         except ModuleError as exc:
             raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from exc
         except OSError as exc:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"reading the module: {exc}") from exc
-        if ref.entry not in compiled.exports:
+        self._check_entry(compiled, ref.image_path, ref.entry)
+        return compiled, ref.image_path, ref.entry
+
+    async def _load_from_layers(
+        self, spec: oci.BundleSpec, namespace: str, task_id: str
+    ) -> tuple[CompiledModule, str, str] | None:
+        """The module from the image's wasm layer, or None for an image without one."""
+        if self.content is None:
+            return None
+        image = spec.annotations.get(WASM_IMAGE_ANNOTATION) or spec.annotations.get(CRI_IMAGE_ANNOTATION)
+        try:
+            if not image:
+                image = await asyncio.to_thread(self.content.image_of_container, namespace, task_id)
+            if not image:
+                return None
+            layers = await asyncio.to_thread(self.content.wasm_layers, namespace, image)
+            if not layers:
+                return None
+            if len(layers) > 1:
+                raise ModuleError(
+                    f"image {image} has {len(layers)} wasm layers; the layotto runtime runs one module"
+                )
+            layer = layers[0]
+            wasm = await asyncio.to_thread(self.content.read, namespace, layer.digest, MAX_MODULE_BYTES)
+        except ModuleError:
+            raise
+        except Exception as exc:  # grpc errors: containerd unreachable, image unknown, ...
+            log.info("no wasm layers for %s/%s: %s", namespace, task_id, exc)
+            return None
+        name = f"{image} (layer {layer.digest[:19]})"
+        compiled = await asyncio.to_thread(self.runtime.engine.load, wasm, name=name)
+        args = spec.process.args
+        entry = "_start"
+        if args and args[0].startswith("#"):
+            entry = args[0][1:] or "_start"
+        self._check_entry(compiled, name, entry)
+        return compiled, image, entry
+
+    @staticmethod
+    def _check_entry(compiled: CompiledModule, name: str, entry: str) -> None:
+        if entry not in compiled.exports:
             raise TtrpcError(
                 Code.INVALID_ARGUMENT,
-                f"{ref.image_path} has no export named {ref.entry!r} "
+                f"{name} has no export named {entry!r} "
                 f"(it exports: {', '.join(sorted(compiled.exports)) or 'nothing'})",
             )
-        return compiled, ref.image_path, ref.entry
 
     async def start(self, req: task_pb2.StartRequest, ctx: Context) -> task_pb2.StartResponse:
         task = self._task(ctx, req.id, req.exec_id)
@@ -219,7 +271,10 @@ class TaskService:
         if task.compiled is None:
             return task_pb2.StartResponse(pid=task.pid)
         args = list(task.spec.process.args)
-        args[0] = task.module_path
+        if task.module_path.startswith("/"):  # from the rootfs: argv[0] is its path in the image
+            args[0] = task.module_path
+        elif not args or args[0].startswith("#"):  # from a wasm layer: argv[0] names the image
+            args = [task.module_path, *args[1:]]
         spec = ProcessSpec(
             name=f"{task.namespace}/{task.id}",
             args=args,

@@ -282,3 +282,50 @@ def test_runs_in_a_row_leak_nothing(images: Containerd) -> None:
     assert threads_after <= threads
     assert find_host_process(images).pid == host.pid
     assert [m for m in mounts_under(images.state) if "/rootfs" in m] == []
+
+
+def test_oci_wasm_artifact_runs_from_the_content_store(
+    containerd: Containerd, wasm_dir: Path, tmp_path: Path
+) -> None:
+    """An OCI wasm artifact (config application/vnd.wasm.config.v0+json, one
+    application/wasm layer) has no filesystem: containerd 1.6 cannot unpack it, so it is
+    imported without unpacking and run with an empty --rootfs; the host finds the image
+    from the layotto.io/wasm-image annotation and streams the layer from containerd."""
+    ref = "docker.io/library/layotto-echo-artifact:latest"
+    builder.build_wasm_artifact(tmp_path / "artifact.tar", wasm_dir / "echoargs.wasm", name=ref)
+    containerd.ctr("images", "import", "--no-unpack", str(tmp_path / "artifact.tar"))
+    empty = tmp_path / "rootfs"
+    empty.mkdir()
+    r = containerd.ctr(
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        f"layotto.io/wasm-image={ref}",
+        "--rootfs",
+        str(empty),
+        new_id("artifact"),
+        "one",
+        "env:HOME",
+        "exit:5",
+        check=False,
+    )
+    assert r.returncode == 5, r.stderr
+    assert r.stdout.splitlines()[:2] == ["arg[0]=one", "arg[1]=env:HOME"]
+    # An annotation naming an ordinary image (no wasm layer) is still a clear error.
+    r = containerd.ctr(
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        f"layotto.io/wasm-image={HELLO}",
+        "--rootfs",
+        str(empty),
+        new_id("artifact"),
+        "/nothing.wasm",
+        check=False,
+    )
+    assert r.returncode != 0
+    assert "/nothing.wasm: no such file in the container image" in r.stderr
