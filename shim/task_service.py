@@ -300,6 +300,9 @@ class TaskService:
         task.proc = proc
         await asyncio.to_thread(ready.wait)
         if proc.start_error is not None:
+            # Mark it stopped now, not when the thread's exit callback gets scheduled:
+            # the client's Delete follows this error immediately.
+            self._on_exit(task, proc.exit or ExitInfo(1, time.time(), str(proc.start_error)))
             raise TtrpcError(Code.FAILED_PRECONDITION, str(proc.start_error))
         return task_pb2.StartResponse(pid=task.pid)
 
