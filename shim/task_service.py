@@ -24,6 +24,7 @@ from layotto.host.runtime import NodeRuntime
 from layotto.shim import bundle as oci
 from layotto.shim.content import MAX_MODULE_BYTES, ContainerdContent
 from layotto.shim.events import Publisher, bare_any, timestamp
+from layotto.shim.paths import TASK_DIR
 from layotto.shim.protocol import cgroups_v1_pb2, events_pb2, task_pb2, task_types_pb2
 from layotto.shim.ttrpc import Code, Context, Method, TtrpcError
 
@@ -113,14 +114,36 @@ class TaskService:
 
         return handler
 
+    def _namespace(self, ctx: Context, task_id: str = "") -> str:
+        """The containerd namespace of a request.
+
+        CRI sends it as ttrpc metadata; calls containerd makes for ctr carry none. Then it
+        is the one remembered for this connection (containerd dials once per container,
+        and Create names the bundle, which sits under the namespace's directory), or the
+        namespace of the only task with this id.
+        """
+        namespace = ctx.get(NAMESPACE_KEY)
+        if namespace:
+            return namespace
+        namespace = ctx.connection.get("namespace", "")
+        if namespace:
+            return namespace
+        if task_id:
+            matches = [ns for (ns, tid) in self.tasks if tid == task_id]
+            if len(matches) == 1:
+                return matches[0]
+        return "default"
+
     @staticmethod
-    def _namespace(ctx: Context) -> str:
-        return ctx.get(NAMESPACE_KEY, "default")
+    def _namespace_of_bundle(bundle: Path) -> str:
+        if bundle.parent.parent.name == TASK_DIR and bundle.parent.name:
+            return bundle.parent.name
+        return ""
 
     def _task(self, ctx: Context, task_id: str, exec_id: str = "") -> Task:
         if exec_id:
             raise TtrpcError(Code.NOT_FOUND, f"exec {exec_id} in task {task_id}: exec is not supported")
-        task = self.tasks.get((self._namespace(ctx), task_id))
+        task = self.tasks.get((self._namespace(ctx, task_id), task_id))
         if task is None:
             raise TtrpcError(Code.NOT_FOUND, f"task {task_id} not found")
         return task
@@ -131,7 +154,8 @@ class TaskService:
     # --- Create / Start ----------------------------------------------------------------
 
     async def create(self, req: task_pb2.CreateTaskRequest, ctx: Context) -> task_pb2.CreateTaskResponse:
-        namespace = self._namespace(ctx)
+        namespace = ctx.get(NAMESPACE_KEY) or self._namespace_of_bundle(Path(req.bundle)) or "default"
+        ctx.connection["namespace"] = namespace
         if (namespace, req.id) in self.tasks:
             raise TtrpcError(Code.ALREADY_EXISTS, f"task {req.id} already exists")
         if req.checkpoint:
@@ -390,7 +414,7 @@ class TaskService:
     # --- the rest ----------------------------------------------------------------------
 
     async def connect(self, req: task_pb2.ConnectRequest, ctx: Context) -> task_pb2.ConnectResponse:
-        task = self.tasks.get((self._namespace(ctx), req.id))
+        task = self.tasks.get((self._namespace(ctx, req.id), req.id))
         return task_pb2.ConnectResponse(shim_pid=self.pid, task_pid=task.pid if task else 0)
 
     async def shutdown(self, req: task_pb2.ShutdownRequest, ctx: Context) -> empty_pb2.Empty:

@@ -81,6 +81,8 @@ class Context:
     method: str
     metadata: dict[str, list[str]] = field(default_factory=dict)
     timeout: float | None = None
+    connection: dict[str, Any] = field(default_factory=dict)
+    """State that lives as long as the client's connection (handlers may keep notes)."""
 
     def get(self, key: str, default: str = "") -> str:
         values = self.metadata.get(key.lower())
@@ -161,6 +163,7 @@ class _ServerConnection:
         self.reader = reader
         self.writer = writer
         self.tasks: set[asyncio.Task[None]] = set()
+        self.state: dict[str, Any] = {}
 
     def close(self) -> None:
         self.writer.close()
@@ -253,7 +256,7 @@ class _ServerConnection:
             for kv in request.metadata:
                 metadata.setdefault(kv.key.lower(), []).append(kv.value)
             timeout = request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
-            ctx = Context(request.service, request.method, metadata, timeout)
+            ctx = Context(request.service, request.method, metadata, timeout, self.state)
             try:
                 if timeout is not None:
                     result = await asyncio.wait_for(method.handler(message, ctx), timeout)

@@ -329,3 +329,36 @@ def test_oci_wasm_artifact_runs_from_the_content_store(
     )
     assert r.returncode != 0
     assert "/nothing.wasm: no such file in the container image" in r.stderr
+
+
+def test_tasks_in_another_namespace(images: Containerd, wasm_dir: Path, tmp_path: Path) -> None:
+    """containerd forwards ctr's calls without namespace metadata: the host must still
+    file each task under its own namespace (taken from the bundle path)."""
+    ns = "layotto-ns-test"
+    builder.build_image(
+        tmp_path / "s.tar", {"/sleeper.wasm": wasm_dir / "sleeper.wasm"}, name=HELLO, cmd=["/sleeper.wasm"]
+    )
+    images.import_image(tmp_path / "s.tar", namespace=ns)
+    task_id = new_id("ns")
+    images.ctr("run", "-d", "--runtime", RUNTIME, HELLO, task_id, namespace=ns)
+    try:
+        wait_for(
+            lambda: any(
+                line.split()[0] == task_id and line.split()[-1] == "RUNNING"
+                for line in images.ctr("tasks", "ls", namespace=ns).stdout.splitlines()[1:]
+            )
+        )
+        metrics = images.ctr("tasks", "metrics", task_id, namespace=ns).stdout
+        assert "memory.usage_in_bytes" in metrics
+        host_log = (images.state / "layotto" / "host.log").read_text()
+        assert f"created {ns}/{task_id}" in host_log
+    finally:
+        images.ctr("tasks", "kill", "--signal", "SIGKILL", task_id, namespace=ns, check=False)
+        wait_for(
+            lambda: (
+                task_id not in images.ctr("tasks", "ls", namespace=ns).stdout
+                or "STOPPED" in images.ctr("tasks", "ls", namespace=ns).stdout
+            )
+        )
+        images.ctr("tasks", "delete", task_id, namespace=ns, check=False)
+        images.ctr("containers", "delete", task_id, namespace=ns, check=False)
