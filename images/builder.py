@@ -18,6 +18,9 @@ convention, and for ``ctr images import --base-name``).
 Builds are reproducible: every timestamp is ``SOURCE_DATE_EPOCH`` (default 0), files
 are owned by root, so the same inputs give the same manifest digest.
 
+``layotto image push ARCHIVE REFERENCE`` and ``layotto image build ... --push REFERENCE``
+upload an archive to a registry (:mod:`layotto.images.registry`).
+
 Only the standard library is used, so the builder runs anywhere Python does.
 """
 
@@ -434,7 +437,7 @@ def busybox_image(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layotto image",
-        description="Build OCI image archives for `ctr images import`.",
+        description="Build OCI image archives for `ctr images import`, and push them to registries.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -470,6 +473,24 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write an OCI wasm artifact (application/wasm layer) instead of an image",
     )
+    build.add_argument(
+        "--push",
+        metavar="REFERENCE",
+        help="then push the archive to a registry as REFERENCE (e.g. 127.0.0.1:5000/hello:v1)",
+    )
+    _registry_arguments(build)
+
+    push = commands.add_parser(
+        "push",
+        help="push an image archive to a registry",
+        description=(
+            "Push an OCI image archive (as `layotto image build` writes) to a registry with "
+            "the OCI distribution API. Loopback registries are spoken to over plain HTTP."
+        ),
+    )
+    push.add_argument("archive", type=Path, help="the image archive")
+    push.add_argument("reference", help="where to push: HOST[:PORT]/REPOSITORY[:TAG]")
+    _registry_arguments(push)
 
     bb = commands.add_parser("busybox", help="a static busybox image, a runc baseline")
     bb.add_argument("--name", default="docker.io/library/busybox:layotto", help="image reference")
@@ -478,10 +499,36 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _registry_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--insecure", action="store_true", help="plain HTTP even for a registry that is not on loopback"
+    )
+    parser.add_argument("--username", help="registry user (default: $LAYOTTO_REGISTRY_USERNAME)")
+    parser.add_argument("--password", help="registry password (default: $LAYOTTO_REGISTRY_PASSWORD)")
+
+
+def _push(archive: Path, reference: str, args: argparse.Namespace) -> str:
+    from layotto.images import registry
+
+    digest = registry.push_archive(
+        archive, reference, insecure=args.insecure, username=args.username, password=args.password
+    )
+    print(f"pushed {registry.parse_reference(reference)}@{digest}", file=sys.stderr)
+    return digest
+
+
 def _run(args: argparse.Namespace) -> str:
     if args.command == "busybox":
         return busybox_image(args.output, args.name, busybox=args.busybox)
+    if args.command == "push":
+        return _push(args.archive, args.reference, args)
+    digest = _build(args)
+    if args.push:
+        _push(args.output, args.push, args)
+    return digest
 
+
+def _build(args: argparse.Namespace) -> str:
     wasm: Path = args.wasm
     data = _read_source(wasm)
     if not is_wasm(data):
@@ -526,7 +573,10 @@ def _run(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``layotto image``: build image archives. Prints the manifest digest; returns the exit code."""
+    """``layotto image``: build and push image archives. Prints the manifest digest;
+    returns the exit code."""
+    from layotto.images.registry import RegistryError
+
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -537,6 +587,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImageBuildError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except RegistryError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
     print(digest)
     return 0
 
