@@ -11,6 +11,8 @@ import signal
 import socket
 from pathlib import Path
 
+from layotto.host.ingress import DEFAULT_BODY_LIMIT, DEFAULT_PORT, FunctionRegistry, Ingress
+from layotto.host.observe import DEFAULT_METRICS_PORT, AdminServer, HostCollector, start_metrics
 from layotto.host.runtime import NodeRuntime
 from layotto.shim.content import ContainerdContent
 from layotto.shim.events import Publisher
@@ -37,6 +39,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("GRPC_ADDRESS", "/run/containerd/containerd.sock"),
         help="containerd's gRPC socket, to read modules shipped as OCI wasm layers",
     )
+    parser.add_argument("--http-host", default="0.0.0.0", help="address of the functions' HTTP ingress")
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=int(os.environ.get("LAYOTTO_HTTP_PORT", DEFAULT_PORT)),
+        help="port of the HTTP ingress (0: any free port, -1: disabled)",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("LAYOTTO_METRICS_PORT", DEFAULT_METRICS_PORT)),
+        help="port of the Prometheus /metrics endpoint (-1: disabled)",
+    )
+    parser.add_argument(
+        "--body-limit", type=int, default=DEFAULT_BODY_LIMIT, help="largest request body (bytes)"
+    )
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--debug", action="store_true")
 
@@ -62,7 +80,29 @@ async def serve(args: argparse.Namespace) -> None:
     publisher = Publisher(args.containerd_ttrpc)
     publisher.start()
     content = ContainerdContent(args.containerd_address) if args.containerd_address else None
-    service = TaskService(runtime, publisher, content)
+    functions = FunctionRegistry()
+    service = TaskService(runtime, publisher, content, functions)
+    ingress = Ingress(functions, body_limit=args.body_limit)
+    if args.http_port >= 0:
+        try:
+            port = await ingress.listen(args.http_host, args.http_port)
+            (paths.run_dir / "http.port").write_text(f"{port}\n")
+            log.info("HTTP ingress on %s:%d", args.http_host, port)
+        except OSError as exc:
+            log.error(
+                "HTTP ingress disabled: cannot listen on %s:%d: %s", args.http_host, args.http_port, exc
+            )
+    if args.metrics_port >= 0:
+        try:
+            mport = start_metrics(
+                args.metrics_port, args.http_host, HostCollector(functions, lambda: runtime.engine.stats)
+            )
+            (paths.run_dir / "metrics.port").write_text(f"{mport}\n")
+            log.info("metrics on %s:%d/metrics", args.http_host, mport)
+        except OSError as exc:
+            log.error("metrics disabled: cannot listen on %s:%d: %s", args.http_host, args.metrics_port, exc)
+    admin = AdminServer(paths.run_dir / "admin.sock", service.describe, service.logs)
+    await admin.start()
     server = Server()
     for name in SERVICE_NAMES:
         server.register(name, service.methods())
@@ -75,6 +115,8 @@ async def serve(args: argparse.Namespace) -> None:
     await stop.wait()
     log.info("shutting down")
     await server.close()
+    await ingress.close()
+    await admin.close()
     await service.close()
     await publisher.drain(2.0)
     await publisher.close()
@@ -97,4 +139,9 @@ def run(args: argparse.Namespace) -> None:
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    asyncio.run(serve(args))
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; asyncio works too
+        asyncio.run(serve(args))
+    else:
+        uvloop.run(serve(args))

@@ -34,15 +34,16 @@ ENGINE_SETTINGS = "epoch_interruption=1;cranelift_opt_level=speed"
 class EpochTicker:
     """Advances the engine's epoch every ``interval`` seconds while anyone needs it.
 
-    Only CPU-limited nanoprocesses need a steady tick (their epoch-deadline callback
-    does the accounting); kills bump the epoch themselves. So the thread runs only
-    while at least one CPU-limited module is running.
+    CPU-limited nanoprocesses need a steady tick (their epoch-deadline callback does the
+    accounting), and so do function modules (their calls have budgets and deadlines);
+    kills bump the epoch themselves. The thread runs only while someone needs it.
     """
 
     def __init__(self, engine: wasmtime.Engine, interval: float = 0.005) -> None:
         self.engine = engine
         self.interval = interval
         self._users = 0
+        self.ticks = 0  # epochs this ticker has added (lets callers skip redundant deadline resets)
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -65,6 +66,7 @@ class EpochTicker:
                     self._cond.wait()
             time.sleep(self.interval)
             self.engine.increment_epoch()
+            self.ticks += 1
 
 
 @dataclass(frozen=True)

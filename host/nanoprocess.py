@@ -26,6 +26,7 @@ from wasmtime import _bindings as ffi
 
 from layotto.host.engine import CompiledModule, WasmEngine
 from layotto.host.errors import ModuleError
+from layotto.host.function import FunctionLog
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,7 @@ class Nanoprocess:
         self._stdin: StdinPump | None = None
         self._epoch_cb = _EpochCallback(self._on_epoch_deadline)
         self.throttle = Throttle()
+        self.log = FunctionLog()
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -382,10 +384,19 @@ class Nanoprocess:
         if spec.stdin and self.compiled.reads_stdin:
             self._stdin = StdinPump(spec.stdin.removeprefix("file://"))
             wasi.stdin_file = self._stdin.path
-        wasi.stdout_custom = self.stdout.write
-        wasi.stderr_custom = self.stderr.write
+        wasi.stdout_custom = self._tee(self.stdout, "stdout")
+        wasi.stderr_custom = self._tee(self.stderr, "stderr")
         store.set_wasi(wasi)
         return store
+
+    def _tee(self, out: Output, stream: str) -> Callable[[bytes], None]:
+        keep = self.log.writer(stream)
+
+        def write(data: bytes) -> None:
+            out.write(data)
+            keep(data)
+
+        return write
 
     def _run(self, ready: threading.Event) -> None:
         _current.proc = self
@@ -425,6 +436,7 @@ class Nanoprocess:
             else:
                 status, reason = TRAP_EXIT, f"wasm trap: {_describe(exc)}"
                 self.stderr.write(f"{self.spec.name}: {reason}\n".encode())
+                self.log.add("host", reason)
         except Exception as exc:  # a host bug must not leave the task running forever
             log.exception("%s: unexpected error", self.spec.name)
             status, reason = TRAP_EXIT, f"host error: {exc}"

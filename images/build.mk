@@ -37,3 +37,27 @@ $(WASM_OUT)/%.wasm: tests/modules/%.wat | $(WASM_OUT)
 
 $(WASM_OUT)/notwasm.txt: tests/modules/notwasm.txt | $(WASM_OUT)
 	cp $< $@
+
+# Function modules (abi/http.md): WebAssembly reactors. images/fn-hello and every
+# tests/modules/fn_*.c are linked with the C guest SDK (abi/c/layotto.c) except those in
+# WASM_FN_NOSDK, which export layotto_http_handle themselves. These explicit rules take
+# precedence over the tests/modules/%.c pattern rule above.
+WASM_SDK_SRC := abi/c/layotto.c
+WASM_SDK_DEPS := $(WASM_SDK_SRC) abi/include/layotto.h
+# --strip-debug drops the DWARF that Debian's wasi-libc.a carries (~100 KB per module); the
+# name section stays for trap backtraces.
+WASM_REACTOR_CC ?= $(WASM_CC) -mexec-model=reactor -Wl,--strip-debug
+WASM_FN_NOSDK := fn_badresp
+WASM_FN_TEST_C := $(wildcard tests/modules/fn_*.c)
+WASM_FN_SDK := $(filter-out $(WASM_FN_NOSDK),$(patsubst tests/modules/%.c,%,$(WASM_FN_TEST_C)))
+
+modules: $(WASM_OUT)/fn-hello.wasm
+
+$(WASM_OUT)/fn-hello.wasm: images/fn-hello/fn-hello.c $(WASM_SDK_DEPS) | $(WASM_OUT)
+	$(WASM_REACTOR_CC) $(WASM_CFLAGS) -I abi/include -o $@ $< $(WASM_SDK_SRC)
+
+$(patsubst %,$(WASM_OUT)/%.wasm,$(WASM_FN_SDK)): $(WASM_OUT)/%.wasm: tests/modules/%.c $(WASM_SDK_DEPS) | $(WASM_OUT)
+	$(WASM_REACTOR_CC) $(WASM_CFLAGS) -I abi/include -o $@ $< $(WASM_SDK_SRC)
+
+$(patsubst %,$(WASM_OUT)/%.wasm,$(WASM_FN_NOSDK)): $(WASM_OUT)/%.wasm: tests/modules/%.c | $(WASM_OUT)
+	$(WASM_REACTOR_CC) $(WASM_CFLAGS) -o $@ $<

@@ -19,6 +19,8 @@ from google.protobuf.message import Message
 
 from layotto.host.engine import CompiledModule
 from layotto.host.errors import ModuleError
+from layotto.host.function import Function, is_function_module
+from layotto.host.ingress import FunctionRegistry
 from layotto.host.nanoprocess import ExitInfo, Nanoprocess, ProcessSpec
 from layotto.host.runtime import NodeRuntime
 from layotto.shim import bundle as oci
@@ -35,6 +37,11 @@ NAMESPACE_KEY = "containerd-namespace-ttrpc"
 SANDBOX_ANNOTATION = "io.kubernetes.cri.container-type"
 CRI_IMAGE_ANNOTATION = "io.kubernetes.cri.image-name"
 WASM_IMAGE_ANNOTATION = "layotto.io/wasm-image"  # for `ctr run --rootfs`, which records no image
+CRI_CONTAINER_NAME_ANNOTATION = "io.kubernetes.cri.container-name"
+FUNCTION_ID_ANNOTATION = "layotto.io/function-id"
+INSTANCES_ANNOTATION = "layotto.io/instances"
+INSTANCE_MODE_ANNOTATION = "layotto.io/instance-mode"  # "reuse" (default) or "fresh"
+TIMEOUT_ANNOTATION = "layotto.io/timeout"  # seconds per request
 HOST_OVERHEAD_BYTES = 64 * 1024  # Store, instance and WASI context of one nanoprocess (measured order)
 
 Status = task_types_pb2.Status
@@ -58,6 +65,7 @@ class Task:
     entry: str = "_start"
     status: int = Status.CREATED
     proc: Nanoprocess | None = None
+    function: Function | None = None  # a function module serving HTTP requests
     exit_status: int = 0
     exited_at: float | None = None
     exit_reason: str = ""
@@ -73,11 +81,16 @@ class TaskService:
     """The Task API over the node runtime; one instance serves every connection."""
 
     def __init__(
-        self, runtime: NodeRuntime, publisher: Publisher, content: ContainerdContent | None = None
+        self,
+        runtime: NodeRuntime,
+        publisher: Publisher,
+        content: ContainerdContent | None = None,
+        functions: FunctionRegistry | None = None,
     ) -> None:
         self.runtime = runtime
         self.publisher = publisher
         self.content = content
+        self.functions = functions
         self.tasks: dict[tuple[str, str], Task] = {}
         self.pid = os.getpid()
 
@@ -279,6 +292,8 @@ class TaskService:
 
     @staticmethod
     def _check_entry(compiled: CompiledModule, name: str, entry: str) -> None:
+        if entry == "_start" and is_function_module(compiled):
+            return  # a function module: served through the ingress, not run
         if entry not in compiled.exports:
             raise TtrpcError(
                 Code.INVALID_ARGUMENT,
@@ -293,6 +308,9 @@ class TaskService:
         task.status = Status.RUNNING
         self._publish(task, "/tasks/start", events_pb2.TaskStart(container_id=task.id, pid=task.pid))
         if task.compiled is None:
+            return task_pb2.StartResponse(pid=task.pid)
+        if is_function_module(task.compiled) and self.functions is not None:
+            await self._start_function(task)
             return task_pb2.StartResponse(pid=task.pid)
         args = list(task.spec.process.args)
         if task.module_path.startswith("/"):  # from the rootfs: argv[0] is its path in the image
@@ -329,6 +347,50 @@ class TaskService:
             self._on_exit(task, proc.exit or ExitInfo(1, time.time(), str(proc.start_error)))
             raise TtrpcError(Code.FAILED_PRECONDITION, str(proc.start_error))
         return task_pb2.StartResponse(pid=task.pid)
+
+    async def _start_function(self, task: Task) -> None:
+        """Instantiate a function module and register it with the ingress."""
+        annotations = task.spec.annotations
+        function_id = (
+            annotations.get(FUNCTION_ID_ANNOTATION)
+            or annotations.get(CRI_CONTAINER_NAME_ANNOTATION)
+            or task.id
+        )
+        try:
+            pool = int(annotations.get(INSTANCES_ANNOTATION, "0")) or None
+            timeout = float(annotations.get(TIMEOUT_ANNOTATION, "10"))
+        except ValueError as exc:
+            self._on_exit(task, ExitInfo(1, time.time(), str(exc)))
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"bad layotto.io annotation: {exc}") from exc
+        env = [tuple(e.split("=", 1)) if "=" in e else (e, "") for e in task.spec.process.env]
+        try:
+            fn = await asyncio.to_thread(
+                Function,
+                name=f"{task.namespace}/{task.id}",
+                function_id=function_id,
+                engine=self.runtime.engine,
+                linker=self.runtime.linker,
+                compiled=task.compiled,
+                argv=[task.module_path, *task.spec.process.args[1:]],
+                env=env,
+                memory_limit=task.spec.memory_limit,
+                pool_size=pool,
+                fresh_instances=annotations.get(INSTANCE_MODE_ANNOTATION) == "fresh",
+                timeout=timeout,
+                image=annotations.get(CRI_IMAGE_ANNOTATION, task.module_path),
+            )
+        except ModuleError as exc:
+            self._on_exit(task, ExitInfo(1, time.time(), str(exc)))
+            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
+        task.function = fn
+        assert self.functions is not None
+        self.functions.add(fn)
+        log.info(
+            "function %s serving as id %r (%s)",
+            fn.name,
+            fn.id,
+            "fresh instances" if fn.fresh else f"pool {fn.pool_size}",
+        )
 
     def _on_exit(self, task: Task, info: ExitInfo) -> None:
         if task.exited.done():
@@ -383,6 +445,12 @@ class TaskService:
             raise TtrpcError(Code.NOT_FOUND, f"task {req.id}: process already finished")
         if req.signal == 0:
             return empty_pb2.Empty()
+        if task.function is not None:
+            task.function.stop()
+            if self.functions is not None:
+                self.functions.remove(task.function)
+            self._on_exit(task, ExitInfo(128 + req.signal, time.time(), f"stopped by signal {req.signal}"))
+            return empty_pb2.Empty()
         if task.status == Status.CREATED or task.proc is None:
             # Never started, or a pod sandbox placeholder: it ends right here.
             self._on_exit(task, ExitInfo(128 + req.signal, time.time(), f"killed by signal {req.signal}"))
@@ -434,9 +502,15 @@ class TaskService:
     async def stats(self, req: task_pb2.StatsRequest, ctx: Context) -> task_pb2.StatsResponse:
         task = self._task(ctx, req.id)
         proc = task.proc
-        linear = proc.memory_bytes() if proc is not None else 0
+        fn = task.function
+        if fn is not None:
+            linear = fn.memory_bytes()
+            cpu_seconds = fn.stats.cpu_seconds
+        else:
+            linear = proc.memory_bytes() if proc is not None else 0
+            cpu_seconds = proc.cpu_seconds() if proc is not None else 0.0
         usage = linear + HOST_OVERHEAD_BYTES if task.status == Status.RUNNING else 0
-        cpu_ns = int((proc.cpu_seconds() if proc is not None else 0.0) * 1e9)
+        cpu_ns = int(cpu_seconds * 1e9)
         limit = task.spec.memory_limit or 0
         metrics = cgroups_v1_pb2.Metrics(
             pids=cgroups_v1_pb2.PidsStat(current=1 if task.status == Status.RUNNING else 0),
@@ -457,11 +531,55 @@ class TaskService:
         )
         return task_pb2.StatsResponse(stats=bare_any(metrics))
 
+    # --- layotto ps / layotto logs ----------------------------------------------------
+
+    def describe(self) -> list[dict[str, object]]:
+        """Every task on the node, for ``layotto ps``."""
+        rows: list[dict[str, object]] = []
+        names = {Status.CREATED: "created", Status.RUNNING: "running", Status.STOPPED: "stopped"}
+        for task in self.tasks.values():
+            fn, proc = task.function, task.proc
+            row: dict[str, object] = {
+                "namespace": task.namespace,
+                "id": task.id,
+                "kind": "sandbox" if task.is_sandbox else "function" if fn is not None else "command",
+                "state": names.get(task.status, "unknown"),
+                "image": task.spec.annotations.get(CRI_IMAGE_ANNOTATION, ""),
+                "module": task.module_path,
+                "memory": (fn.memory_bytes() if fn else proc.memory_bytes() if proc else 0),
+                "cpu_seconds": round(fn.stats.cpu_seconds if fn else proc.cpu_seconds() if proc else 0.0, 3),
+                "exit_status": task.exit_status if task.status == Status.STOPPED else None,
+            }
+            if fn is not None:
+                row.update(
+                    function_id=fn.id,
+                    invocations=fn.stats.invocations,
+                    errors=fn.stats.errors,
+                    instances=fn.instances,
+                    mode="threads" if fn.threaded else "inline",
+                )
+            rows.append(row)
+        return rows
+
+    def logs(self, name: str) -> list[str] | None:
+        """The recent output of a task (by id, or namespace/id) or function (by id)."""
+        for task in self.tasks.values():
+            if name in (task.id, f"{task.namespace}/{task.id}"):
+                source = task.function or task.proc
+                return list(source.log.lines) if source is not None else []
+        if self.functions is not None:
+            fn = self.functions.get(name)
+            if fn is not None:
+                return list(fn.log.lines)
+        return None
+
     # --- host shutdown -------------------------------------------------------------------
 
     async def close(self) -> None:
         """Stop every module and unmount every rootfs (the host is going away)."""
         for task in list(self.tasks.values()):
+            if task.function is not None:
+                task.function.stop()
             if task.proc is not None and task.proc.running:
                 task.proc.kill(9)
             if task.mounted:

@@ -288,6 +288,11 @@ class Containerd:
     def environ(self) -> dict[str, str]:
         """containerd's environment: ours + ``env``, with ``path_prepend`` before PATH."""
         env = dict(os.environ)
+        # Every private containerd gets its own node host: let each host's HTTP ingress
+        # and metrics endpoint take a free port (written to <state>/layotto/*.port)
+        # instead of fighting over 2045 and 34903. ``env`` may override.
+        env.setdefault("LAYOTTO_HTTP_PORT", "0")
+        env.setdefault("LAYOTTO_METRICS_PORT", "0")
         env.update(self.env)
         path = env.get("PATH", os.defpath)
         env["PATH"] = os.pathsep.join([*map(str, self.path_prepend), path])
@@ -353,6 +358,18 @@ class Containerd:
     def _fail_start(self, why: str) -> None:
         self.stop(graceful=False, remove_base=False)
         raise ContainerdError(f"{why}; last lines of {self.log}:\n{self.log_tail()}")
+
+    def host_port(self, name: str = "http", timeout: float = 10.0) -> int:
+        """The port the node host's ingress (``http``) or metrics endpoint bound."""
+        path = self.state / "layotto" / f"{name}.port"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return int(path.read_text())
+            except (FileNotFoundError, ValueError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -1,0 +1,501 @@
+"""Function modules: wasm reactors serving HTTP requests from the host's ingress.
+
+A function has a pool of instances (each its own Store, so its own linear memory and
+limits). Calls run in one of two places:
+
+- **inline**, on the ingress's event-loop thread: the fast path, no thread hand-off. Each
+  inline call gets a short CPU budget (an epoch deadline). A call that exceeds it is
+  interrupted before it can hold up other functions; its instance is thrown away, the
+  function is moved to worker threads, and the request is run again there from the start
+  on a fresh instance (nothing the interrupted call did can have left its instance: the
+  handler ABI gives it no way to).
+- **on worker threads**, for functions that have shown they take longer. wasm runs
+  without the GIL, so a slow or looping function does not stop the event loop; its
+  requests queue (bounded: 503 past it) and each has a deadline (504, instance replaced).
+
+A trap answers 500 and replaces the instance; the function stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import ctypes
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import wasmtime
+from wasmtime import _bindings as ffi
+
+from layotto.host.engine import CompiledModule, WasmEngine
+from layotto.host.errors import ModuleError
+from layotto.host.fastcall import OutOfBounds, RawFunc, RawMemory, check, context_address, set_epoch_deadline
+
+log = logging.getLogger(__name__)
+
+HANDLER_EXPORT = "layotto_http_handle"
+ALLOCATORS = ("proxy_on_memory_allocate", "malloc")
+DEFAULT_MEMORY_LIMIT = 128 << 20
+TICK = 0.005  # seconds per epoch tick (the engine's ticker) while functions exist
+INLINE_BUDGET_TICKS = 2  # an inline call may run 5-10 ms before it moves to threads
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+_EpochCallback = ctypes.CFUNCTYPE(
+    ctypes.c_size_t,
+    ctypes.POINTER(ffi.wasmtime_context_t),
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint64),
+    ctypes.POINTER(ctypes.c_uint8),
+)
+_NO_FINALIZER = ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
+_HEADER = struct.Struct("<5I")
+_RESPONSE_HEADER = struct.Struct("<3I")
+_OUT = struct.Struct("<II")
+
+
+def is_function_module(compiled: CompiledModule) -> bool:
+    return HANDLER_EXPORT in compiled.exports
+
+
+@dataclass(slots=True)
+class Request:
+    method: bytes
+    path: bytes
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytes = b""
+
+
+class BudgetExceeded(Exception):
+    """An inline call ran past its CPU budget (it will be re-run on a worker thread)."""
+
+
+class DeadlineExceeded(Exception):
+    """A call ran past its request deadline."""
+
+
+class Killed(Exception):
+    """The function was stopped while the call ran."""
+
+
+def encode_map(pairs: list[tuple[bytes, bytes]]) -> bytes:
+    """proxy-wasm map serialization."""
+    sizes = b"".join(struct.pack("<II", len(k), len(v)) for k, v in pairs)
+    data = b"".join(k + b"\0" + v + b"\0" for k, v in pairs)
+    return struct.pack("<I", len(pairs)) + sizes + data
+
+
+def decode_map(data: bytes) -> list[tuple[bytes, bytes]]:
+    if len(data) < 4:
+        return []
+    (count,) = struct.unpack_from("<I", data, 0)
+    if count > len(data) // 8:
+        raise ValueError("header map count exceeds its size")
+    pos = 4 + 8 * count
+    pairs = []
+    for i in range(count):
+        klen, vlen = struct.unpack_from("<II", data, 4 + 8 * i)
+        if pos + klen + vlen + 2 > len(data):
+            raise ValueError("header map entry out of range")
+        key = data[pos : pos + klen]
+        pos += klen + 1
+        value = data[pos : pos + vlen]
+        pos += vlen + 1
+        pairs.append((key, value))
+    return pairs
+
+
+def encode_request(req: Request) -> bytes:
+    headers = encode_map(req.headers)
+    return (
+        _HEADER.pack(len(req.method), len(req.path), len(req.query), len(headers), len(req.body))
+        + req.method
+        + req.path
+        + req.query
+        + headers
+        + req.body
+    )
+
+
+class FunctionLog:
+    """The last lines a function wrote (stdout, stderr, traps), for `layotto logs`."""
+
+    def __init__(self, limit: int = 500) -> None:
+        self.lines: collections.deque[str] = collections.deque(maxlen=limit)
+        self._partial = {"stdout": b"", "stderr": b""}
+
+    def writer(self, stream: str) -> Callable[[bytes], None]:
+        def write(data: bytes) -> None:
+            buf = self._partial[stream] + data
+            *complete, rest = buf.split(b"\n")
+            for line in complete:
+                self.add(stream, line.decode(errors="replace"))
+            self._partial[stream] = rest[-65536:]
+
+        return write
+
+    def add(self, stream: str, line: str) -> None:
+        self.lines.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {stream} {line}")
+
+
+class Instance:
+    """One instance of a function module, with raw entry points cached."""
+
+    def __init__(self, fn: Function) -> None:
+        self.fn = fn
+        self.deadline_kind = "inline"
+        self.store = wasmtime.Store(fn.engine.engine)
+        self.store.set_limits(memory_size=fn.memory_limit)
+        self._epoch_cb = _EpochCallback(self._on_deadline)
+        ffi.wasmtime_store_epoch_deadline_callback(self.store.ptr(), self._epoch_cb, None, _NO_FINALIZER)
+        self.ctx = context_address(self.store)
+        self.ticker = fn.engine.ticker
+        self._deadline_at = -1
+        set_epoch_deadline(self.ctx, 1 << 40)
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = fn.argv
+        wasi.env = fn.env
+        wasi.stdout_custom = fn.log.writer("stdout")
+        wasi.stderr_custom = fn.log.writer("stderr")
+        self.store.set_wasi(wasi)
+        instance = fn.linker.instantiate(self.store, fn.compiled.module)
+        exports = instance.exports(self.store)
+        init = exports.get("_initialize")
+        if isinstance(init, wasmtime.Func):
+            init(self.store)
+        allocator = next(
+            (exports.get(n) for n in ALLOCATORS if isinstance(exports.get(n), wasmtime.Func)), None
+        )
+        memory = exports.get("memory")
+        handler = exports.get(HANDLER_EXPORT)
+        if (
+            allocator is None
+            or not isinstance(memory, wasmtime.Memory)
+            or not isinstance(handler, wasmtime.Func)
+        ):
+            raise ModuleError(
+                f"{fn.name}: a function module must export {HANDLER_EXPORT}, memory and "
+                "proxy_on_memory_allocate (or malloc)"
+            )
+        self.alloc = RawFunc(self.store, allocator, 1)
+        self.handle = RawFunc(self.store, handler, 4)
+        self.memory = RawMemory(self.store, memory)
+        self.out = self.alloc(8)
+        if not self.out:
+            raise ModuleError(f"{fn.name}: the module's allocator returned 0")
+        self.calls = 0
+
+    def _on_deadline(self, _ctx: object, _env: object, _delta: object, _kind: object) -> int:
+        if self.fn.stopped:
+            reason = "killed"
+        elif self.deadline_kind == "inline":
+            reason = "inline budget"
+        else:
+            reason = "deadline"
+        err = ffi.wasmtime_error_new(f"layotto: {reason}".encode())
+        return ctypes.cast(err, ctypes.c_void_p).value or 0
+
+    def call(self, payload: bytes, ticks: int, kind: str) -> Response:
+        """Run the handler on ``payload`` (an encoded request)."""
+        self.calls += 1
+        size = len(payload)
+        # The budget covers the allocation too. Resetting it is needed only once the
+        # ticker has moved on since the last reset (it ticks far less often than requests).
+        now = self.ticker.ticks
+        if now != self._deadline_at or kind != self.deadline_kind:
+            self.deadline_kind = kind
+            self._deadline_at = now
+            set_epoch_deadline(self.ctx, ticks)
+        ptr = self.alloc.call1(size)
+        if not ptr:
+            raise MemoryError("the function's allocator returned 0 (out of memory)")
+        view = self.memory.view()
+        check(view, ptr, size)
+        view[ptr : ptr + size] = payload
+        out = self.out
+        try:
+            status = self.handle.call4(ptr, size, out, out + 4)
+        except wasmtime.WasmtimeError as exc:
+            text = str(exc)
+            if "layotto: inline budget" in text:
+                raise BudgetExceeded() from None
+            if "layotto: deadline" in text:
+                raise DeadlineExceeded() from None
+            if "layotto: killed" in text:
+                raise Killed() from None
+            raise
+        if status:
+            raise HandlerError(f"handler returned status {status}")
+        view = self.memory.view()
+        check(view, out, 8)
+        resp_ptr, resp_len = _OUT.unpack_from(view, out)
+        if resp_len < _RESPONSE_HEADER.size:
+            raise HandlerError(f"response of {resp_len} bytes is shorter than its header")
+        check(view, resp_ptr, resp_len)
+        code, headers_len, body_len = _RESPONSE_HEADER.unpack_from(view, resp_ptr)
+        start = resp_ptr + _RESPONSE_HEADER.size
+        if _RESPONSE_HEADER.size + headers_len + body_len > resp_len:
+            raise HandlerError("response lengths exceed the response buffer")
+        try:
+            headers = decode_map(bytes(view[start : start + headers_len])) if headers_len else []
+        except ValueError as exc:
+            raise HandlerError(f"malformed response headers: {exc}") from exc
+        body = bytes(view[start + headers_len : start + headers_len + body_len])
+        if code == 0:
+            code = 200
+        if not 100 <= code <= 599:
+            raise HandlerError(f"invalid HTTP status {code}")
+        return Response(code, headers, body)
+
+
+class HandlerError(Exception):
+    """The handler reported failure or returned a malformed response."""
+
+
+class Stats:
+    """Counters of one function, read by `layotto ps` and the metrics endpoint."""
+
+    def __init__(self) -> None:
+        self.invocations = 0
+        self.errors = 0
+        self.codes: collections.Counter[int] = collections.Counter()
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self.instances_created = 0
+        self.replaced = 0
+        self.cpu_seconds = 0.0
+
+    def observe(self, code: int, seconds: float) -> None:
+        self.invocations += 1
+        self.codes[code] += 1
+        if code >= 500:
+            self.errors += 1
+        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+
+class Function:
+    """A function module serving requests under an id."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        function_id: str,
+        engine: WasmEngine,
+        linker: wasmtime.Linker,
+        compiled: CompiledModule,
+        argv: list[str],
+        env: list[tuple[str, str]],
+        memory_limit: int | None,
+        pool_size: int | None = None,
+        fresh_instances: bool = False,
+        timeout: float = 10.0,
+        queue_limit: int = 1024,
+        image: str = "",
+    ) -> None:
+        self.name = name
+        self.id = function_id
+        self.engine = engine
+        self.linker = linker
+        self.compiled = compiled
+        self.argv = argv
+        self.env = env
+        self.image = image
+        self.memory_limit = memory_limit or DEFAULT_MEMORY_LIMIT
+        self.pool_size = pool_size or os.cpu_count() or 1
+        self.fresh = fresh_instances
+        self.timeout = timeout
+        self.queue_limit = queue_limit
+        self.log = FunctionLog()
+        self.stats = Stats()
+        self.stopped = False
+        self.threaded = False
+        self.started_at = time.time()
+        self._idle: list[Instance] = []
+        self._live = 0
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._waiting = 0
+        self._slots: asyncio.Semaphore | None = None
+        self._idle.append(self._new_instance())  # fails Start on a broken module
+        engine.ticker.acquire()
+
+    # --- instances -------------------------------------------------------------------
+
+    def _new_instance(self) -> Instance:
+        try:
+            instance = Instance(self)
+        except ModuleError:
+            raise
+        except Exception as exc:
+            raise ModuleError(f"{self.name}: cannot instantiate the function: {_one_line(exc)}") from exc
+        with self._lock:
+            self._live += 1
+            self.stats.instances_created += 1
+        return instance
+
+    def _take(self) -> Instance:
+        with self._lock:
+            if self._idle and not self.fresh:
+                return self._idle.pop()
+        return self._new_instance()
+
+    def _give_back(self, instance: Instance, healthy: bool) -> None:
+        with self._lock:
+            if healthy and not self.fresh and not self.stopped:
+                self._idle.append(instance)
+                return
+            self._live -= 1
+            if not healthy:
+                self.stats.replaced += 1
+
+    @property
+    def instances(self) -> int:
+        return self._live
+
+    def memory_bytes(self) -> int:
+        with self._lock:
+            idle = list(self._idle)
+        total = 0
+        for instance in idle:
+            try:
+                total += instance.memory.size()
+            except Exception:
+                pass
+        return total
+
+    # --- invocation --------------------------------------------------------------------
+
+    def _run(self, instance: Instance, payload: bytes, ticks: int, kind: str) -> Response:
+        # Inline calls run on the event loop thread, which does nothing else meanwhile:
+        # wall time is their CPU time (and perf_counter is far cheaper than thread_time).
+        clock = time.perf_counter if kind == "inline" else time.thread_time
+        cpu = clock()
+        try:
+            response = instance.call(payload, ticks, kind)
+        except BudgetExceeded:
+            self._give_back(instance, healthy=False)
+            raise
+        except DeadlineExceeded:
+            self._give_back(instance, healthy=False)
+            self.log.add("host", f"request exceeded its {self.timeout:g}s deadline; instance replaced")
+            return Response(504, body=b"function timed out\n")
+        except Killed:
+            self._give_back(instance, healthy=False)
+            return Response(503, body=b"function stopped\n")
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+            self._give_back(instance, healthy=False)
+            message = _one_line(exc)
+            self.log.add("host", f"trap: {message}; instance replaced")
+            log.warning("function %s (%s): trap: %s", self.id, self.name, message)
+            return Response(500, body=f"function trapped: {message}\n".encode())
+        except (HandlerError, OutOfBounds, MemoryError) as exc:
+            self._give_back(instance, healthy=False)
+            self.log.add("host", f"bad response: {exc}; instance replaced")
+            return Response(500, body=f"function failed: {exc}\n".encode())
+        finally:
+            self.stats.cpu_seconds += clock() - cpu
+        self._give_back(instance, healthy=True)
+        return response
+
+    def call_inline(self, request: Request) -> Response | None:
+        """Serve a request on the calling (event loop) thread, or return None when the
+        function runs on worker threads: then ``await call_threaded(request)``."""
+        if self.stopped:
+            return Response(503, body=b"function stopped\n")
+        if self.threaded:
+            return None
+        started = time.perf_counter()
+        try:
+            response = self._run(self._take(), encode_request(request), INLINE_BUDGET_TICKS, "inline")
+        except BudgetExceeded:
+            self._go_threaded()
+            return None
+        except ModuleError as exc:
+            response = Response(500, body=f"{exc}\n".encode())
+        self.stats.observe(response.status, time.perf_counter() - started)
+        return response
+
+    async def call_threaded(self, request: Request) -> Response:
+        started = time.perf_counter()
+        response = await self._invoke_threaded(encode_request(request))
+        self.stats.observe(response.status, time.perf_counter() - started)
+        return response
+
+    async def invoke(self, request: Request) -> Response:
+        """Serve one request, inline when possible (from the event loop thread)."""
+        response = self.call_inline(request)
+        if response is None:
+            response = await self.call_threaded(request)
+        return response
+
+    def _go_threaded(self) -> None:
+        if not self.threaded:
+            self.threaded = True
+            self.log.add(
+                "host", f"a request ran past the inline budget; running on {self.pool_size} worker threads"
+            )
+            log.info("function %s moved to worker threads", self.id)
+
+    async def _invoke_threaded(self, payload: bytes) -> Response:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.pool_size)
+            self._executor = ThreadPoolExecutor(self.pool_size, thread_name_prefix=f"fn-{self.id[:20]}")
+        if self._waiting >= self.queue_limit:
+            return Response(503, body=b"function busy: request queue is full\n")
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            ticks = max(1, int(self.timeout / TICK))
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self._threaded_call, payload, ticks)
+        finally:
+            self._slots.release()
+
+    def _threaded_call(self, payload: bytes, ticks: int) -> Response:
+        try:
+            instance = self._take()
+        except ModuleError as exc:
+            return Response(500, body=f"{exc}\n".encode())
+        try:
+            return self._run(instance, payload, ticks, "thread")
+        except BudgetExceeded:  # not expected on a thread; treat like a deadline
+            return Response(504, body=b"function timed out\n")
+
+    def stop(self) -> None:
+        """Stop taking requests; calls in flight end at their deadline."""
+        if self.stopped:
+            return
+        self.stopped = True
+        with self._lock:
+            self._live -= len(self._idle)
+            self._idle.clear()
+        self.engine.ticker.release()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Caused by:" in lines:
+        return "; ".join(lines[lines.index("Caused by:") + 1 :]).removeprefix("wasm trap: ")
+    return lines[0] if lines else type(exc).__name__
