@@ -11,6 +11,7 @@ import signal
 import socket
 from pathlib import Path
 
+from layotto.host.engine import DEFAULT_CACHE_LIMIT
 from layotto.host.ingress import DEFAULT_BODY_LIMIT, DEFAULT_PORT, FunctionRegistry, Ingress
 from layotto.host.observe import DEFAULT_METRICS_PORT, AdminServer, HostCollector, start_metrics
 from layotto.host.runtime import NodeRuntime
@@ -53,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="port of the Prometheus /metrics endpoint (-1: disabled)",
     )
     parser.add_argument(
+        "--cache-limit",
+        type=int,
+        default=int(os.environ.get("LAYOTTO_CACHE_LIMIT", DEFAULT_CACHE_LIMIT)),
+        help="bytes of compiled modules kept on disk (least recently used evicted)",
+    )
+    parser.add_argument(
         "--body-limit", type=int, default=DEFAULT_BODY_LIMIT, help="largest request body (bytes)"
     )
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -76,7 +83,7 @@ def _listener(args: argparse.Namespace, paths: HostPaths) -> socket.socket:
 async def serve(args: argparse.Namespace) -> None:
     paths = HostPaths(args.run_dir)
     sock = _listener(args, paths)
-    runtime = NodeRuntime(args.state_dir)
+    runtime = NodeRuntime(args.state_dir, args.cache_limit)
     publisher = Publisher(args.containerd_ttrpc)
     publisher.start()
     content = ContainerdContent(args.containerd_address) if args.containerd_address else None

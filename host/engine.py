@@ -29,6 +29,7 @@ WASM_MAGIC = b"\0asm"
 WASI_MODULES = frozenset({"wasi_snapshot_preview1", "wasi_unstable"})
 
 ENGINE_SETTINGS = "epoch_interruption=1;cranelift_opt_level=speed"
+DEFAULT_CACHE_LIMIT = 1 << 30  # bytes of compiled modules kept on disk
 
 
 class EpochTicker:
@@ -83,13 +84,14 @@ class CompiledModule:
 class WasmEngine:
     """One wasmtime Engine for the whole node host."""
 
-    def __init__(self, cache_dir: Path | None) -> None:
+    def __init__(self, cache_dir: Path | None, cache_limit: int = DEFAULT_CACHE_LIMIT) -> None:
         config = wasmtime.Config()
         config.epoch_interruption = True
         config.cranelift_opt_level = "speed"
         self.engine = wasmtime.Engine(config)
         self.ticker = EpochTicker(self.engine)
         self.cache_dir = cache_dir
+        self.cache_limit = cache_limit
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
             os.chmod(cache_dir, 0o700)
@@ -127,7 +129,9 @@ class WasmEngine:
         path = self._cache_path(digest)
         if path is not None and path.exists():
             try:
-                return wasmtime.Module.deserialize_file(self.engine, str(path)), "disk"
+                module = wasmtime.Module.deserialize_file(self.engine, str(path))
+                os.utime(path)  # recently used: last to be evicted
+                return module, "disk"
             except wasmtime.WasmtimeError as exc:
                 log.warning("dropping unusable cache entry %s: %s", path, exc)
                 path.unlink(missing_ok=True)
@@ -141,9 +145,35 @@ class WasmEngine:
                 with os.fdopen(fd, "wb") as out:
                     out.write(module.serialize())
                 os.replace(tmp, path)
+                self.evict()
             except OSError as exc:
                 log.warning("cannot write module cache %s: %s", path, exc)
         return module, "compiled"
+
+    def evict(self) -> int:
+        """Drop the least recently used compiled modules until the cache fits its limit."""
+        if self.cache_dir is None:
+            return 0
+        entries = []
+        for entry in os.scandir(self.cache_dir):
+            if entry.name.endswith(".cwasm"):
+                st = entry.stat()
+                entries.append((st.st_mtime, st.st_size, entry.path))
+        total = sum(size for _, size, _ in entries)
+        removed = 0
+        for _mtime, size, path in sorted(entries):
+            if total <= self.cache_limit:
+                break
+            try:
+                os.unlink(path)  # a loaded module keeps its own mapping: safe to unlink
+            except FileNotFoundError:
+                continue
+            total -= size
+            removed += 1
+        if removed:
+            self.stats["evictions"] = self.stats.get("evictions", 0) + removed
+            log.info("module cache: evicted %d least recently used entries", removed)
+        return removed
 
     @staticmethod
     def check_imports(module: wasmtime.Module, name: str) -> None:

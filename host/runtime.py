@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from layotto.host.engine import CompiledModule, WasmEngine
+from layotto.host.engine import DEFAULT_CACHE_LIMIT, CompiledModule, WasmEngine
 from layotto.host.nanoprocess import Nanoprocess, ProcessSpec, build_linker
 
 
 class NodeRuntime:
     """Compiles modules once and runs each container's module as a nanoprocess."""
 
-    def __init__(self, state_dir: Path | None) -> None:
+    def __init__(self, state_dir: Path | None, cache_limit: int = DEFAULT_CACHE_LIMIT) -> None:
         cache = state_dir / "modules" if state_dir is not None else None
-        self.engine = WasmEngine(cache)
+        self.engine = WasmEngine(cache, cache_limit)
         self.linker = build_linker(self.engine)
 
     def load(self, path: Path, *, name: str) -> CompiledModule:

@@ -42,6 +42,7 @@ FUNCTION_ID_ANNOTATION = "layotto.io/function-id"
 INSTANCES_ANNOTATION = "layotto.io/instances"
 INSTANCE_MODE_ANNOTATION = "layotto.io/instance-mode"  # "reuse" (default) or "fresh"
 TIMEOUT_ANNOTATION = "layotto.io/timeout"  # seconds per request
+QUEUE_ANNOTATION = "layotto.io/queue-limit"  # requests waiting for a busy function before 503
 HOST_OVERHEAD_BYTES = 64 * 1024  # Store, instance and WASI context of one nanoprocess (measured order)
 
 Status = task_types_pb2.Status
@@ -359,6 +360,7 @@ class TaskService:
         try:
             pool = int(annotations.get(INSTANCES_ANNOTATION, "0")) or None
             timeout = float(annotations.get(TIMEOUT_ANNOTATION, "10"))
+            queue_limit = int(annotations.get(QUEUE_ANNOTATION, "1024"))
         except ValueError as exc:
             self._on_exit(task, ExitInfo(1, time.time(), str(exc)))
             raise TtrpcError(Code.INVALID_ARGUMENT, f"bad layotto.io annotation: {exc}") from exc
@@ -377,6 +379,7 @@ class TaskService:
                 pool_size=pool,
                 fresh_instances=annotations.get(INSTANCE_MODE_ANNOTATION) == "fresh",
                 timeout=timeout,
+                queue_limit=queue_limit,
                 image=annotations.get(CRI_IMAGE_ANNOTATION, task.module_path),
             )
         except ModuleError as exc:
