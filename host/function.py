@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
-import ctypes
 import logging
 import os
 import struct
@@ -32,11 +31,19 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import wasmtime
-from wasmtime import _bindings as ffi
 
-from layotto.host.engine import CompiledModule, WasmEngine
+from layotto.host.engine import WASI_MODULES, CompiledModule, WasmEngine
 from layotto.host.errors import ModuleError
-from layotto.host.fastcall import OutOfBounds, RawFunc, RawMemory, check, context_address, set_epoch_deadline
+from layotto.host.fastcall import (
+    EXTERN_FUNC,
+    EXTERN_MEMORY,
+    Func,
+    Memory,
+    OutOfBounds,
+    RawStore,
+    check,
+    set_epoch_deadline,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +54,6 @@ TICK = 0.005  # seconds per epoch tick (the engine's ticker) while functions exi
 INLINE_BUDGET_TICKS = 2  # an inline call may run 5-10 ms before it moves to threads
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
-_EpochCallback = ctypes.CFUNCTYPE(
-    ctypes.c_size_t,
-    ctypes.POINTER(ffi.wasmtime_context_t),
-    ctypes.c_void_p,
-    ctypes.POINTER(ctypes.c_uint64),
-    ctypes.POINTER(ctypes.c_uint8),
-)
-_NO_FINALIZER = ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
 _HEADER = struct.Struct("<5I")
 _RESPONSE_HEADER = struct.Struct("<3I")
 _OUT = struct.Struct("<II")
@@ -153,61 +152,57 @@ class FunctionLog:
 
 
 class Instance:
-    """One instance of a function module, with raw entry points cached."""
+    """One instance of a function module (its own Store), with raw entry points."""
 
     def __init__(self, fn: Function) -> None:
         self.fn = fn
         self.deadline_kind = "inline"
-        self.store = wasmtime.Store(fn.engine.engine)
-        self.store.set_limits(memory_size=fn.memory_limit)
-        self._epoch_cb = _EpochCallback(self._on_deadline)
-        ffi.wasmtime_store_epoch_deadline_callback(self.store.ptr(), self._epoch_cb, None, _NO_FINALIZER)
-        self.ctx = context_address(self.store)
         self.ticker = fn.engine.ticker
         self._deadline_at = -1
-        set_epoch_deadline(self.ctx, 1 << 40)
-        wasi = wasmtime.WasiConfig()
-        wasi.argv = fn.argv
-        wasi.env = fn.env
-        wasi.stdout_custom = fn.log.writer("stdout")
-        wasi.stderr_custom = fn.log.writer("stderr")
-        self.store.set_wasi(wasi)
-        instance = fn.linker.instantiate(self.store, fn.compiled.module)
-        exports = instance.exports(self.store)
-        init = exports.get("_initialize")
-        if isinstance(init, wasmtime.Func):
-            init(self.store)
-        allocator = next(
-            (exports.get(n) for n in ALLOCATORS if isinstance(exports.get(n), wasmtime.Func)), None
-        )
-        memory = exports.get("memory")
-        handler = exports.get(HANDLER_EXPORT)
-        if (
-            allocator is None
-            or not isinstance(memory, wasmtime.Memory)
-            or not isinstance(handler, wasmtime.Func)
-        ):
-            raise ModuleError(
-                f"{fn.name}: a function module must export {HANDLER_EXPORT}, memory and "
-                "proxy_on_memory_allocate (or malloc)"
-            )
-        self.alloc = RawFunc(self.store, allocator, 1)
-        self.handle = RawFunc(self.store, handler, 4)
-        self.memory = RawMemory(self.store, memory)
-        self.out = self.alloc(8)
-        if not self.out:
-            raise ModuleError(f"{fn.name}: the module's allocator returned 0")
         self.calls = 0
+        wasi = None
+        if fn.needs_wasi:
+            wasi = wasmtime.WasiConfig()
+            wasi.argv = fn.argv
+            wasi.env = fn.env
+            wasi.stdout_custom = fn.log.writer("stdout")
+            wasi.stderr_custom = fn.log.writer("stderr")
+        self.raw = RawStore(
+            fn.engine.engine, fn.pre, memory_limit=fn.memory_limit, on_deadline=self._on_deadline, wasi=wasi
+        )
+        try:
+            ctx = self.ctx = self.raw.ctx
+            init = self.raw.export(b"_initialize", EXTERN_FUNC)
+            if init is not None:
+                Func(ctx, init, 0).call0()
+            alloc = self.raw.export(b"proxy_on_memory_allocate", EXTERN_FUNC) or self.raw.export(
+                b"malloc", EXTERN_FUNC
+            )
+            memory = self.raw.export(b"memory", EXTERN_MEMORY)
+            handler = self.raw.export(HANDLER_EXPORT.encode(), EXTERN_FUNC)
+            if alloc is None or memory is None or handler is None:
+                raise ModuleError(
+                    f"{fn.name}: a function module must export {HANDLER_EXPORT}, memory and "
+                    "proxy_on_memory_allocate (or malloc)"
+                )
+            self.alloc = Func(ctx, alloc, 1)
+            self.handle = Func(ctx, handler, 4)
+            self.memory = Memory(ctx, memory)
+            self.out = self.alloc.call1(8)
+            if not self.out:
+                raise ModuleError(f"{fn.name}: the module's allocator returned 0")
+        except BaseException:
+            self.raw.delete()
+            raise
 
-    def _on_deadline(self, _ctx: object, _env: object, _delta: object, _kind: object) -> int:
+    def _on_deadline(self) -> str | None:
         if self.fn.stopped:
-            reason = "killed"
-        elif self.deadline_kind == "inline":
-            reason = "inline budget"
-        else:
-            reason = "deadline"
-        err = ffi.wasmtime_error_new(f"layotto: {reason}".encode())
-        return ctypes.cast(err, ctypes.c_void_p).value or 0
+            return "killed"
+        return "inline budget" if self.deadline_kind == "inline" else "deadline"
+
+    def close(self) -> None:
+        """Free the Store (its linear memory) now rather than at garbage collection."""
+        self.raw.delete()
 
     def call(self, payload: bytes, ticks: int, kind: str) -> Response:
         """Run the handler on ``payload`` (an encoded request)."""
@@ -332,6 +327,11 @@ class Function:
         self._executor: ThreadPoolExecutor | None = None
         self._waiting = 0
         self._slots: asyncio.Semaphore | None = None
+        try:
+            self.pre = linker.instantiate_pre(compiled.module)
+        except wasmtime.WasmtimeError as exc:
+            raise ModuleError(f"{name}: cannot link the function: {_one_line(exc)}") from exc
+        self.needs_wasi = any(imp.module in WASI_MODULES for imp in compiled.module.imports)
         self._idle.append(self._new_instance())  # fails Start on a broken module
         engine.ticker.acquire()
 
@@ -363,6 +363,7 @@ class Function:
             self._live -= 1
             if not healthy:
                 self.stats.replaced += 1
+        instance.close()
 
     @property
     def instances(self) -> int:
@@ -487,7 +488,9 @@ class Function:
         self.stopped = True
         with self._lock:
             self._live -= len(self._idle)
-            self._idle.clear()
+            idle, self._idle = self._idle, []
+        for instance in idle:
+            instance.close()
         self.engine.ticker.release()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)

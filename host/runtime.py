@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import wasmtime
+
 from layotto.host.engine import DEFAULT_CACHE_LIMIT, CompiledModule, WasmEngine
 from layotto.host.nanoprocess import Nanoprocess, ProcessSpec, build_linker
 
@@ -19,6 +21,14 @@ class NodeRuntime:
         cache = state_dir / "modules" if state_dir is not None else None
         self.engine = WasmEngine(cache, cache_limit)
         self.linker = build_linker(self.engine)
+        self._pooled_linker: wasmtime.Linker | None = None
+
+    def pooled(self) -> tuple[WasmEngine, wasmtime.Linker]:
+        """The pooling-allocator engine and its linker (fresh instance per request)."""
+        engine = self.engine.pooled()
+        if self._pooled_linker is None:
+            self._pooled_linker = build_linker(engine)
+        return engine, self._pooled_linker
 
     def load(self, path: Path, *, name: str) -> CompiledModule:
         """Read and compile the module at ``path`` (called ``name`` in error messages)."""

@@ -17,9 +17,9 @@ from pathlib import Path
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from layotto.host.engine import CompiledModule
+from layotto.host.engine import CompiledModule, PoolSettings
 from layotto.host.errors import ModuleError
-from layotto.host.function import Function, is_function_module
+from layotto.host.function import DEFAULT_MEMORY_LIMIT, Function, is_function_module
 from layotto.host.ingress import FunctionRegistry
 from layotto.host.nanoprocess import ExitInfo, Nanoprocess, ProcessSpec
 from layotto.host.runtime import NodeRuntime
@@ -365,19 +365,26 @@ class TaskService:
             self._on_exit(task, ExitInfo(1, time.time(), str(exc)))
             raise TtrpcError(Code.INVALID_ARGUMENT, f"bad layotto.io annotation: {exc}") from exc
         env = [tuple(e.split("=", 1)) if "=" in e else (e, "") for e in task.spec.process.env]
+        fresh = annotations.get(INSTANCE_MODE_ANNOTATION) == "fresh"
+        engine, linker, compiled = self.runtime.engine, self.runtime.linker, task.compiled
+        limit = task.spec.memory_limit or DEFAULT_MEMORY_LIMIT
+        if fresh and limit <= PoolSettings.max_memory_size:
+            # A Store per request: take it from the pooling allocator's slots.
+            engine, linker = await asyncio.to_thread(self.runtime.pooled)
+            compiled = await asyncio.to_thread(self.runtime.engine.to_pooled, task.compiled)
         try:
             fn = await asyncio.to_thread(
                 Function,
                 name=f"{task.namespace}/{task.id}",
                 function_id=function_id,
-                engine=self.runtime.engine,
-                linker=self.runtime.linker,
-                compiled=task.compiled,
+                engine=engine,
+                linker=linker,
+                compiled=compiled,
                 argv=[task.module_path, *task.spec.process.args[1:]],
                 env=env,
                 memory_limit=task.spec.memory_limit,
                 pool_size=pool,
-                fresh_instances=annotations.get(INSTANCE_MODE_ANNOTATION) == "fresh",
+                fresh_instances=fresh,
                 timeout=timeout,
                 queue_limit=queue_limit,
                 image=annotations.get(CRI_IMAGE_ANNOTATION, task.module_path),
