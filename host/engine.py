@@ -233,12 +233,18 @@ class WasmEngine:
     @staticmethod
     def check_imports(module: wasmtime.Module, name: str) -> None:
         """Refuse modules importing anything the host does not provide."""
-        missing = [f"{imp.module}.{imp.name}" for imp in module.imports if imp.module not in WASI_MODULES]
+        from layotto.host.abi_host import is_known_import
+
+        missing = [
+            f"{imp.module}.{imp.name}"
+            for imp in module.imports
+            if imp.module not in WASI_MODULES and not is_known_import(imp.module, imp.name)
+        ]
         if missing:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ModuleError(
                 f"{name} imports {shown}, which the layotto host does not provide "
-                "(available: WASI preview 1, module wasi_snapshot_preview1)"
+                "(available: WASI preview 1 and the Runtime ABI, see abi/ABI.md)"
             )
 
 

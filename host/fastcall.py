@@ -243,6 +243,12 @@ class Func:
     def call0(self) -> None:
         self._invoke()
 
+    def call(self, *args: int) -> int:
+        vals = self.vals
+        for i, value in enumerate(args):
+            vals[i].i32 = value
+        return self._invoke()
+
     def call1(self, a: int) -> int:
         self.vals[0].i32 = a
         return self._invoke()

@@ -29,9 +29,17 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import wasmtime
 
+from layotto.host.abi_host import (
+    BUFFER_CALL_DATA,
+    BUFFER_REQUEST_BODY,
+    BUFFER_RESPONSE_BODY,
+    AbiContext,
+    calling,
+)
 from layotto.host.engine import WASI_MODULES, CompiledModule, WasmEngine
 from layotto.host.errors import ModuleError
 from layotto.host.fastcall import (
@@ -59,8 +67,20 @@ _RESPONSE_HEADER = struct.Struct("<3I")
 _OUT = struct.Struct("<II")
 
 
+PROXY_EXPORTS = ("proxy_on_request_body", "proxy_on_request_headers")
+
+
 def is_function_module(compiled: CompiledModule) -> bool:
-    return HANDLER_EXPORT in compiled.exports
+    """A module serving HTTP: our handler entry point, or Layotto's proxy-wasm callbacks."""
+    return HANDLER_EXPORT in compiled.exports or any(e in compiled.exports for e in PROXY_EXPORTS)
+
+
+@dataclass
+class HostServices:
+    """What the Runtime ABI reaches: the components and the invoker."""
+
+    components: Any = None
+    invoker: Any = None
 
 
 @dataclass(slots=True)
@@ -188,6 +208,7 @@ class Instance:
             self.alloc = Func(ctx, alloc, 1)
             self.handle = Func(ctx, handler, 4)
             self.memory = Memory(ctx, memory)
+            self.abi = fn.abi_context(self.memory, self.alloc.call1)
             self.out = self.alloc.call1(8)
             if not self.out:
                 raise ModuleError(f"{fn.name}: the module's allocator returned 0")
@@ -204,17 +225,36 @@ class Instance:
         """Free the Store (its linear memory) now rather than at garbage collection."""
         self.raw.delete()
 
-    def call(self, payload: bytes, ticks: int, kind: str) -> Response:
-        """Run the handler on ``payload`` (an encoded request)."""
-        self.calls += 1
-        size = len(payload)
-        # The budget covers the allocation too. Resetting it is needed only once the
-        # ticker has moved on since the last reset (it ticks far less often than requests).
+    def _arm(self, ticks: int, kind: str) -> None:
+        # Resetting the deadline is needed only once the ticker has moved on since the
+        # last reset (it ticks far less often than requests arrive).
         now = self.ticker.ticks
         if now != self._deadline_at or kind != self.deadline_kind:
             self.deadline_kind = kind
             self._deadline_at = now
             set_epoch_deadline(self.ctx, ticks)
+
+    @staticmethod
+    def _classify(exc: wasmtime.WasmtimeError) -> None:
+        text = str(exc)
+        if "layotto: inline budget" in text:
+            raise BudgetExceeded() from None
+        if "layotto: deadline" in text:
+            raise DeadlineExceeded() from None
+        if "layotto: killed" in text:
+            raise Killed() from None
+
+    def call(self, request: Request, ticks: int, kind: str) -> Response:
+        """Run the handler on one request."""
+        if self.abi is None:
+            return self._call(encode_request(request), ticks, kind)
+        with calling(self.abi):
+            return self._call(encode_request(request), ticks, kind)
+
+    def _call(self, payload: bytes, ticks: int, kind: str) -> Response:
+        self.calls += 1
+        size = len(payload)
+        self._arm(ticks, kind)  # the budget covers the allocation too
         ptr = self.alloc.call1(size)
         if not ptr:
             raise MemoryError("the function's allocator returned 0 (out of memory)")
@@ -225,13 +265,7 @@ class Instance:
         try:
             status = self.handle.call4(ptr, size, out, out + 4)
         except wasmtime.WasmtimeError as exc:
-            text = str(exc)
-            if "layotto: inline budget" in text:
-                raise BudgetExceeded() from None
-            if "layotto: deadline" in text:
-                raise DeadlineExceeded() from None
-            if "layotto: killed" in text:
-                raise Killed() from None
+            self._classify(exc)
             raise
         if status:
             raise HandlerError(f"handler returned status {status}")
@@ -255,6 +289,128 @@ class Instance:
         if not 100 <= code <= 599:
             raise HandlerError(f"invalid HTTP status {code}")
         return Response(code, headers, body)
+
+
+class ProxyInstance(Instance):
+    """An instance of a module written against Layotto's own ABI (proxy-wasm callbacks).
+
+    Per request, as Layotto's HTTP filter does: ``proxy_on_context_create``, then
+    ``proxy_on_request_headers`` and ``proxy_on_request_body`` (a request without a body
+    gets its query string as the body), then ``proxy_on_done`` and ``proxy_on_delete``;
+    the response is what the module appended to the response-body buffer. At start-up the
+    module runs ``_start`` (or ``_initialize``), names itself through ``proxy_get_id``
+    (call-data buffer 8) and gets its root context created.
+    """
+
+    CALLBACKS = (
+        "proxy_on_context_create",
+        "proxy_on_vm_start",
+        "proxy_on_configure",
+        "proxy_on_request_headers",
+        "proxy_on_request_body",
+        "proxy_on_done",
+        "proxy_on_delete",
+        "proxy_get_id",
+    )
+    ROOT = 1
+
+    def __init__(self, fn: Function) -> None:  # noqa: PLR0915 - one linear start-up sequence
+        self.fn = fn
+        self.deadline_kind = "thread"
+        self.ticker = fn.engine.ticker
+        self._deadline_at = -1
+        self.calls = 0
+        self._next_context = self.ROOT + 1
+        wasi = None
+        if fn.needs_wasi:
+            wasi = wasmtime.WasiConfig()
+            wasi.argv = fn.argv
+            wasi.env = fn.env
+            wasi.stdout_custom = fn.log.writer("stdout")
+            wasi.stderr_custom = fn.log.writer("stderr")
+        self.raw = RawStore(
+            fn.engine.engine, fn.pre, memory_limit=fn.memory_limit, on_deadline=self._on_deadline, wasi=wasi
+        )
+        try:
+            ctx = self.ctx = self.raw.ctx
+            alloc = self.raw.export(b"proxy_on_memory_allocate", EXTERN_FUNC) or self.raw.export(
+                b"malloc", EXTERN_FUNC
+            )
+            memory = self.raw.export(b"memory", EXTERN_MEMORY)
+            if alloc is None or memory is None:
+                raise ModuleError(f"{fn.name}: a Layotto function must export memory and malloc")
+            self.alloc = Func(ctx, alloc, 1)
+            self.memory = Memory(ctx, memory)
+            self.abi = AbiContext(
+                name=fn.name,
+                memory=self.memory,
+                allocate=self.alloc.call1,
+                capabilities=fn.capabilities,
+                app_id=fn.app_id,
+                components=fn.services.components if fn.services else None,
+                invoker=fn.services.invoker if fn.services else None,
+                logger=fn.log.add,
+            )
+            arity = fn.export_arity
+            self.callbacks: dict[str, tuple[Func, int]] = {}
+            for name in self.CALLBACKS:
+                addr = self.raw.export(name.encode(), EXTERN_FUNC)
+                if addr is not None:
+                    self.callbacks[name] = (Func(ctx, addr, max(arity.get(name, 0), 1)), arity.get(name, 0))
+            with calling(self.abi):
+                self._arm(max(1, int(fn.timeout / TICK)), "thread")
+                for start in (b"_initialize", b"_start"):
+                    addr = self.raw.export(start, EXTERN_FUNC)
+                    if addr is not None:
+                        try:
+                            Func(ctx, addr, 0).call0()
+                        except wasmtime.ExitTrap as exc:
+                            if exc.code != 0:
+                                raise ModuleError(
+                                    f"{fn.name}: {start.decode()} exited with {exc.code}"
+                                ) from exc
+                        break
+                self.abi.buffers = {}
+                self._callback("proxy_get_id")
+                module_id = (
+                    bytes(self.abi.buffers.get(BUFFER_CALL_DATA, b"")).decode(errors="replace").strip()
+                )
+                if module_id and not fn.module_id:
+                    fn.module_id = module_id
+                self._callback("proxy_on_context_create", self.ROOT, 0)
+                self._callback("proxy_on_vm_start", self.ROOT, 0)
+                self._callback("proxy_on_configure", self.ROOT, 0)
+        except BaseException:
+            self.raw.delete()
+            raise
+
+    def _callback(self, name: str, *args: int) -> None:
+        found = self.callbacks.get(name)
+        if found is not None:
+            func, arity = found
+            func.call(*args[:arity])
+
+    def call(self, request: Request, ticks: int, kind: str) -> Response:
+        with calling(self.abi):
+            self.calls += 1
+            self._arm(ticks, kind)
+            context = self._next_context
+            self._next_context += 1
+            body = request.body or request.query
+            self.abi.buffers = {BUFFER_REQUEST_BODY: bytearray(body), BUFFER_RESPONSE_BODY: bytearray()}
+            try:
+                self._callback("proxy_on_context_create", context, self.ROOT)
+                self._callback("proxy_on_request_headers", context, len(request.headers), 0 if body else 1)
+                if body:
+                    self._callback("proxy_on_request_body", context, len(body), 1)
+                self._callback("proxy_on_done", context)
+                self._callback("proxy_on_delete", context)
+            except wasmtime.WasmtimeError as exc:
+                self._classify(exc)
+                raise
+            body_out = bytes(self.abi.buffers.get(BUFFER_RESPONSE_BODY, b""))
+            self.abi.buffers = {}
+        return Response(200, [(b"content-type", b"text/plain; charset=utf-8")], body_out)
 
 
 class HandlerError(Exception):
@@ -302,9 +458,16 @@ class Function:
         timeout: float = 10.0,
         queue_limit: int = 1024,
         image: str = "",
+        capabilities: frozenset[str] = frozenset(),
+        app_id: str = "",
+        services: HostServices | None = None,
     ) -> None:
         self.name = name
         self.id = function_id
+        self.capabilities = capabilities
+        self.app_id = app_id or function_id
+        self.services = services
+        self.module_id = ""  # what a Layotto-style module names itself (proxy_get_id)
         self.engine = engine
         self.linker = linker
         self.compiled = compiled
@@ -331,15 +494,45 @@ class Function:
             self.pre = linker.instantiate_pre(compiled.module)
         except wasmtime.WasmtimeError as exc:
             raise ModuleError(f"{name}: cannot link the function: {_one_line(exc)}") from exc
-        self.needs_wasi = any(imp.module in WASI_MODULES for imp in compiled.module.imports)
+        imports = list(compiled.module.imports)
+        self.needs_wasi = any(imp.module in WASI_MODULES for imp in imports)
+        self.uses_abi = any(imp.module in ("layotto", "env") for imp in imports)
+        self.proxy_style = HANDLER_EXPORT not in compiled.exports
+        self.export_arity = {
+            e.name: len(e.type.params)
+            for e in compiled.module.exports
+            if isinstance(e.type, wasmtime.FuncType)
+        }
+        self.instance_class: type[Instance] = ProxyInstance if self.proxy_style else Instance
+        # Calls into the Runtime ABI block on components (SQLite, Redis, other functions):
+        # such functions run on worker threads from the start, never on the event loop.
+        self.threaded = self.uses_abi
         self._idle.append(self._new_instance())  # fails Start on a broken module
+        if not function_id and self.module_id:
+            self.id = self.module_id
         engine.ticker.acquire()
 
     # --- instances -------------------------------------------------------------------
 
+    def abi_context(self, memory: Memory, allocate: Callable[[int], int]) -> AbiContext | None:
+        """The Runtime ABI's view of one instance (None when the module imports no ABI)."""
+        if not self.uses_abi:
+            return None
+        services = self.services
+        return AbiContext(
+            name=self.name,
+            memory=memory,
+            allocate=allocate,
+            capabilities=self.capabilities,
+            app_id=self.app_id,
+            components=services.components if services else None,
+            invoker=services.invoker if services else None,
+            logger=self.log.add,
+        )
+
     def _new_instance(self) -> Instance:
         try:
-            instance = Instance(self)
+            instance = self.instance_class(self)
         except ModuleError:
             raise
         except Exception as exc:
@@ -382,13 +575,13 @@ class Function:
 
     # --- invocation --------------------------------------------------------------------
 
-    def _run(self, instance: Instance, payload: bytes, ticks: int, kind: str) -> Response:
+    def _run(self, instance: Instance, request: Request, ticks: int, kind: str) -> Response:
         # Inline calls run on the event loop thread, which does nothing else meanwhile:
         # wall time is their CPU time (and perf_counter is far cheaper than thread_time).
         clock = time.perf_counter if kind == "inline" else time.thread_time
         cpu = clock()
         try:
-            response = instance.call(payload, ticks, kind)
+            response = instance.call(request, ticks, kind)
         except BudgetExceeded:
             self._give_back(instance, healthy=False)
             raise
@@ -423,7 +616,7 @@ class Function:
             return None
         started = time.perf_counter()
         try:
-            response = self._run(self._take(), encode_request(request), INLINE_BUDGET_TICKS, "inline")
+            response = self._run(self._take(), request, INLINE_BUDGET_TICKS, "inline")
         except BudgetExceeded:
             self._go_threaded()
             return None
@@ -434,7 +627,7 @@ class Function:
 
     async def call_threaded(self, request: Request) -> Response:
         started = time.perf_counter()
-        response = await self._invoke_threaded(encode_request(request))
+        response = await self._invoke_threaded(request)
         self.stats.observe(response.status, time.perf_counter() - started)
         return response
 
@@ -453,7 +646,7 @@ class Function:
             )
             log.info("function %s moved to worker threads", self.id)
 
-    async def _invoke_threaded(self, payload: bytes) -> Response:
+    async def _invoke_threaded(self, request: Request) -> Response:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.pool_size)
             self._executor = ThreadPoolExecutor(self.pool_size, thread_name_prefix=f"fn-{self.id[:20]}")
@@ -467,19 +660,29 @@ class Function:
         try:
             ticks = max(1, int(self.timeout / TICK))
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._threaded_call, payload, ticks)
+            return await loop.run_in_executor(self._executor, self._threaded_call, request, ticks)
         finally:
             self._slots.release()
 
-    def _threaded_call(self, payload: bytes, ticks: int) -> Response:
+    def _threaded_call(self, request: Request, ticks: int) -> Response:
         try:
             instance = self._take()
         except ModuleError as exc:
             return Response(500, body=f"{exc}\n".encode())
         try:
-            return self._run(instance, payload, ticks, "thread")
+            return self._run(instance, request, ticks, "thread")
         except BudgetExceeded:  # not expected on a thread; treat like a deadline
             return Response(504, body=b"function timed out\n")
+
+    def call_sync(self, request: Request) -> Response:
+        """Serve a request on the calling thread, with the request deadline (used by
+        in-process invocation and pub/sub delivery, which run off the event loop)."""
+        if self.stopped:
+            return Response(503, body=b"function stopped\n")
+        started = time.perf_counter()
+        response = self._threaded_call(request, max(1, int(self.timeout / TICK)))
+        self.stats.observe(response.status, time.perf_counter() - started)
+        return response
 
     def stop(self) -> None:
         """Stop taking requests; calls in flight end at their deadline."""

@@ -188,9 +188,13 @@ class StdinPump:
 
 
 def build_linker(engine: WasmEngine) -> wasmtime.Linker:
-    """WASI preview 1, with an interruptible ``poll_oneoff`` in place of wasmtime's."""
+    """WASI preview 1 (with an interruptible ``poll_oneoff`` in place of wasmtime's) and
+    the Runtime ABI's host functions."""
+    from layotto.host.abi_host import define_imports
+
     linker = wasmtime.Linker(engine.engine)
     linker.define_wasi()
+    define_imports(linker)
     linker.allow_shadowing = True
     i32 = wasmtime.ValType.i32()
     linker.define_func(

@@ -11,6 +11,7 @@ from pathlib import Path
 import wasmtime
 
 from layotto.host.engine import DEFAULT_CACHE_LIMIT, CompiledModule, WasmEngine
+from layotto.host.function import HostServices
 from layotto.host.nanoprocess import Nanoprocess, ProcessSpec, build_linker
 
 
@@ -22,6 +23,7 @@ class NodeRuntime:
         self.engine = WasmEngine(cache, cache_limit)
         self.linker = build_linker(self.engine)
         self._pooled_linker: wasmtime.Linker | None = None
+        self.services = HostServices()  # components and invoker, set by the daemon
 
     def pooled(self) -> tuple[WasmEngine, wasmtime.Linker]:
         """The pooling-allocator engine and its linker (fresh instance per request)."""

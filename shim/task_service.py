@@ -17,9 +17,12 @@ from pathlib import Path
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
+from layotto.host.abi_host import parse_capabilities
+from layotto.host.components import Delivery
+from layotto.host.components import Message as PubSubMessage
 from layotto.host.engine import CompiledModule, PoolSettings
 from layotto.host.errors import ModuleError
-from layotto.host.function import DEFAULT_MEMORY_LIMIT, Function, is_function_module
+from layotto.host.function import DEFAULT_MEMORY_LIMIT, Function, Request, is_function_module
 from layotto.host.ingress import FunctionRegistry
 from layotto.host.nanoprocess import ExitInfo, Nanoprocess, ProcessSpec
 from layotto.host.runtime import NodeRuntime
@@ -43,6 +46,9 @@ INSTANCES_ANNOTATION = "layotto.io/instances"
 INSTANCE_MODE_ANNOTATION = "layotto.io/instance-mode"  # "reuse" (default) or "fresh"
 TIMEOUT_ANNOTATION = "layotto.io/timeout"  # seconds per request
 QUEUE_ANNOTATION = "layotto.io/queue-limit"  # requests waiting for a busy function before 503
+CAPABILITIES_ANNOTATION = "layotto.io/capabilities"  # e.g. "state,invoke"; default log,time,random
+APP_ID_ANNOTATION = "layotto.io/app-id"  # the application that owns the function's state keys
+SUBSCRIPTIONS_ANNOTATION = "layotto.io/subscriptions"  # "<pubsub>/<topic>,..."
 HOST_OVERHEAD_BYTES = 64 * 1024  # Store, instance and WASI context of one nanoprocess (measured order)
 
 Status = task_types_pb2.Status
@@ -67,6 +73,7 @@ class Task:
     status: int = Status.CREATED
     proc: Nanoprocess | None = None
     function: Function | None = None  # a function module serving HTTP requests
+    unsubscribe: list = field(default_factory=list)  # pub/sub subscriptions to cancel
     exit_status: int = 0
     exited_at: float | None = None
     exit_reason: str = ""
@@ -352,15 +359,15 @@ class TaskService:
     async def _start_function(self, task: Task) -> None:
         """Instantiate a function module and register it with the ingress."""
         annotations = task.spec.annotations
-        function_id = (
-            annotations.get(FUNCTION_ID_ANNOTATION)
-            or annotations.get(CRI_CONTAINER_NAME_ANNOTATION)
-            or task.id
-        )
+        # The id: the annotation, else what a Layotto-style module calls itself
+        # (proxy_get_id), else the container's name, else the task id.
+        function_id = annotations.get(FUNCTION_ID_ANNOTATION, "")
+        fallback_id = annotations.get(CRI_CONTAINER_NAME_ANNOTATION) or task.id
         try:
             pool = int(annotations.get(INSTANCES_ANNOTATION, "0")) or None
             timeout = float(annotations.get(TIMEOUT_ANNOTATION, "10"))
             queue_limit = int(annotations.get(QUEUE_ANNOTATION, "1024"))
+            capabilities = parse_capabilities(annotations.get(CAPABILITIES_ANNOTATION))
         except ValueError as exc:
             self._on_exit(task, ExitInfo(1, time.time(), str(exc)))
             raise TtrpcError(Code.INVALID_ARGUMENT, f"bad layotto.io annotation: {exc}") from exc
@@ -387,20 +394,65 @@ class TaskService:
                 fresh_instances=fresh,
                 timeout=timeout,
                 queue_limit=queue_limit,
+                capabilities=capabilities,
+                app_id=self._app_id(task),
+                services=self.runtime.services,
                 image=annotations.get(CRI_IMAGE_ANNOTATION, task.module_path),
             )
         except ModuleError as exc:
             self._on_exit(task, ExitInfo(1, time.time(), str(exc)))
             raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
+        if not fn.id:
+            fn.id = fallback_id
+            fn.app_id = fn.app_id or fallback_id
         task.function = fn
         assert self.functions is not None
         self.functions.add(fn)
+        self._subscribe(task, fn)
         log.info(
             "function %s serving as id %r (%s)",
             fn.name,
             fn.id,
             "fresh instances" if fn.fresh else f"pool {fn.pool_size}",
         )
+
+    @staticmethod
+    def _app_id(task: Task) -> str:
+        """Who owns a function's state keys: ``<namespace>.<app>`` (annotation
+        ``layotto.io/app-id`` names the app; else the container name or function id)."""
+        annotations = task.spec.annotations
+        namespace = annotations.get("io.kubernetes.cri.sandbox-namespace") or task.namespace
+        app = (
+            annotations.get(APP_ID_ANNOTATION)
+            or annotations.get(FUNCTION_ID_ANNOTATION)
+            or annotations.get(CRI_CONTAINER_NAME_ANNOTATION)
+            or ""
+        )
+        return f"{namespace}.{app}" if app else ""
+
+    def _subscribe(self, task: Task, fn: Function) -> None:
+        """Deliver the pub/sub topics the pod subscribes to (annotation
+        ``layotto.io/subscriptions: <pubsub>/<topic>,...``) to the function as
+        ``POST /<topic>`` requests: 2xx acknowledges, 404 drops, anything else retries."""
+        spec = task.spec.annotations.get(SUBSCRIPTIONS_ANNOTATION, "")
+        services = self.runtime.services
+        if not spec or services is None or services.components is None:
+            return
+        cancels = []
+        for item in filter(None, (x.strip() for x in spec.split(","))):
+            pubsub_name, _, topic = item.partition("/")
+            if not topic:
+                log.warning("%s: bad subscription %r (want <pubsub>/<topic>)", fn.name, item)
+                continue
+            try:
+                pubsub = services.components.pubsub(pubsub_name)
+            except Exception as exc:
+                log.warning("%s: cannot subscribe to %s: %s", fn.name, item, exc)
+                fn.log.add("host", f"cannot subscribe to {item}: {exc}")
+                continue
+            cancels.append(pubsub.subscribe(topic, _deliverer(fn, topic)))
+            fn.log.add("host", f"subscribed to {item}")
+        task.unsubscribe = cancels
 
     def _on_exit(self, task: Task, info: ExitInfo) -> None:
         if task.exited.done():
@@ -456,6 +508,8 @@ class TaskService:
         if req.signal == 0:
             return empty_pb2.Empty()
         if task.function is not None:
+            for cancel in task.unsubscribe:
+                cancel()
             task.function.stop()
             if self.functions is not None:
                 self.functions.remove(task.function)
@@ -595,3 +649,29 @@ class TaskService:
             if task.mounted:
                 await asyncio.to_thread(oci.unmount_rootfs, task.bundle)
                 task.mounted = False
+
+
+def _deliverer(fn: Function, topic: str):  # noqa: ANN202
+    """A pub/sub handler that hands each message to ``fn`` as ``POST /<topic>``."""
+
+    def deliver(message: PubSubMessage) -> Delivery:
+        request = Request(
+            b"POST",
+            b"/" + topic.encode(),
+            b"",
+            [
+                (b"content-type", message.content_type.encode()),
+                (b"x-layotto-topic", topic.encode()),
+                (b"x-layotto-message-id", message.id.encode()),
+                (b"x-layotto-attempt", str(message.attempt).encode()),
+            ],
+            message.data,
+        )
+        status = fn.call_sync(request).status
+        if 200 <= status < 300:
+            return Delivery.SUCCESS
+        if status == 404:
+            return Delivery.DROP
+        return Delivery.RETRY
+
+    return deliver

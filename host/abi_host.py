@@ -1,0 +1,622 @@
+"""The host side of the Runtime ABI: the import table every function gets.
+
+Each host function is generated from abi/layotto_abi.yaml's signature and bound to an
+implementation here; ``check_table`` (run at start-up and by the tests) fails when the
+two disagree. Host functions never trust the guest: every pointer and length is checked
+against the caller's linear memory (INVALID_MEMORY_ACCESS), every size against the ABI's
+limits (LIMIT_EXCEEDED), every capability against the pod's grant (PERMISSION_DENIED),
+and out-pointers are checked *before* any side effect, so a bad pointer never leaves a
+write half done. No guest input can raise out of a host function: a bug becomes
+INTERNAL_FAILURE in the function's log, never a host crash.
+
+The caller is found through a thread-local stack: whoever calls into a guest (a function
+instance, a nanoprocess) pushes its :class:`AbiContext` for the duration of the call.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import wasmtime
+
+from layotto.abi import spec as abi_spec
+from layotto.host.components import (
+    ComponentError,
+    ETagMismatch,
+    NotFound,
+    OpKind,
+    StateOp,
+    UnlockStatus,
+)
+
+log = logging.getLogger(__name__)
+
+SPEC = abi_spec.load()
+S = SPEC.status
+MAX_KEY = SPEC.limits.get("max_key", 1024)
+MAX_VALUE = SPEC.limits.get("max_value", 4 << 20)
+KNOWN_CAPABILITIES = frozenset(SPEC.capabilities)
+
+BUFFER_REQUEST_BODY = 0
+BUFFER_RESPONSE_BODY = 1
+BUFFER_CALL_DATA = 8
+
+
+class AbiStatus(Exception):
+    """Return this status to the guest (raised from deep inside an implementation)."""
+
+    def __init__(self, status: str, why: str = "") -> None:
+        super().__init__(why or status)
+        self.status = status
+
+
+class GuestMemory(Protocol):
+    def view(self) -> memoryview: ...
+
+
+class Invoker(Protocol):
+    def invoke(self, caller: AbiContext, target: str, method: str, data: bytes) -> bytes: ...
+
+
+@dataclass
+class AbiContext:
+    """Everything a host function needs to know about its caller."""
+
+    name: str
+    memory: GuestMemory
+    allocate: Callable[[int], int]
+    capabilities: frozenset[str]
+    app_id: str
+    components: Any  # host.components.registry.Components (or None: every component call fails)
+    invoker: Invoker | None = None
+    logger: Callable[[str, str], None] | None = None
+    buffers: dict[int, bytearray] = field(default_factory=dict)
+
+    # --- guest memory, checked --------------------------------------------------------
+
+    def read(self, ptr: int, length: int, limit: int = MAX_VALUE) -> bytes:
+        if length > limit:
+            raise AbiStatus("LIMIT_EXCEEDED", f"{length} bytes exceeds the limit of {limit}")
+        view = self.memory.view()
+        if ptr < 0 or length < 0 or ptr + length > len(view):
+            raise AbiStatus("INVALID_MEMORY_ACCESS", f"[{ptr:#x}, +{length}) is outside linear memory")
+        return bytes(view[ptr : ptr + length])
+
+    def read_str(self, ptr: int, length: int) -> str:
+        raw = self.read(ptr, length, MAX_KEY)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError as exc:
+            raise AbiStatus("BAD_ARGUMENT", "not valid UTF-8") from exc
+
+    def check_writable(self, ptr: int, length: int) -> None:
+        view = self.memory.view()
+        if ptr < 0 or length < 0 or ptr + length > len(view):
+            raise AbiStatus("INVALID_MEMORY_ACCESS", f"[{ptr:#x}, +{length}) is outside linear memory")
+
+    def write(self, ptr: int, data: bytes) -> None:
+        view = self.memory.view()
+        if ptr < 0 or ptr + len(data) > len(view):
+            raise AbiStatus("INVALID_MEMORY_ACCESS", f"[{ptr:#x}, +{len(data)}) is outside linear memory")
+        view[ptr : ptr + len(data)] = data
+
+    def give(self, ptr_ptr: int, len_ptr: int, data: bytes) -> None:
+        """Copy ``data`` into a guest-allocated buffer and return it through the out-pointers."""
+        if len(data) > MAX_VALUE:
+            raise AbiStatus("LIMIT_EXCEEDED", f"a result of {len(data)} bytes exceeds {MAX_VALUE}")
+        self.check_writable(ptr_ptr, 4)
+        self.check_writable(len_ptr, 4)
+        addr = 0
+        if data:
+            addr = self.allocate(len(data))
+            if not addr:
+                raise AbiStatus("INVALID_MEMORY_ACCESS", "the guest allocator returned 0")
+            self.write(addr, data)
+        self.write(ptr_ptr, struct.pack("<I", addr))
+        self.write(len_ptr, struct.pack("<I", len(data)))
+
+    # --- components ---------------------------------------------------------------------
+
+    def component(self, kind: str, name: str) -> Any:
+        if self.components is None:
+            raise AbiStatus("INTERNAL_FAILURE", "no components are configured")
+        try:
+            return getattr(self.components, kind)(name)
+        except (KeyError, LookupError, ComponentError) as exc:
+            raise AbiStatus("NOT_FOUND", f"no {kind} component named {name!r}") from exc
+
+    def state_key(self, store: str, key: str) -> str:
+        """Keys are namespaced per application unless the store says ``keyPrefix: none``."""
+        mode = "appid"
+        metadata = getattr(self.components, "metadata", None)
+        if callable(metadata):
+            try:
+                mode = (metadata("state", store) or {}).get("keyPrefix", "appid")
+            except Exception:
+                mode = "appid"
+        if mode == "none":
+            return key
+        if mode == "name":
+            return f"{store}||{key}"
+        return f"{self.app_id}||{key}"
+
+    def note(self, line: str) -> None:
+        if self.logger is not None:
+            self.logger("abi", line)
+
+
+_local = threading.local()
+
+
+def current() -> AbiContext | None:
+    stack = getattr(_local, "stack", None)
+    return stack[-1] if stack else None
+
+
+class calling:  # noqa: N801 - used as a context manager, reads like a clause
+    """``with calling(ctx): <call into the guest>`` makes ``ctx`` the ABI caller."""
+
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx: AbiContext | None) -> None:
+        self.ctx = ctx
+
+    def __enter__(self) -> None:
+        stack = getattr(_local, "stack", None)
+        if stack is None:
+            stack = _local.stack = []
+        stack.append(self.ctx)
+
+    def __exit__(self, *exc: object) -> None:
+        _local.stack.pop()
+
+
+# --- implementations (lowered arguments, return a status name) ------------------------
+
+
+def _log(ctx: AbiContext, level: int, ptr: int, length: int) -> str:
+    if not 0 <= level <= 5:
+        return "BAD_ARGUMENT"
+    text = ctx.read(ptr, length, 64 << 10).decode(errors="replace")
+    names = ("trace", "debug", "info", "warn", "error", "critical")
+    if ctx.logger is not None:
+        ctx.logger(names[level], text)
+    return "OK"
+
+
+def _time_now(ctx: AbiContext, out: int) -> str:
+    ctx.write(out, struct.pack("<q", time.time_ns()))
+    return "OK"
+
+
+def _random(ctx: AbiContext, ptr: int, length: int) -> str:
+    if length > MAX_VALUE:
+        return "LIMIT_EXCEEDED"
+    ctx.check_writable(ptr, length)
+    ctx.write(ptr, os.urandom(length))
+    return "OK"
+
+
+def _state_get(
+    ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, vpp: int, vlp: int, epp: int, elp: int
+) -> str:
+    store_name, key = ctx.read_str(sp, sl), ctx.read_str(kp, kl)
+    for p in (vpp, vlp, epp, elp):
+        ctx.check_writable(p, 4)
+    item = ctx.component("state", store_name).get(ctx.state_key(store_name, key))
+    if item is None:
+        return "NOT_FOUND"
+    ctx.give(vpp, vlp, item.value)
+    ctx.give(epp, elp, item.etag.encode())
+    return "OK"
+
+
+def _state_get_bulk(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, rpp: int, rlp: int) -> str:
+    store_name = ctx.read_str(sp, sl)
+    keys = [k.decode() for k, _ in decode_map(ctx.read(kp, kl))]
+    ctx.check_writable(rpp, 4)
+    ctx.check_writable(rlp, 4)
+    store = ctx.component("state", store_name)
+    items = store.bulk_get([ctx.state_key(store_name, k) for k in keys])
+    pairs = [(k.encode(), item.value) for k, item in zip(keys, items, strict=True) if item is not None]
+    ctx.give(rpp, rlp, encode_map(pairs))
+    return "OK"
+
+
+def _state_save(
+    ctx: AbiContext,
+    sp: int,
+    sl: int,
+    kp: int,
+    kl: int,
+    vp: int,
+    vl: int,
+    ep: int,
+    el: int,
+    npp: int,
+    nlp: int,
+) -> str:
+    store_name, key = ctx.read_str(sp, sl), ctx.read_str(kp, kl)
+    value = ctx.read(vp, vl)
+    etag = ctx.read_str(ep, el) or None
+    ctx.check_writable(npp, 4)
+    ctx.check_writable(nlp, 4)
+    new_etag = ctx.component("state", store_name).set(ctx.state_key(store_name, key), value, etag)
+    ctx.give(npp, nlp, str(new_etag).encode())
+    return "OK"
+
+
+def _state_delete(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, ep: int, el: int) -> str:
+    store_name, key = ctx.read_str(sp, sl), ctx.read_str(kp, kl)
+    etag = ctx.read_str(ep, el) or None
+    existed = ctx.component("state", store_name).delete(ctx.state_key(store_name, key), etag)
+    return "OK" if existed else "NOT_FOUND"
+
+
+def _state_transaction(ctx: AbiContext, sp: int, sl: int, op: int, ol: int) -> str:
+    store_name = ctx.read_str(sp, sl)
+    ops = decode_ops(ctx.read(op, ol))
+    store = ctx.component("state", store_name)
+    store.transact(
+        [StateOp(kind, ctx.state_key(store_name, key), value, etag or None) for kind, key, value, etag in ops]
+    )
+    return "OK"
+
+
+def _invoke(ctx: AbiContext, ip: int, il: int, mp: int, ml: int, dp: int, dl: int, rpp: int, rlp: int) -> str:
+    target, method = ctx.read_str(ip, il), ctx.read_str(mp, ml)
+    data = ctx.read(dp, dl)
+    ctx.check_writable(rpp, 4)
+    ctx.check_writable(rlp, 4)
+    if ctx.invoker is None:
+        return "UNIMPLEMENTED"
+    result = ctx.invoker.invoke(ctx, target, method, data)
+    ctx.give(rpp, rlp, result)
+    return "OK"
+
+
+def _publish(ctx: AbiContext, pp: int, pl: int, tp: int, tl: int, dp: int, dl: int) -> str:
+    pubsub_name, topic = ctx.read_str(pp, pl), ctx.read_str(tp, tl)
+    data = ctx.read(dp, dl)
+    ctx.component("pubsub", pubsub_name).publish(
+        topic, data, "application/octet-stream", {"source": ctx.app_id}
+    )
+    return "OK"
+
+
+def _config_get(
+    ctx: AbiContext,
+    sp: int,
+    sl: int,
+    gp: int,
+    gl: int,
+    lp: int,
+    ll: int,
+    kp: int,
+    kl: int,
+    vpp: int,
+    vlp: int,
+) -> str:
+    store_name, group, label, key = (
+        ctx.read_str(sp, sl),
+        ctx.read_str(gp, gl),
+        ctx.read_str(lp, ll),
+        ctx.read_str(kp, kl),
+    )
+    ctx.check_writable(vpp, 4)
+    ctx.check_writable(vlp, 4)
+    items = ctx.component("configuration", store_name).get([key], group=group, label=label)
+    item = next((i for i in items if i.key == key), None)
+    if item is None:
+        return "NOT_FOUND"
+    ctx.give(vpp, vlp, item.content.encode())
+    return "OK"
+
+
+def _try_lock(
+    ctx: AbiContext, sp: int, sl: int, rp: int, rl: int, op: int, ol: int, expire: int, out: int
+) -> str:
+    store_name, resource, owner = ctx.read_str(sp, sl), ctx.read_str(rp, rl), ctx.read_str(op, ol)
+    if expire <= 0 or not owner or not resource:
+        return "BAD_ARGUMENT"
+    ctx.check_writable(out, 4)
+    taken = ctx.component("lock", store_name).try_lock(ctx.state_key(store_name, resource), owner, expire)
+    ctx.write(out, struct.pack("<i", 1 if taken else 0))
+    return "OK"
+
+
+def _unlock(ctx: AbiContext, sp: int, sl: int, rp: int, rl: int, op: int, ol: int, out: int) -> str:
+    store_name, resource, owner = ctx.read_str(sp, sl), ctx.read_str(rp, rl), ctx.read_str(op, ol)
+    ctx.check_writable(out, 4)
+    status = ctx.component("lock", store_name).unlock(ctx.state_key(store_name, resource), owner)
+    if status == UnlockStatus.INTERNAL_ERROR:
+        return "INTERNAL_FAILURE"
+    ctx.write(out, struct.pack("<i", status.value))
+    return "OK"
+
+
+def _next_id(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, out: int) -> str:
+    store_name, key = ctx.read_str(sp, sl), ctx.read_str(kp, kl)
+    ctx.check_writable(out, 8)
+    value = ctx.component("sequencer", store_name).next_id(ctx.state_key(store_name, key))
+    ctx.write(out, struct.pack("<q", value))
+    return "OK"
+
+
+def _get_secret(ctx: AbiContext, sp: int, sl: int, np_: int, nl: int, rpp: int, rlp: int) -> str:
+    store_name, name = ctx.read_str(sp, sl), ctx.read_str(np_, nl)
+    ctx.check_writable(rpp, 4)
+    ctx.check_writable(rlp, 4)
+    try:
+        secret = ctx.component("secrets", store_name).get(name)
+    except NotFound:
+        return "NOT_FOUND"
+    ctx.give(rpp, rlp, encode_map([(k.encode(), v.encode()) for k, v in secret.items()]))
+    return "OK"
+
+
+# --- Layotto's own ABI (module env) ----------------------------------------------------
+
+
+def _proxy_get_state(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, vpp: int, vlp: int) -> str:
+    store_name, key = ctx.read_str(sp, sl), ctx.read_str(kp, kl)
+    ctx.check_writable(vpp, 4)
+    ctx.check_writable(vlp, 4)
+    item = ctx.component("state", store_name).get(ctx.state_key(store_name, key))
+    if item is None:
+        return "NOT_FOUND"
+    ctx.give(vpp, vlp, item.value)
+    return "OK"
+
+
+def _proxy_invoke_service(
+    ctx: AbiContext, ip: int, il: int, mp: int, ml: int, pp: int, pl: int, rpp: int, rlp: int
+) -> str:
+    return _invoke(ctx, ip, il, mp, ml, pp, pl, rpp, rlp)
+
+
+def _proxy_get_buffer_bytes(
+    ctx: AbiContext, btype: int, start: int, max_size: int, dpp: int, dlp: int
+) -> str:
+    ctx.check_writable(dpp, 4)
+    ctx.check_writable(dlp, 4)
+    buf = ctx.buffers.get(btype)
+    if buf is None:
+        return "NOT_FOUND"
+    if start < 0 or max_size < 0:
+        return "BAD_ARGUMENT"
+    ctx.give(dpp, dlp, bytes(buf[start : start + max_size]))
+    return "OK"
+
+
+def _proxy_set_buffer_bytes(ctx: AbiContext, btype: int, start: int, size: int, dp: int, dl: int) -> str:
+    data = ctx.read(dp, dl)
+    if start < 0 or size < 0:
+        return "BAD_ARGUMENT"
+    buf = ctx.buffers.setdefault(btype, bytearray())
+    if start >= len(buf):
+        buf += data  # append
+    else:
+        buf[start : start + size] = data
+    if len(buf) > MAX_VALUE:
+        del buf[MAX_VALUE:]
+        return "LIMIT_EXCEEDED"
+    return "OK"
+
+
+def _proxy_set_effective_context(ctx: AbiContext, _context_id: int) -> str:
+    return "OK"
+
+
+IMPLEMENTATIONS: dict[tuple[str, str], Callable[..., str]] = {
+    ("layotto", "layotto_log"): _log,
+    ("layotto", "layotto_time_now"): _time_now,
+    ("layotto", "layotto_random"): _random,
+    ("layotto", "layotto_state_get"): _state_get,
+    ("layotto", "layotto_state_get_bulk"): _state_get_bulk,
+    ("layotto", "layotto_state_save"): _state_save,
+    ("layotto", "layotto_state_delete"): _state_delete,
+    ("layotto", "layotto_state_transaction"): _state_transaction,
+    ("layotto", "layotto_invoke"): _invoke,
+    ("layotto", "layotto_publish"): _publish,
+    ("layotto", "layotto_config_get"): _config_get,
+    ("layotto", "layotto_try_lock"): _try_lock,
+    ("layotto", "layotto_unlock"): _unlock,
+    ("layotto", "layotto_next_id"): _next_id,
+    ("layotto", "layotto_get_secret"): _get_secret,
+    ("env", "proxy_get_state"): _proxy_get_state,
+    ("env", "proxy_invoke_service"): _proxy_invoke_service,
+    ("env", "proxy_log"): _log,
+    ("env", "proxy_get_buffer_bytes"): _proxy_get_buffer_bytes,
+    ("env", "proxy_set_buffer_bytes"): _proxy_set_buffer_bytes,
+    ("env", "proxy_set_effective_context"): _proxy_set_effective_context,
+}
+
+
+def check_table() -> None:
+    """The implementations match the ABI table exactly (names and arities)."""
+    import inspect
+
+    declared = {(f.module, f.name): f for f in SPEC.all_functions()}
+    missing = sorted(set(declared) - set(IMPLEMENTATIONS))
+    extra = sorted(set(IMPLEMENTATIONS) - set(declared))
+    if missing or extra:
+        raise RuntimeError(f"ABI table mismatch: unimplemented {missing}, undeclared {extra}")
+    for key, fn in declared.items():
+        arity = len(inspect.signature(IMPLEMENTATIONS[key]).parameters) - 1
+        if arity != fn.arity:
+            raise RuntimeError(f"{key}: the table says {fn.arity} parameters, the host takes {arity}")
+
+
+def host_function(fn: abi_spec.Function) -> Callable[..., int]:
+    """The wasm-callable host function for one ABI entry."""
+    impl = IMPLEMENTATIONS[(fn.module, fn.name)]
+    capability = fn.capability
+
+    def call(*args: int) -> int:
+        ctx = current()
+        if ctx is None:
+            return S["INTERNAL_FAILURE"]
+        if capability not in ctx.capabilities:
+            ctx.note(f"{fn.name}: permission denied (the pod does not grant {capability!r})")
+            return S["PERMISSION_DENIED"]
+        try:
+            return S[impl(ctx, *args)]
+        except AbiStatus as exc:
+            if exc.status != "NOT_FOUND":
+                ctx.note(f"{fn.name}: {exc}")
+            return S[exc.status]
+        except ETagMismatch:
+            return S["CAS_MISMATCH"]
+        except NotFound:
+            return S["NOT_FOUND"]
+        except (ComponentError, OSError) as exc:
+            ctx.note(f"{fn.name}: component failure: {exc}")
+            return S["INTERNAL_FAILURE"]
+        except (wasmtime.Trap, wasmtime.WasmtimeError):
+            raise  # a trap inside a nested call (the guest allocator): the caller traps too
+        except Exception as exc:  # never let guest input crash the host
+            log.exception("ABI %s failed", fn.name)
+            ctx.note(f"{fn.name}: internal error: {type(exc).__name__}: {exc}")
+            return S["INTERNAL_FAILURE"]
+
+    call.__name__ = fn.name
+    return call
+
+
+def define_imports(linker: wasmtime.Linker) -> None:
+    """Add every ABI function (both modules) to ``linker``."""
+    check_table()
+    i32 = wasmtime.ValType.i32()
+    for fn in SPEC.all_functions():
+        ty = wasmtime.FuncType([i32] * fn.arity, [i32])
+        linker.define_func(fn.module, fn.name, ty, host_function(fn))
+
+
+def is_known_import(module: str, name: str) -> bool:
+    return SPEC.lookup(module, name) is not None
+
+
+def parse_capabilities(value: str | None) -> frozenset[str]:
+    """The capabilities a pod grants (annotation ``layotto.io/capabilities``)."""
+    granted = set(SPEC.default_capabilities)
+    if value:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if item == "all":
+                granted |= KNOWN_CAPABILITIES
+            elif item not in KNOWN_CAPABILITIES:
+                raise ValueError(
+                    f"unknown capability {item!r} (known: {', '.join(sorted(KNOWN_CAPABILITIES))})"
+                )
+            else:
+                granted.add(item)
+    return frozenset(granted)
+
+
+# --- encodings ----------------------------------------------------------------------------
+
+
+def encode_map(pairs: list[tuple[bytes, bytes]]) -> bytes:
+    sizes = b"".join(struct.pack("<II", len(k), len(v)) for k, v in pairs)
+    return struct.pack("<I", len(pairs)) + sizes + b"".join(k + b"\0" + v + b"\0" for k, v in pairs)
+
+
+def decode_map(data: bytes) -> list[tuple[bytes, bytes]]:
+    if not data or data == b"\0":
+        return []
+    if len(data) < 4:
+        raise AbiStatus("PARSE_FAILURE", "map shorter than its count")
+    (count,) = struct.unpack_from("<I", data)
+    if count > (len(data) - 4) // 10:
+        raise AbiStatus("PARSE_FAILURE", "map count exceeds its size")
+    pos = 4 + 8 * count
+    pairs = []
+    for i in range(count):
+        klen, vlen = struct.unpack_from("<II", data, 4 + 8 * i)
+        if pos + klen + vlen + 2 > len(data):
+            raise AbiStatus("PARSE_FAILURE", "map entry out of range")
+        key = data[pos : pos + klen]
+        pos += klen + 1
+        value = data[pos : pos + vlen]
+        pos += vlen + 1
+        pairs.append((key, value))
+    return pairs
+
+
+_OP = struct.Struct("<IIII")
+
+
+def decode_ops(data: bytes) -> list[tuple[OpKind, str, bytes, str]]:
+    if len(data) < 4:
+        raise AbiStatus("PARSE_FAILURE", "transaction shorter than its count")
+    (count,) = struct.unpack_from("<I", data)
+    pos = 4
+    ops = []
+    for _ in range(count):
+        if pos + _OP.size > len(data):
+            raise AbiStatus("PARSE_FAILURE", "truncated transaction")
+        kind, klen, vlen, elen = _OP.unpack_from(data, pos)
+        pos += _OP.size
+        if kind not in (0, 1) or pos + klen + vlen + elen > len(data) or klen > MAX_KEY:
+            raise AbiStatus("PARSE_FAILURE", "bad transaction operation")
+        try:
+            key = data[pos : pos + klen].decode()
+            etag = data[pos + klen + vlen : pos + klen + vlen + elen].decode()
+        except UnicodeDecodeError as exc:
+            raise AbiStatus("BAD_ARGUMENT", "not valid UTF-8") from exc
+        value = data[pos + klen : pos + klen + vlen]
+        pos += klen + vlen + elen
+        ops.append((OpKind.UPSERT if kind == 0 else OpKind.DELETE, key, value, etag))
+    return ops
+
+
+# --- invoking other functions and applications ------------------------------------------
+
+
+class HostInvoker:
+    """``layotto_invoke``: another function on this node in process, or an app over HTTP."""
+
+    def __init__(self, functions: Any, apps: Mapping[str, str] | None = None, timeout: float = 10.0) -> None:
+        self.functions = functions  # host.ingress.FunctionRegistry
+        self.apps = dict(apps or {})
+        self.timeout = timeout
+
+    def invoke(self, caller: AbiContext | None, target: str, method: str, data: bytes) -> bytes:
+        fn = self.functions.get(target) if self.functions is not None else None
+        if fn is not None:
+            from layotto.host.function import Request
+
+            path = b"/" + method.lstrip("/").encode() if method else b"/"
+            request = Request(b"POST", path, b"", [(b"content-type", b"application/octet-stream")], data)
+            response = fn.call_sync(request)
+            if response.status == 404:
+                raise AbiStatus("NOT_FOUND", f"{target} answered 404")
+            if response.status >= 400:
+                raise AbiStatus("INTERNAL_FAILURE", f"{target} answered {response.status}")
+            return response.body
+        base = self.apps.get(target)
+        if base is None:
+            raise AbiStatus("NOT_FOUND", f"no function or application with id {target!r}")
+        url = base.rstrip("/") + "/" + method.lstrip("/")
+        request = urllib.request.Request(url, data=data, method="POST", headers={"id": target})
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - configured apps
+                return response.read(MAX_VALUE + 1)
+        except urllib.error.HTTPError as exc:
+            raise AbiStatus(
+                "NOT_FOUND" if exc.code == 404 else "INTERNAL_FAILURE", f"{url}: HTTP {exc.code}"
+            ) from exc
+        except (urllib.error.URLError, OSError) as exc:
+            raise AbiStatus("INTERNAL_FAILURE", f"{url}: {exc}") from exc
