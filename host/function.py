@@ -658,9 +658,14 @@ class Function:
         finally:
             self._waiting -= 1
         try:
+            if self.stopped:
+                return Response(503, body=b"function stopped\n")
             ticks = max(1, int(self.timeout / TICK))
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._executor, self._threaded_call, request, ticks)
+            try:
+                return await loop.run_in_executor(self._executor, self._threaded_call, request, ticks)
+            except RuntimeError:  # the executor shut down: the function was stopped meanwhile
+                return Response(503, body=b"function stopped\n")
         finally:
             self._slots.release()
 

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 2045
 DEFAULT_BODY_LIMIT = 4 << 20
+MAX_PIPELINED = 4  # requests read ahead on one connection while its function is busy
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 NOT_FOUND = Response(404, body=b"no function with this id\n")
@@ -89,6 +90,7 @@ class HttpProtocol(asyncio.Protocol):
         self._body_size = 0
         self._too_large = False
         self._fid: bytes | None = None
+        self._paused = False
         self._busy = False
         self._pending: collections.deque[tuple[Function | None, Request, bool]] = collections.deque()
 
@@ -143,6 +145,11 @@ class HttpProtocol(asyncio.Protocol):
         fn = self.server.route(request, self._fid)
         if self._busy or self._pending:
             self._pending.append((fn, request, keep_alive))
+            if len(self._pending) >= MAX_PIPELINED and self.transport is not None and not self._paused:
+                # A client pipelining requests to a busy function: stop reading its socket
+                # until they are answered (TCP back-pressure), never buffer without bound.
+                self._paused = True
+                self.transport.pause_reading()
             return
         self._serve(fn, request, keep_alive)
 
@@ -164,6 +171,9 @@ class HttpProtocol(asyncio.Protocol):
         while self._pending and not self._busy and self.transport is not None:
             fn, request, keep_alive = self._pending.popleft()
             self._serve(fn, request, keep_alive)
+        if self._paused and len(self._pending) < MAX_PIPELINED // 2 and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
 
     def _finished(self, task: asyncio.Future[Response], keep_alive: bool) -> None:
         self._busy = False
