@@ -620,3 +620,30 @@ class HostInvoker:
             ) from exc
         except (urllib.error.URLError, OSError) as exc:
             raise AbiStatus("INTERNAL_FAILURE", f"{url}: {exc}") from exc
+
+
+class WasmtimeMemory:
+    """A GuestMemory over wasmtime-py's Memory (for callers without raw handles)."""
+
+    def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
+        self.store = store
+        self.memory = memory
+
+    def view(self) -> memoryview:
+        import ctypes
+
+        size = self.memory.data_len(self.store)
+        if not size:
+            return memoryview(bytearray())
+        base = ctypes.addressof(self.memory.data_ptr(self.store).contents)
+        return memoryview((ctypes.c_ubyte * size).from_address(base)).cast("B")
+
+
+def wasmtime_allocator(store: wasmtime.Store, exports: Any) -> Callable[[int], int]:
+    """The guest allocator (``proxy_on_memory_allocate``, else ``malloc``) as a callable;
+    one that always fails (returns 0) when the module exports neither."""
+    for name in ("proxy_on_memory_allocate", "malloc"):
+        func = exports.get(name) if hasattr(exports, "get") else None
+        if isinstance(func, wasmtime.Func):
+            return lambda size, f=func: int(f(store, size)) & 0xFFFFFFFF
+    return lambda size: 0

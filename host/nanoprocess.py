@@ -24,6 +24,7 @@ from pathlib import Path
 import wasmtime
 from wasmtime import _bindings as ffi
 
+from layotto.host.abi_host import AbiContext, WasmtimeMemory, calling, wasmtime_allocator
 from layotto.host.engine import CompiledModule, WasmEngine
 from layotto.host.errors import ModuleError
 from layotto.host.function import FunctionLog
@@ -62,6 +63,9 @@ class ProcessSpec:
     stdout: str = ""
     stderr: str = ""
     memory_limit: int | None = None
+    capabilities: frozenset[str] = frozenset()
+    app_id: str = ""
+    services: object = None  # host.function.HostServices (components, invoker)
     cpu_quota_us: int | None = None  # CFS-style quota per period, as in the OCI spec
     cpu_period_us: int = 100_000
 
@@ -258,6 +262,11 @@ def _poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, nsubs: int,
     return 0
 
 
+class _NoMemory:
+    def view(self) -> memoryview:
+        return memoryview(bytearray())
+
+
 class Nanoprocess:
     """One running command module."""
 
@@ -421,6 +430,19 @@ class Nanoprocess:
             ready.set()
             self._finish(1, str(self.start_error), emit_stderr=False)
             return
+        abi = None
+        if any(imp.module in ("layotto", "env") for imp in self.compiled.module.imports):
+            services = self.spec.services
+            abi = AbiContext(
+                name=self.spec.name,
+                memory=WasmtimeMemory(store, self._memory) if self._memory is not None else _NoMemory(),
+                allocate=wasmtime_allocator(store, exports),
+                capabilities=self.spec.capabilities,
+                app_id=self.spec.app_id,
+                components=getattr(services, "components", None),
+                invoker=getattr(services, "invoker", None),
+                logger=self.log.add,
+            )
         ready.set()
         status, reason = 0, ""
         if self.spec.cpu_quota_us:
@@ -429,7 +451,8 @@ class Nanoprocess:
             self.engine.ticker.acquire()
         try:
             if isinstance(entry, wasmtime.Func):
-                entry(store)
+                with calling(abi):
+                    entry(store)
             else:
                 raise ModuleError(f"export {self.spec.entry!r} is not a function")
         except wasmtime.ExitTrap as exc:

@@ -320,6 +320,11 @@ class TaskService:
         if is_function_module(task.compiled) and self.functions is not None:
             await self._start_function(task)
             return task_pb2.StartResponse(pid=task.pid)
+        try:
+            capabilities = parse_capabilities(task.spec.annotations.get(CAPABILITIES_ANNOTATION))
+        except ValueError as exc:
+            self._on_exit(task, ExitInfo(1, time.time(), str(exc)))
+            raise TtrpcError(Code.INVALID_ARGUMENT, f"bad layotto.io/capabilities annotation: {exc}") from exc
         args = list(task.spec.process.args)
         if task.module_path.startswith("/"):  # from the rootfs: argv[0] is its path in the image
             args[0] = task.module_path
@@ -336,6 +341,9 @@ class TaskService:
             stdout=task.stdout,
             stderr=task.stderr,
             memory_limit=task.spec.memory_limit,
+            capabilities=capabilities,
+            app_id=self._app_id(task) or f"{task.namespace}.{task.id}",
+            services=self.runtime.services,
             cpu_quota_us=task.spec.cpu_quota_us,
             cpu_period_us=task.spec.cpu_period_us,
         )

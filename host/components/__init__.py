@@ -105,10 +105,16 @@ class PubSub(Protocol):
         """Publish; returns the message id. Durable once it returns (for durable backends)."""
         ...
 
-    def subscribe(self, topic: str, handler: Handler, *, max_attempts: int = 3) -> Callable[[], None]:
+    def subscribe(
+        self, topic: str, handler: Handler, *, max_attempts: int = 3, group: str = ""
+    ) -> Callable[[], None]:
         """Deliver every message published on ``topic`` from now on to ``handler`` (on a
         component thread). RETRY redelivers until ``max_attempts``, then the message is dropped.
-        Returns a function that cancels the subscription."""
+        Returns a function that cancels the subscription.
+
+        With ``group``, the subscription joins that durable consumer group: the group keeps
+        the messages published while none of its subscriptions runs (across restarts, for
+        durable backends), and its subscriptions share the messages (each to one of them)."""
         ...
 
     def close(self) -> None: ...
@@ -136,7 +142,8 @@ class ConfigStore(Protocol):
     def subscribe(
         self, keys: Sequence[str], callback: Callable[[list[ConfigItem]], None]
     ) -> Callable[[], None]:
-        """Call ``callback`` with changed items whenever one of ``keys`` changes; returns a cancel function."""
+        """Call ``callback`` with changed items whenever one of ``keys`` changes; returns a
+        cancel function."""
         ...
 
     def close(self) -> None: ...

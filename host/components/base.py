@@ -7,7 +7,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from layotto.host.components import ComponentError, ConfigItem
+from layotto.host.components import ComponentError, ConfigItem, Delivery, Handler, Message
 
 log = logging.getLogger("layotto.components")
 
@@ -150,3 +150,20 @@ class Poller:
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join()
+
+
+def with_attempt(message: Message, attempt: int) -> Message:
+    return Message(message.id, message.topic, message.data, message.content_type, message.metadata, attempt)
+
+
+def call_handler(handler: Handler, message: Message, store: str) -> Delivery:
+    """Run a subscriber's handler; an exception or a non-Delivery answer means RETRY."""
+    try:
+        result = handler(message)
+    except Exception:
+        log.exception("pubsub %s: handler for %s failed", store, message.topic)
+        return Delivery.RETRY
+    if not isinstance(result, Delivery):
+        log.error("pubsub %s: handler for %s returned %r, not a Delivery", store, message.topic, result)
+        return Delivery.RETRY
+    return result
