@@ -11,7 +11,10 @@ import signal
 import socket
 from pathlib import Path
 
+from layotto.host.abi_host import HostInvoker
+from layotto.host.components.registry import load_components
 from layotto.host.engine import DEFAULT_CACHE_LIMIT
+from layotto.host.function import HostServices
 from layotto.host.ingress import DEFAULT_BODY_LIMIT, DEFAULT_PORT, FunctionRegistry, Ingress
 from layotto.host.observe import DEFAULT_METRICS_PORT, AdminServer, HostCollector, start_metrics
 from layotto.host.runtime import NodeRuntime
@@ -62,6 +65,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--body-limit", type=int, default=DEFAULT_BODY_LIMIT, help="largest request body (bytes)"
     )
+    parser.add_argument(
+        "--components",
+        type=Path,
+        default=os.environ.get("LAYOTTO_COMPONENTS") or None,
+        help="YAML file naming the node's components (default: embedded SQLite ones)",
+    )
+    parser.add_argument(
+        "--app",
+        action="append",
+        default=[],
+        metavar="ID=URL",
+        help="a non-wasm application functions may invoke by id (repeatable)",
+    )
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--debug", action="store_true")
 
@@ -88,6 +104,10 @@ async def serve(args: argparse.Namespace) -> None:
     publisher.start()
     content = ContainerdContent(args.containerd_address) if args.containerd_address else None
     functions = FunctionRegistry()
+    apps = dict(item.split("=", 1) for item in args.app if "=" in item)
+    components = load_components(args.components, args.state_dir)
+    runtime.services = HostServices(components, HostInvoker(functions, apps))
+    log.info("components: %s", ", ".join(f"{s.kind}/{s.name} ({s.type})" for s in components.specs))
     service = TaskService(runtime, publisher, content, functions)
     ingress = Ingress(functions, body_limit=args.body_limit)
     if args.http_port >= 0:
@@ -125,6 +145,7 @@ async def serve(args: argparse.Namespace) -> None:
     await ingress.close()
     await admin.close()
     await service.close()
+    components.close()
     await publisher.drain(2.0)
     await publisher.close()
     with contextlib.suppress(OSError):

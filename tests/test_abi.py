@@ -1,0 +1,197 @@
+"""The Runtime ABI: the table, the generated files, and the host's import table under
+random and hostile arguments (the host must answer with a status, never crash)."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import wasmtime
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from layotto.abi import spec as abi_spec
+from layotto.host import abi_host
+from layotto.host.abi_host import AbiContext, WasmtimeMemory, calling, host_function, parse_capabilities
+from layotto.host.components.registry import load_components
+from layotto.host.engine import WasmEngine
+
+SPEC = abi_spec.load()
+STATUS = SPEC.status
+CODES = frozenset(STATUS.values())
+PAGE = 65536
+
+# A guest with one page of memory and a bump allocator (the host allocates results in it).
+GUEST = """
+(module
+  (memory (export "memory") 1)
+  (global $next (mut i32) (i32.const 32768))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $at i32)
+    (local.set $at (global.get $next))
+    (if (i32.gt_u (i32.add (local.get $at) (local.get $size)) (i32.const 65536))
+      (then (return (i32.const 0))))
+    (global.set $next (i32.add (local.get $at) (local.get $size)))
+    (local.get $at)))
+"""
+
+
+@pytest.fixture(scope="module")
+def components(tmp_path_factory: pytest.TempPathFactory):
+    c = load_components(None, tmp_path_factory.mktemp("state"))
+    yield c
+    c.close()
+
+
+class Guest:
+    def __init__(self, components, capabilities: frozenset[str]) -> None:
+        engine = wasmtime.Engine()
+        self.store = wasmtime.Store(engine)
+        instance = wasmtime.Instance(self.store, wasmtime.Module(engine, GUEST), [])
+        exports = instance.exports(self.store)
+        self.memory = exports["memory"]
+        self.alloc_fn = exports["proxy_on_memory_allocate"]
+        self.logged: list[tuple[str, str]] = []
+        self.ctx = AbiContext(
+            name="test/guest",
+            memory=WasmtimeMemory(self.store, self.memory),
+            allocate=lambda n: int(self.alloc_fn(self.store, n)) & 0xFFFFFFFF,
+            capabilities=capabilities,
+            app_id="tests.guest",
+            components=components,
+            invoker=None,
+            logger=lambda stream, line: self.logged.append((stream, line)),
+        )
+
+    def put(self, at: int, data: bytes) -> tuple[int, int]:
+        self.memory.write(self.store, data, at)
+        return at, len(data)
+
+    def get(self, at: int, n: int) -> bytes:
+        return bytes(self.memory.read(self.store, at, at + n))
+
+    def u32(self, at: int) -> int:
+        return struct.unpack("<I", self.get(at, 4))[0]
+
+    def call(self, name: str, *args: int) -> int:
+        fn = SPEC.lookup("layotto", name) or SPEC.lookup("env", name)
+        assert fn is not None
+        with calling(self.ctx):
+            return host_function(fn)(*args)
+
+
+def test_generated_files_are_up_to_date() -> None:
+    r = subprocess.run([sys.executable, "-m", "layotto.abi.spec", "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_the_host_implements_exactly_the_table() -> None:
+    abi_host.check_table()
+    # And a module importing every declared function links against the host's linker.
+    imports = []
+    for fn in SPEC.all_functions():
+        params = " ".join(["i32"] * fn.arity)
+        imports.append(f'(import "{fn.module}" "{fn.name}" (func (param {params}) (result i32)))')
+    wat = "(module " + " ".join(imports) + ' (memory (export "memory") 1))'
+    engine = WasmEngine(None)
+    wasm = wasmtime.wat2wasm(wat)
+    compiled = engine.load(bytes(wasm), name="/all-imports.wasm")
+    from layotto.host.nanoprocess import build_linker
+
+    build_linker(engine).instantiate(wasmtime.Store(engine.engine), compiled.module)
+
+
+def test_unknown_abi_imports_are_refused_by_name() -> None:
+    wat = '(module (import "layotto" "layotto_teleport" (func (param i32) (result i32))))'
+    with pytest.raises(
+        Exception, match="imports layotto.layotto_teleport, which the layotto host does not provide"
+    ):
+        WasmEngine(None).load(bytes(wasmtime.wat2wasm(wat)), name="/x.wasm")
+
+
+def test_capabilities_are_parsed_and_enforced(components) -> None:
+    assert parse_capabilities(None) == frozenset({"log", "time", "random"})
+    assert "state" in parse_capabilities("state, invoke")
+    with pytest.raises(ValueError, match="unknown capability 'teleport'"):
+        parse_capabilities("teleport")
+    guest = Guest(components, parse_capabilities(None))
+    store, key = guest.put(100, b"state_demo"), guest.put(200, b"k")
+    assert guest.call("layotto_state_get", *store, *key, 300, 304, 308, 312) == STATUS["PERMISSION_DENIED"]
+    assert any("permission denied" in line for _, line in guest.logged)
+    # log is always granted
+    msg = guest.put(400, b"hello")
+    assert guest.call("layotto_log", 2, *msg) == STATUS["OK"]
+    assert ("info", "hello") in guest.logged
+
+
+def test_state_round_trip_with_etags(components) -> None:
+    guest = Guest(components, parse_capabilities("state"))
+    store, key, value = guest.put(100, b"state_demo"), guest.put(200, b"book1"), guest.put(300, b"100")
+    out = 1000  # four u32 out-slots at 1000..1015
+    assert guest.call("layotto_state_save", *store, *key, *value, 0, 0, out, out + 4) == STATUS["OK"]
+    etag = guest.get(guest.u32(out), guest.u32(out + 4))
+    assert etag
+    assert guest.call("layotto_state_get", *store, *key, out, out + 4, out + 8, out + 12) == STATUS["OK"]
+    assert guest.get(guest.u32(out), guest.u32(out + 4)) == b"100"
+    assert guest.get(guest.u32(out + 8), guest.u32(out + 12)) == etag
+    stale = guest.put(500, b"not-the-etag")
+    assert (
+        guest.call("layotto_state_save", *store, *key, *value, *stale, out, out + 4) == STATUS["CAS_MISMATCH"]
+    )
+    missing = guest.put(600, b"nope")
+    assert (
+        guest.call("layotto_state_get", *store, *missing, out, out + 4, out + 8, out + 12)
+        == STATUS["NOT_FOUND"]
+    )
+    # Keys are namespaced per application: the store holds "tests.guest||book1".
+    assert components.state("state_demo").get("tests.guest||book1").value == b"100"
+
+
+def test_bad_pointers_are_invalid_memory_access_and_do_nothing(components) -> None:
+    guest = Guest(components, parse_capabilities("state,sequencer"))
+    store, key, value = guest.put(100, b"state_demo"), guest.put(200, b"untouched"), guest.put(300, b"v")
+    beyond = PAGE - 2
+    assert guest.call("layotto_state_get", *store, beyond, 10, 0, 4, 8, 12) == STATUS["INVALID_MEMORY_ACCESS"]
+    # An out-pointer outside memory is found before the write happens.
+    status = guest.call("layotto_state_save", *store, *key, *value, 0, 0, beyond, 1000)
+    assert status == STATUS["INVALID_MEMORY_ACCESS"]
+    assert components.state("state_demo").get("tests.guest||untouched") is None
+    seq = guest.put(400, b"sequencer_demo")
+    before = components.sequencer("sequencer_demo").next_id("tests.guest||ids")
+    assert (
+        guest.call("layotto_next_id", *seq, *guest.put(500, b"ids"), PAGE - 4)
+        == STATUS["INVALID_MEMORY_ACCESS"]
+    )
+    assert components.sequencer("sequencer_demo").next_id("tests.guest||ids") == before + 1
+    # Oversized inputs are a limit error, not a read of gigabytes.
+    assert guest.call("layotto_log", 0, 0, 1 << 30) == STATUS["LIMIT_EXCEEDED"]
+    assert guest.call("layotto_state_get", *store, 0, 5000, 0, 4, 8, 12) == STATUS["LIMIT_EXCEEDED"]
+
+
+def test_unknown_component_is_not_found(components) -> None:
+    guest = Guest(components, parse_capabilities("state"))
+    store, key = guest.put(100, b"no_such_store"), guest.put(200, b"k")
+    assert guest.call("layotto_state_get", *store, *key, 1000, 1004, 1008, 1012) == STATUS["NOT_FOUND"]
+
+
+_u32 = st.one_of(
+    st.integers(min_value=0, max_value=PAGE + 16),
+    st.integers(min_value=-(2**31), max_value=2**31 - 1),
+    st.sampled_from([0, 1, PAGE - 1, PAGE, PAGE + 1, 2**31 - 1, -1, -(2**31)]),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_arguments_never_crash_the_host(components, data) -> None:
+    """Every host function, with random pointers, lengths and contents: always a status."""
+    guest = Guest(components, parse_capabilities("all"))
+    junk = data.draw(st.binary(min_size=0, max_size=4096))
+    guest.put(0, junk)
+    for fn in SPEC.all_functions():
+        args = [data.draw(_u32) for _ in range(fn.arity)]
+        result = guest.call(fn.name, *args)
+        assert result in CODES, f"{fn.name}{tuple(args)} returned {result}"
