@@ -134,13 +134,14 @@ class AbiContext:
         except (KeyError, LookupError, ComponentError) as exc:
             raise AbiStatus("NOT_FOUND", f"no {kind} component named {name!r}") from exc
 
-    def state_key(self, store: str, key: str) -> str:
-        """Keys are namespaced per application unless the store says ``keyPrefix: none``."""
+    def state_key(self, store: str, key: str, kind: str = "state") -> str:
+        """Keys are namespaced per application unless the store says ``keyPrefix: none``
+        (or ``name``: per store), as Layotto's key prefix strategies do."""
         mode = "appid"
         metadata = getattr(self.components, "metadata", None)
         if callable(metadata):
             try:
-                mode = (metadata("state", store) or {}).get("keyPrefix", "appid")
+                mode = (metadata(kind, store) or {}).get("keyPrefix", "appid")
             except Exception:
                 mode = "appid"
         if mode == "none":
@@ -329,7 +330,9 @@ def _try_lock(
     if expire <= 0 or not owner or not resource:
         return "BAD_ARGUMENT"
     ctx.check_writable(out, 4)
-    taken = ctx.component("lock", store_name).try_lock(ctx.state_key(store_name, resource), owner, expire)
+    taken = ctx.component("lock", store_name).try_lock(
+        ctx.state_key(store_name, resource, "lock"), owner, expire
+    )
     ctx.write(out, struct.pack("<i", 1 if taken else 0))
     return "OK"
 
@@ -337,7 +340,7 @@ def _try_lock(
 def _unlock(ctx: AbiContext, sp: int, sl: int, rp: int, rl: int, op: int, ol: int, out: int) -> str:
     store_name, resource, owner = ctx.read_str(sp, sl), ctx.read_str(rp, rl), ctx.read_str(op, ol)
     ctx.check_writable(out, 4)
-    status = ctx.component("lock", store_name).unlock(ctx.state_key(store_name, resource), owner)
+    status = ctx.component("lock", store_name).unlock(ctx.state_key(store_name, resource, "lock"), owner)
     if status == UnlockStatus.INTERNAL_ERROR:
         return "INTERNAL_FAILURE"
     ctx.write(out, struct.pack("<i", status.value))
@@ -347,7 +350,7 @@ def _unlock(ctx: AbiContext, sp: int, sl: int, rp: int, rl: int, op: int, ol: in
 def _next_id(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, out: int) -> str:
     store_name, key = ctx.read_str(sp, sl), ctx.read_str(kp, kl)
     ctx.check_writable(out, 8)
-    value = ctx.component("sequencer", store_name).next_id(ctx.state_key(store_name, key))
+    value = ctx.component("sequencer", store_name).next_id(ctx.state_key(store_name, key, "sequencer"))
     ctx.write(out, struct.pack("<q", value))
     return "OK"
 

@@ -15,6 +15,7 @@ from layotto.host.abi_host import HostInvoker
 from layotto.host.components.registry import load_components
 from layotto.host.engine import DEFAULT_CACHE_LIMIT
 from layotto.host.function import HostServices
+from layotto.host.grpc_api import DEFAULT_ADDRESS, RuntimeApiServer
 from layotto.host.ingress import DEFAULT_BODY_LIMIT, DEFAULT_PORT, FunctionRegistry, Ingress
 from layotto.host.observe import DEFAULT_METRICS_PORT, AdminServer, HostCollector, start_metrics
 from layotto.host.runtime import NodeRuntime
@@ -78,6 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ID=URL",
         help="a non-wasm application functions may invoke by id (repeatable)",
     )
+    parser.add_argument(
+        "--grpc-address",
+        default=os.environ.get("LAYOTTO_GRPC_ADDRESS", DEFAULT_ADDRESS),
+        help="host:port of the gRPC Runtime API for sidecar apps ('': unix socket only, '-': off)",
+    )
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--debug", action="store_true")
 
@@ -108,6 +114,18 @@ async def serve(args: argparse.Namespace) -> None:
     components = load_components(args.components, args.state_dir)
     runtime.services = HostServices(components, HostInvoker(functions, apps))
     log.info("components: %s", ", ".join(f"{s.kind}/{s.name} ({s.type})" for s in components.specs))
+    runtime_api: RuntimeApiServer | None = None
+    if args.grpc_address != "-":
+        runtime_api = RuntimeApiServer(components, runtime.services.invoker)
+        api_socket = paths.run_dir / "runtime.sock"
+        try:
+            grpc_port = runtime_api.start(api_socket, args.grpc_address or None)
+        except OSError as exc:
+            log.error("%s; the gRPC Runtime API serves the unix socket only", exc)
+            grpc_port = runtime_api.start(api_socket, None)
+        if grpc_port:
+            (paths.run_dir / "grpc.port").write_text(f"{grpc_port}\n")
+        log.info("gRPC Runtime API on %s%s", api_socket, f" and port {grpc_port}" if grpc_port else "")
     service = TaskService(runtime, publisher, content, functions)
     ingress = Ingress(functions, body_limit=args.body_limit)
     if args.http_port >= 0:
@@ -145,6 +163,8 @@ async def serve(args: argparse.Namespace) -> None:
     await ingress.close()
     await admin.close()
     await service.close()
+    if runtime_api is not None:
+        await asyncio.to_thread(runtime_api.stop)
     components.close()
     await publisher.drain(2.0)
     await publisher.close()

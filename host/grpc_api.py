@@ -68,7 +68,7 @@ import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, empty_pb2
@@ -91,9 +91,6 @@ DEFAULT_ADDRESS = "127.0.0.1:34904"  # Layotto's gRPC listener (configs/config_s
 APP_ID_METADATA = "layotto-app-id"
 MAX_MESSAGE = 16 << 20
 SEPARATOR = "||"
-
-
-Req = TypeVar("Req", bound=Message)
 
 
 class ApiError(Exception):
@@ -149,7 +146,7 @@ class RuntimeApi:
         try:
             return getattr(self.components, kind)(name)
         except (KeyError, LookupError, ComponentError) as exc:
-            raise _invalid(f"{what} {name} is not found") from exc
+            raise _invalid(f"{what} {name} is not found: {exc}") from exc
 
     def key(self, kind: str, store: str, key: str, context: grpc.ServicerContext) -> str:
         if SEPARATOR in key:
@@ -158,14 +155,14 @@ class RuntimeApi:
 
     # --- hello, invocation -----------------------------------------------------------------
 
-    def SayHello(self, request: pb.SayHelloRequest, context: grpc.ServicerContext) -> pb.SayHelloResponse:  # noqa: N802
+    def SayHello(self, request: pb.SayHelloRequest, context: grpc.ServicerContext) -> pb.SayHelloResponse:
         hello = f"hello, {request.name}" if request.name else "hello"
         response = pb.SayHelloResponse(hello=hello)
         if request.HasField("data"):
             response.data.CopyFrom(request.data)
         return response
 
-    def InvokeService(  # noqa: N802
+    def InvokeService(
         self, request: pb.InvokeServiceRequest, context: grpc.ServicerContext
     ) -> pb.InvokeResponse:
         if not request.id:
@@ -178,7 +175,7 @@ class RuntimeApi:
 
     # --- configuration -------------------------------------------------------------------
 
-    def GetConfiguration(  # noqa: N802
+    def GetConfiguration(
         self, request: pb.GetConfigurationRequest, context: grpc.ServicerContext
     ) -> pb.GetConfigurationResponse:
         store = self.component("configuration", request.store_name, "configuration store")
@@ -205,7 +202,7 @@ class RuntimeApi:
         if not request.lock_owner:
             raise _invalid(f"LockOwner is empty in lock store {request.store_name}")
 
-    def TryLock(self, request: pb.TryLockRequest, context: grpc.ServicerContext) -> pb.TryLockResponse:  # noqa: N802
+    def TryLock(self, request: pb.TryLockRequest, context: grpc.ServicerContext) -> pb.TryLockResponse:
         self._lock_args(request)
         if request.expire <= 0:
             raise _invalid(f"Expire is not positive in lock store {request.store_name}")
@@ -213,7 +210,7 @@ class RuntimeApi:
         resource = self.key("lock", request.store_name, request.resource_id, context)
         return pb.TryLockResponse(success=bool(store.try_lock(resource, request.lock_owner, request.expire)))
 
-    def Unlock(self, request: pb.UnlockRequest, context: grpc.ServicerContext) -> pb.UnlockResponse:  # noqa: N802
+    def Unlock(self, request: pb.UnlockRequest, context: grpc.ServicerContext) -> pb.UnlockResponse:
         self._lock_args(request)
         store = self.component("lock", request.store_name, "lock store")
         resource = self.key("lock", request.store_name, request.resource_id, context)
@@ -222,7 +219,7 @@ class RuntimeApi:
             status = UnlockStatus(int(status))
         return pb.UnlockResponse(status=status.value)
 
-    def GetNextId(self, request: pb.GetNextIdRequest, context: grpc.ServicerContext) -> pb.GetNextIdResponse:  # noqa: N802
+    def GetNextId(self, request: pb.GetNextIdRequest, context: grpc.ServicerContext) -> pb.GetNextIdResponse:
         if not request.key:
             raise _invalid(f"Key is empty in sequencer store {request.store_name}")
         if request.options.increment not in (pb.SequencerOptions.WEAK, pb.SequencerOptions.STRONG):
@@ -234,14 +231,14 @@ class RuntimeApi:
 
     # --- state ---------------------------------------------------------------------------------
 
-    def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext) -> pb.GetStateResponse:  # noqa: N802
+    def GetState(self, request: pb.GetStateRequest, context: grpc.ServicerContext) -> pb.GetStateResponse:
         store = self.component("state", request.store_name, "state store")
         item = store.get(self.key("state", request.store_name, request.key, context))
         if item is None:
             return pb.GetStateResponse()
         return pb.GetStateResponse(data=item.value, etag=item.etag)
 
-    def GetBulkState(  # noqa: N802
+    def GetBulkState(
         self, request: pb.GetBulkStateRequest, context: grpc.ServicerContext
     ) -> pb.GetBulkStateResponse:
         store = self.component("state", request.store_name, "state store")
@@ -258,7 +255,7 @@ class RuntimeApi:
             ]
         )
 
-    def SaveState(self, request: pb.SaveStateRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:  # noqa: N802
+    def SaveState(self, request: pb.SaveStateRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
         store = self.component("state", request.store_name, "state store")
         writes = [
             (self.key("state", request.store_name, s.key, context), s.value, s.etag.value or None)
@@ -274,7 +271,7 @@ class RuntimeApi:
                 ) from exc
         return empty_pb2.Empty()
 
-    def DeleteState(self, request: pb.DeleteStateRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:  # noqa: N802
+    def DeleteState(self, request: pb.DeleteStateRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
         store = self.component("state", request.store_name, "state store")
         key = self.key("state", request.store_name, request.key, context)
         try:
@@ -286,7 +283,7 @@ class RuntimeApi:
             ) from exc
         return empty_pb2.Empty()
 
-    def ExecuteStateTransaction(  # noqa: N802
+    def ExecuteStateTransaction(
         self, request: pb.ExecuteStateTransactionRequest, context: grpc.ServicerContext
     ) -> empty_pb2.Empty:
         name = request.storeName
@@ -324,7 +321,7 @@ class RuntimeApi:
 
     # --- pub/sub, secrets -----------------------------------------------------------------------
 
-    def PublishEvent(self, request: pb.PublishEventRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:  # noqa: N802
+    def PublishEvent(self, request: pb.PublishEventRequest, context: grpc.ServicerContext) -> empty_pb2.Empty:
         if not request.topic:
             raise _invalid(f"topic is empty in pubsub {request.pubsub_name}")
         pubsub = self.component("pubsub", request.pubsub_name, "pubsub")
@@ -337,7 +334,7 @@ class RuntimeApi:
         )
         return empty_pb2.Empty()
 
-    def GetSecret(self, request: pb.GetSecretRequest, context: grpc.ServicerContext) -> pb.GetSecretResponse:  # noqa: N802
+    def GetSecret(self, request: pb.GetSecretRequest, context: grpc.ServicerContext) -> pb.GetSecretResponse:
         store = self.component("secrets", request.store_name, "secret store")
         try:
             secret = store.get(request.key)
@@ -456,15 +453,18 @@ class RuntimeApiServer:
                 unix_path.unlink()
             port = 0
             try:
-                server.add_insecure_port(f"unix:{os.path.abspath(unix_path)}")
-                if tcp_address:
-                    port = server.add_insecure_port(tcp_address)
-                    if not port:
-                        raise OSError(f"cannot listen on {tcp_address}")
-            except RuntimeError as exc:  # grpcio reports a failed bind as RuntimeError
+                try:
+                    server.add_insecure_port(f"unix:{os.path.abspath(unix_path)}")
+                    if tcp_address:
+                        port = server.add_insecure_port(tcp_address)
+                        if not port:
+                            raise OSError(f"Runtime API: cannot listen on {tcp_address}")
+                except RuntimeError as exc:  # grpcio reports a failed bind as RuntimeError
+                    raise OSError(f"Runtime API: cannot listen: {exc}") from exc
+                server.start()
+            except BaseException:
                 server.stop(None)
-                raise OSError(f"Runtime API: cannot listen: {exc}") from exc
-            server.start()
+                raise
             self._server = server
             self._unix_path = unix_path
             log.info(
