@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 WASM_OUT ?= build/wasm
-APT_PACKAGES := containerd runc clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt busybox-static hyperfine docker-registry shellcheck
+APT_PACKAGES := containerd runc clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt busybox-static hyperfine docker-registry shellcheck redis-server
 
 include images/build.mk
 
@@ -15,7 +15,7 @@ all: venv modules
 # System packages: installed only when a tool is missing (needs root and Debian's apt).
 deps:
 	@missing=""; \
-	for tool in containerd:containerd ctr:containerd runc:runc clang:clang wasm-ld:lld wat2wasm:wabt busybox:busybox-static hyperfine:hyperfine docker-registry:docker-registry shellcheck:shellcheck; do \
+	for tool in containerd:containerd ctr:containerd runc:runc clang:clang wasm-ld:lld wat2wasm:wabt busybox:busybox-static hyperfine:hyperfine docker-registry:docker-registry shellcheck:shellcheck redis-server:redis-server; do \
 	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool#*:}"; \
 	done; \
 	[ -e /usr/lib/wasm32-wasi/libc.a ] || [ -e /usr/lib/wasm32-wasi/crt1.o ] || missing="$$missing wasi-libc"; \

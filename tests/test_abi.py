@@ -194,3 +194,16 @@ def test_random_arguments_never_crash_the_host(components, data) -> None:
         args = [data.draw(_u32) for _ in range(fn.arity)]
         result = guest.call(fn.name, *args)
         assert result in CODES, f"{fn.name}{tuple(args)} returned {result}"
+
+
+def test_key_prefix_none_reads_the_raw_key(tmp_path) -> None:
+    """A store configured with ``keyPrefix: none`` is shared as is (Layotto's FaaS demo
+    seeds ``book1`` with redis-cli and the function reads exactly that key)."""
+    config = tmp_path / "components.yaml"
+    config.write_text("state:\n  state_demo: {type: sqlite, metadata: {keyPrefix: none}}\n")
+    with load_components(config, tmp_path) as components:
+        components.state("state_demo").set("book1", b"100")
+        guest = Guest(components, parse_capabilities("state"))
+        store, key = guest.put(100, b"state_demo"), guest.put(200, b"book1")
+        assert guest.call("layotto_state_get", *store, *key, 1000, 1004, 1008, 1012) == STATUS["OK"]
+        assert guest.get(guest.u32(1000), guest.u32(1004)) == b"100"

@@ -100,7 +100,10 @@ def components(
     monkeypatch.setenv("LAYOTTO_SECRET_db_password", "s3cret")
     path = None
     if request.param == "redis":
-        meta = {"redisHost": request.getfixturevalue("redis_server"), "keyPrefix": f"grpc{uuid.uuid4().hex}:"}
+        meta = {
+            "redisHost": request.getfixturevalue("redis_server"),
+            "redisKeyPrefix": f"grpc{uuid.uuid4().hex}:",
+        }
         doc: dict[str, Any] = {
             kind: {name: {"type": "redis", "metadata": meta}}
             for kind, name in (

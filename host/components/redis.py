@@ -4,7 +4,8 @@ Metadata, as Dapr's and Layotto's Redis components take it:
 
 - ``redisHost``: ``host:port`` (default ``localhost:6379``); ``redisUsername``,
   ``redisPassword``, ``redisDB`` (default 0), ``enableTLS`` (default false).
-- ``keyPrefix``: prepended to every key a component writes (default empty).
+- ``redisKeyPrefix``: prepended to every Redis key a component writes (default empty).
+  (``keyPrefix`` is the namespacing mode, ``appid``/``name``/``none``, as in Layotto.)
 - ``readTimeout``: socket timeout in seconds (default 10).
 
 Key layout (``P`` is the key prefix):
@@ -108,7 +109,7 @@ class _RedisComponent:
     def __init__(self, metadata: Metadata | None = None, *, name: str = "default") -> None:
         metadata = metadata or {}
         self.name = name
-        self.prefix = meta_str(metadata, "keyPrefix")
+        self.prefix = meta_str(metadata, "redisKeyPrefix")
         self._client = connect(metadata)
 
     def close(self) -> None:
@@ -353,7 +354,8 @@ class RedisConfigStore(_RedisComponent):
             pipe.execute()
 
     def delete(self, keys: Sequence[str], *, group: str = "", label: str = "") -> list[ConfigItem]:
-        """Remove the items ``get`` would return for these arguments; returns them."""
+        """Remove the items with these keys (narrowed by group and label as ``get`` does;
+        no keys removes nothing); returns them."""
         removed = self.get(keys, group=group, label=label) if keys else []
         if not removed:
             return []
@@ -443,6 +445,10 @@ class RedisPubSub(_RedisComponent):
     subscription died (a crash, a cancel mid-retry) is taken over by the group's other or
     next subscription only once it has been idle for ``processingTimeout`` seconds (default
     60; so is a message whose handler runs longer than that, as in Dapr).
+
+    A cancelled subscription's group is destroyed, but one a crash left behind stays in
+    Redis (no other host can tell it is dead); it holds no messages, only a cursor. A
+    stream keeps every message (also those no group wanted) unless ``maxLenApprox`` trims it.
 
     Extra metadata: ``processingTimeout`` (seconds), ``retryDelay`` (seconds between
     redeliveries, default 0.1), ``pollInterval`` (seconds a read blocks, default 0.2),

@@ -33,7 +33,8 @@ Metadata per type:
   the host's state directory); pubsub also ``pollInterval`` and ``retryDelay`` (seconds).
   Each component keeps its rows apart under its own name.
 - ``redis``: see ``layotto.host.components.redis`` (``redisHost``, ``redisPassword``,
-  ``keyPrefix``, ...).
+  ``redisKeyPrefix``, ...); every type also takes ``keyPrefix``: ``appid`` (default),
+  ``name`` or ``none``, how the Runtime ABI and API namespace the keys apps use.
 - ``file``: ``path`` (relative paths are beside the YAML file), ``pollInterval``.
 - ``env``: ``prefix``; configuration also ``pollInterval``.
 - ``kubernetes``: see ``layotto.host.components.k8s`` (``namespace``, ``kubeconfigPath``).
@@ -66,7 +67,7 @@ from layotto.host.components import (
     Sequencer,
     StateStore,
 )
-from layotto.host.components.base import Metadata, meta_float, meta_str
+from layotto.host.components.base import meta_float, meta_str
 
 log = logging.getLogger("layotto.components")
 
@@ -162,9 +163,18 @@ def _sqlite_sequencer(spec: ComponentSpec, ctx: _Context) -> object:
     return SqliteSequencer(_db(spec, ctx), name=spec.name)
 
 
+def _needs(package: str, type_: str) -> ComponentConfigError:
+    return ComponentConfigError(
+        f"components of type {type_} need the Python package {package!r}: pip install {package}"
+    )
+
+
 def _redis(class_name: str) -> Callable[[ComponentSpec, _Context], object]:
     def build(spec: ComponentSpec, ctx: _Context) -> object:
-        from layotto.host.components import redis as backend
+        try:
+            from layotto.host.components import redis as backend
+        except ImportError as e:
+            raise _needs("redis", "redis") from e
 
         return getattr(backend, class_name)(spec.metadata, name=spec.name)
 
@@ -204,7 +214,10 @@ def _env_secrets(spec: ComponentSpec, ctx: _Context) -> object:
 
 
 def _k8s_secrets(spec: ComponentSpec, ctx: _Context) -> object:
-    from layotto.host.components.k8s import KubernetesSecretStore
+    try:
+        from layotto.host.components.k8s import KubernetesSecretStore
+    except ImportError as e:
+        raise _needs("kubernetes", "kubernetes") from e
 
     return KubernetesSecretStore(spec.metadata, name=spec.name)
 
@@ -296,6 +309,15 @@ class Components:
             known = ", ".join(repr(n) for n in found) or "none"
             raise UnknownComponent(f"no {kind} component named {name!r} (configured: {known})")
         return component
+
+    def metadata(self, kind: str, name: str = "") -> dict[str, object]:
+        """The configured metadata of a component (an empty dict for an unknown one)."""
+        kind = KIND_ALIASES.get(kind, kind)
+        specs = [s for s in self.specs if s.kind == kind]
+        if not name:
+            name = "default" if any(s.name == "default" for s in specs) else (specs[0].name if specs else "")
+        spec = next((s for s in specs if s.name == name), None)
+        return dict(spec.metadata) if spec is not None else {}
 
     def state(self, name: str = "") -> StateStore:
         return self._get("state", name)

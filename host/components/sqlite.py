@@ -355,7 +355,8 @@ class SqliteConfigStore:
         self._subscribers.notify(items)
 
     def delete(self, keys: Sequence[str], *, group: str = "", label: str = "") -> list[ConfigItem]:
-        """Remove the items ``get`` would return for these arguments; returns them."""
+        """Remove the items with these keys (narrowed by group and label as ``get`` does;
+        no keys removes nothing); returns them."""
         removed = self.get(keys, group=group, label=label) if keys else []
         with self._db.write() as conn:
             for item in removed:

@@ -1,0 +1,278 @@
+"""Scale benchmark: start rate, memory per function and request latency as functions pile up.
+
+``python -m tests.bench.scale [--max N] [--clients C] [--json PATH]``:
+
+1. starts a private containerd (no CRI), imports fn-hello, starts one warm-up function
+   (the node host's start and the module's compilation stay out of every step) and reads
+   the limits that cap a single host process: ``vm.max_map_count`` (each live wasm
+   instance costs a few memory mappings) and the host's open-file limit (each container
+   costs the host a file descriptor: containerd's ttrpc connection);
+2. grows the population of idle fn-hello function modules through 10, 100, 1000 and
+   (``--max 10000``) 10,000, each step started with C parallel ``ctr run -d`` clients;
+   after each step reports:
+   - start rate of the step's new containers (until every one is RUNNING), and one
+     ``ctr run -d``'s latency under that load;
+   - the node host's memory growth per function (RSS, USS), mappings, fds and threads,
+     and containerd's own RSS;
+   - request latency: ``wrk -t1 -c32 --latency`` against one function for a few seconds,
+     and one request each to up to 1000 random functions (most never called before)
+     over one keep-alive connection (p50/p99/max);
+   - how long ``ctr tasks ls`` takes (containerd asks the host for every task's state);
+3. projects how many functions the host can hold before ``vm.max_map_count`` and the
+   open-file limit stop it, from the measured mappings and fds per function, and stops
+   before a step that would cross either;
+4. deletes everything (timed) and ``--json PATH`` writes every number.
+
+containerd is always stopped at the end, taking its shims, the node host and mounts along.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import random
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tests.bench.coldstart import BenchError, percentile
+from tests.bench.invoke import EXPECTED_BODY, NAME, run_wrk
+from tests.bench.startrate import (
+    FN,
+    Fleet,
+    clear_note,
+    common_arguments,
+    host_pid,
+    load_note,
+    note,
+    positive,
+    proc_memory,
+    run_fleet_benchmark,
+    write_json,
+)
+from tests.containerd_env import Containerd
+
+STEPS = (10, 100, 1000, 10_000, 100_000)
+SWEEP = 1000  # functions probed with one request each per step
+SETTLE = 0.5
+KiB = 1024.0
+
+
+def read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def open_file_limit(pid: int) -> int | None:
+    """The soft ``Max open files`` of *pid*."""
+    try:
+        with open(f"/proc/{pid}/limits") as f:
+            for line in f:
+                if line.startswith("Max open files"):
+                    value = line.split()[3]
+                    return None if value == "unlimited" else int(value)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def sweep(port: int, ids: Sequence[str]) -> dict[str, Any]:
+    """One GET to each of *ids* over one keep-alive connection: latency percentiles (ms)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    samples = []
+    try:
+        for fid in ids:
+            began = time.perf_counter()
+            conn.request("GET", f"/?name={NAME}", headers={"id": fid})
+            resp = conn.getresponse()
+            body = resp.read()
+            samples.append((time.perf_counter() - began) * 1000.0)
+            if resp.status != 200 or body != EXPECTED_BODY:
+                raise BenchError(f"GET with id {fid}: {resp.status} {body[:200]!r}")
+    finally:
+        conn.close()
+    return {
+        "n": len(samples),
+        "p50_ms": percentile(samples, 50),
+        "p99_ms": percentile(samples, 99),
+        "max_ms": max(samples),
+    }
+
+
+def timed_list(fleet: Fleet) -> tuple[float, int]:
+    began = time.perf_counter()
+    status = fleet.task_status()
+    return time.perf_counter() - began, sum(1 for s in status.values() if s == "RUNNING")
+
+
+def grow(c: Containerd, fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
+    steps = [n for n in STEPS if n < args.max] + [args.max]
+    steps = sorted(set(steps))
+    _, warm = fleet.start(FN, 1, 1, label="warm-up")
+    hpid = host_pid(c)
+    if hpid is None:
+        raise BenchError("no node host pid file")
+    time.sleep(SETTLE)
+    base = proc_memory(hpid)
+    assert c.process is not None
+    ctrd_base = proc_memory(c.process.pid)
+    max_maps = read_int("/proc/sys/vm/max_map_count")
+    nofile = open_file_limit(hpid)
+    port = c.host_port("http")
+    out: dict[str, Any] = {
+        "max": args.max,
+        "clients": args.clients,
+        "vm_max_map_count": max_maps,
+        "host_open_file_limit": nofile,
+        "host_base": base,
+        "containerd_base": ctrd_base,
+        "steps": [],
+    }
+    ids: list[str] = []
+    per_fn_maps, per_fn_fds = 3.0, 1.0  # until measured
+    rng = random.Random(1)
+    for n in steps:
+        add = n - len(ids)
+        caps = []
+        if max_maps:
+            caps.append(("vm.max_map_count", (max_maps - base["maps"]) / per_fn_maps))
+        if nofile:
+            caps.append(("open files", (nofile - base["fds"]) / per_fn_fds))
+        blocked = [(what, cap) for what, cap in caps if n > 0.95 * cap]
+        if blocked:
+            what, cap = blocked[0]
+            out["stopped"] = f"{n} functions would cross the host's {what} limit (~{cap:,.0f} functions)"
+            break
+        result, new = fleet.start(FN, add, args.clients, label=f"step {n}")
+        ids += new
+        time.sleep(SETTLE)
+        mem = proc_memory(hpid)
+        ctrd = proc_memory(c.process.pid)
+        per_fn_maps = max(0.5, (mem["maps"] - base["maps"]) / n)
+        per_fn_fds = max(0.5, (mem["fds"] - base["fds"]) / n)
+        note(f"  step {n}: probing latency", fleet.progress)
+        probe = sweep(port, rng.sample(ids, min(SWEEP, len(ids))))
+        target = ids[-1]
+        wrk = run_wrk(
+            f"http://127.0.0.1:{port}/?name={NAME}",
+            function_id=target,
+            duration=args.probe_seconds,
+            connections=32,
+            threads=1,
+            pid=hpid,
+        )
+        list_s, running = timed_list(fleet)
+        if running < n + len(warm):
+            raise BenchError(f"only {running} tasks RUNNING, expected {n + len(warm)}")
+        summary = result.summary()
+        summary["ctr_run_ms"].pop("samples")
+        step = {
+            "n": n,
+            "added": add,
+            "start": summary,
+            "host": mem,
+            "containerd": ctrd,
+            "per_function": {
+                "rss": (mem["rss"] - base["rss"]) / n,
+                "uss": (mem["uss"] - base["uss"]) / n,
+                "maps": per_fn_maps,
+                "fds": per_fn_fds,
+                "threads": (mem["threads"] - base["threads"]) / n,
+            },
+            "containerd_rss_per_container": (ctrd["rss"] - ctrd_base["rss"]) / n,
+            "sweep": probe,
+            "wrk": {k: v for k, v in wrk.items() if k != "output"},
+            "ctr_tasks_ls_s": list_s,
+        }
+        out["steps"].append(step)
+        clear_note(fleet.progress)
+    if out["steps"]:
+        last = out["steps"][-1]["per_function"]
+        out["projected_max_functions"] = {
+            "vm.max_map_count": None if not max_maps else (max_maps - base["maps"]) / last["maps"],
+            "open files": None if not nofile else (nofile - base["fds"]) / last["fds"],
+        }
+    note(f"  deleting {len(ids) + len(warm)} containers", fleet.progress)
+    began = time.perf_counter()
+    fleet.delete(clients=args.clients)
+    out["teardown_s"] = time.perf_counter() - began
+    out["teardown_per_s"] = (len(ids) + len(warm)) / out["teardown_s"]
+    clear_note(fleet.progress)
+    return out
+
+
+def report(results: dict[str, Any]) -> str:
+    lines = [
+        f"scale: idle fn-hello function modules in one node host, started with {results['clients']} "
+        f"parallel `ctr run -d` clients ({results['containerd']}, {results['cpus']} CPUs)",
+        f"  vm.max_map_count = {results['vm_max_map_count']}, host open-file limit = "
+        f"{results['host_open_file_limit']}; host at baseline (1 warm-up function): "
+        f"{results['host_base']['rss'] / 2**20:.1f} MiB RSS, {results['host_base']['maps']} mappings, "
+        f"{results['host_base']['fds']} fds",
+        "",
+        f"  {'N':>6}{'start/s':>8}{'ctr p50':>8}{'p90':>6}"
+        f"{'KiB/fn':>8}{'USS':>6}{'maps':>6}{'fds':>5}{'host MiB':>9}{'ctrd MiB':>9}"
+        f"{'wrk r/s':>8}{'p50':>6}{'p99':>6}{'sweep p50':>10}{'p99':>6}{'max':>6}{'ls s':>6}",
+    ]
+    for s in results["steps"]:
+        st, pf, w, sw = s["start"], s["per_function"], s["wrk"], s["sweep"]
+        pct, run = w["percentiles_ms"], st["ctr_run_ms"]
+        lines.append(
+            f"  {s['n']:>6}{st['rate_per_s']:8.1f}{run['median']:8.0f}{run['p90']:6.0f}"
+            f"{pf['rss'] / KiB:8.1f}{pf['uss'] / KiB:6.1f}{pf['maps']:6.2f}{pf['fds']:5.2f}"
+            f"{s['host']['rss'] / 2**20:9.1f}{s['containerd']['rss'] / 2**20:9.1f}"
+            f"{w['rps']:8,.0f}{pct.get('50', float('nan')):6.2f}{pct.get('99', float('nan')):6.2f}"
+            f"{sw['p50_ms']:10.2f}{sw['p99_ms']:6.2f}{sw['max_ms']:6.1f}{s['ctr_tasks_ls_s']:6.2f}"
+        )
+    lines += [
+        "  (start/s: the step's new containers until all RUNNING; ctr: ms of one `ctr run -d`; KiB/fn, USS,",
+        "   maps, fds: host growth per function since the baseline; wrk: -c32 against one function, ms;",
+        f"   sweep: one request each to up to {SWEEP} random functions, ms; ls s: `ctr tasks ls`)",
+    ]
+    proj = results.get("projected_max_functions")
+    if proj:
+        parts = [f"{what}: ~{cap:,.0f}" for what, cap in proj.items() if cap]
+        lines.append("  projected functions per host before a limit: " + ", ".join(parts))
+    if results.get("stopped"):
+        lines.append(f"  stopped early: {results['stopped']}")
+    lines.append(
+        f"  teardown: {results['teardown_s']:.1f} s ({results['teardown_per_s']:.0f} containers/s, "
+        f"`ctr tasks delete -f` + `ctr containers delete` in batches of 50, {results['clients']} clients)"
+    )
+    lines += load_note(results)
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.bench.scale",
+        description="Start rate, memory per function and request latency at 10, 100, 1000 (and up to "
+        "--max) idle function modules in one node host.",
+    )
+    parser.add_argument("--max", type=positive, default=1000, help="largest population (1000; try 10000)")
+    parser.add_argument("--clients", type=positive, default=8, help="parallel ctr clients (8)")
+    parser.add_argument("--probe-seconds", type=positive, default=3, help="wrk seconds per step (3)")
+    common_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not shutil.which("wrk"):
+        print("scale: wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
+        return 2
+    status, results = run_fleet_benchmark("scale", args, (FN,), lambda c, fleet: grow(c, fleet, args))
+    if results is None:
+        return status
+    print(report(results))
+    write_json(args.json, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
