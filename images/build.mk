@@ -61,3 +61,6 @@ $(patsubst %,$(WASM_OUT)/%.wasm,$(WASM_FN_SDK)): $(WASM_OUT)/%.wasm: tests/modul
 
 $(patsubst %,$(WASM_OUT)/%.wasm,$(WASM_FN_NOSDK)): $(WASM_OUT)/%.wasm: tests/modules/%.c | $(WASM_OUT)
 	$(WASM_REACTOR_CC) $(WASM_CFLAGS) -o $@ $<
+
+# The guest SDKs' examples (examples/: C, Rust, AssemblyScript, Layotto's own ABI).
+include images/sdk.mk

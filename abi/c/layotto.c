@@ -83,9 +83,18 @@ static int grow(uint8_t **buf, uint32_t *cap, uint64_t need) {
 
 /* ---- allocator export ---- */
 
+/* One byte more than asked, set to NUL: every buffer the host hands over (the request,
+ * results of the Runtime ABI calls in layotto_sdk.h) is NUL-terminated without a copy. */
 __attribute__((export_name("proxy_on_memory_allocate"))) uint32_t
 proxy_on_memory_allocate(uint32_t size) {
-    return (uint32_t)(uintptr_t)malloc(size);
+    if (size == UINT32_MAX) {
+        return 0;
+    }
+    uint8_t *p = malloc((size_t)size + 1);
+    if (p != NULL) {
+        p[size] = 0;
+    }
+    return (uint32_t)(uintptr_t)p;
 }
 
 /* ---- request ---- */
