@@ -1,4 +1,4 @@
-# The guest SDKs (abi/) and the example functions built on them (examples/).
+# The guest SDKs (abi/) and the example functions built on them (images/examples/).
 # Included by images/build.mk; paths are relative to the repository root.
 #
 #   make modules     also builds every example into $(WASM_OUT):
@@ -29,17 +29,17 @@ SDK_C_EXAMPLES := faas_fn1 faas_fn2 pubsub_subscriber lock_example
 
 # Function modules on the C SDK: reactors exporting layotto_http_handle.
 define SDK_C_RULE
-$(WASM_OUT)/$(1).wasm: examples/$(1)/$(1).c $(SDK_C_DEPS) | $(WASM_OUT)
+$(WASM_OUT)/$(1).wasm: images/examples/$(1)/$(1).c $(SDK_C_DEPS) | $(WASM_OUT)
 	$$(WASM_REACTOR_CC) $$(WASM_CFLAGS) -I abi/include -o $$@ $$< $(SDK_C_SRC)
 endef
 $(foreach m,$(SDK_C_EXAMPLES),$(eval $(call SDK_C_RULE,$(m))))
 
 # Layotto's own ABI (module env, proxy-wasm callbacks), no SDK: layotto_fn1 is a WASI command
 # (`_start`, like the TinyGo function_1 of Layotto's demo), layotto_fn2 a reactor.
-$(WASM_OUT)/layotto_fn1.wasm: examples/layotto_fn1/layotto_fn1.c | $(WASM_OUT)
+$(WASM_OUT)/layotto_fn1.wasm: images/examples/layotto_fn1/layotto_fn1.c | $(WASM_OUT)
 	$(WASM_CC) -Wl,--strip-debug $(WASM_CFLAGS) -o $@ $<
 
-$(WASM_OUT)/layotto_fn2.wasm: examples/layotto_fn2/layotto_fn2.c | $(WASM_OUT)
+$(WASM_OUT)/layotto_fn2.wasm: images/examples/layotto_fn2/layotto_fn2.c | $(WASM_OUT)
 	$(WASM_REACTOR_CC) $(WASM_CFLAGS) -o $@ $<
 
 # ---- Rust -----------------------------------------------------------------------------------
@@ -61,7 +61,7 @@ $(SDK_RUST_LIB): abi/rust/layotto/src/lib.rs
 	$(WASM_RUST) --crate-type rlib --crate-name layotto -o $@ $<
 
 define SDK_RUST_RULE
-$(WASM_OUT)/$(1).wasm: examples/$(1)/$(1).rs $(SDK_RUST_LIB) | $(WASM_OUT)
+$(WASM_OUT)/$(1).wasm: images/examples/$(1)/$(1).rs $(SDK_RUST_LIB) | $(WASM_OUT)
 	$$(WASM_RUST) --crate-type cdylib --extern layotto=$(SDK_RUST_LIB) \
 		-C link-arg=$$(WASM_RUST_CRT) -o $$@ $$<
 endef
@@ -83,7 +83,7 @@ $(SDK_AS_STAMP): $(SDK_AS_DIR)/package.json $(SDK_AS_DIR)/package-lock.json
 	@touch $@
 
 define SDK_AS_RULE
-$(WASM_OUT)/$(1).wasm: examples/$(1)/$(1).ts $(SDK_AS_SRC) $(SDK_AS_STAMP) | $(WASM_OUT)
+$(WASM_OUT)/$(1).wasm: images/examples/$(1)/$(1).ts $(SDK_AS_SRC) $(SDK_AS_STAMP) | $(WASM_OUT)
 	$$(ASC) $$< -o $$@ $$(WASM_ASCFLAGS)
 endef
 $(foreach m,$(SDK_AS_EXAMPLES),$(eval $(call SDK_AS_RULE,$(m))))
