@@ -5,8 +5,8 @@
 //
 // `name` comes from the query string, else from a `name=...` body (Layotto's demo sends the
 // query string as the body). 400 without a name, 404 when id_2 or the book is unknown.
-import { Request, Response, handle, invoke, lastStatus, statusName, text, utf8, queryParam, Status } from "../../abi/assemblyscript/assembly/layotto";
-export { layotto_http_handle, proxy_on_memory_allocate } from "../../abi/assemblyscript/assembly/layotto";
+import { Request, Response, handle, invoke, lastStatus, statusName, text, utf8, queryParam, Status } from "../../../abi/assemblyscript/assembly/layotto";
+export { layotto_http_handle, proxy_on_memory_allocate } from "../../../abi/assemblyscript/assembly/layotto";
 
 handle((req: Request): Response => {
   let name = req.queryParam("name");

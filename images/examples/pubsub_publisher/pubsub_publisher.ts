@@ -8,8 +8,8 @@
 //
 // Answers 200 "published <n> bytes to <pubsub>/<topic>", 400 without a message, 502 when the
 // publish fails. pubsub_subscriber (topic `orders`) stores what it receives.
-import { Request, Response, handle, publish, statusName, utf8, log, Level } from "../../abi/assemblyscript/assembly/layotto";
-export { layotto_http_handle, proxy_on_memory_allocate } from "../../abi/assemblyscript/assembly/layotto";
+import { Request, Response, handle, publish, statusName, utf8, log, Level } from "../../../abi/assemblyscript/assembly/layotto";
+export { layotto_http_handle, proxy_on_memory_allocate } from "../../../abi/assemblyscript/assembly/layotto";
 
 handle((req: Request): Response => {
   const pubsub = req.queryParam("pubsub", "pub_subs_demo")!;
