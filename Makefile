@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 WASM_OUT ?= build/wasm
-APT_PACKAGES := containerd runc clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt busybox-static hyperfine docker-registry shellcheck redis-server rustc libstd-rust-dev-wasm32
+APT_PACKAGES := containerd runc clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt busybox-static hyperfine docker-registry shellcheck redis-server rustc libstd-rust-dev-wasm32 curl wrk
 
 include images/build.mk
 
@@ -15,7 +15,7 @@ all: venv modules
 # System packages: installed only when a tool is missing (needs root and Debian's apt).
 deps:
 	@missing=""; \
-	for tool in containerd:containerd ctr:containerd runc:runc clang:clang wasm-ld:lld wat2wasm:wabt busybox:busybox-static hyperfine:hyperfine docker-registry:docker-registry shellcheck:shellcheck redis-server:redis-server; do \
+	for tool in containerd:containerd ctr:containerd runc:runc clang:clang wasm-ld:lld wat2wasm:wabt busybox:busybox-static hyperfine:hyperfine docker-registry:docker-registry shellcheck:shellcheck redis-server:redis-server curl:curl wrk:wrk; do \
 	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool#*:}"; \
 	done; \
 	[ -e /usr/lib/wasm32-wasi/libc.a ] || [ -e /usr/lib/wasm32-wasi/crt1.o ] || missing="$$missing wasi-libc"; \
@@ -43,7 +43,8 @@ build/hello.tar: $(WASM_OUT)/hello.wasm venv
 
 images: build/hello.tar
 
-# Builds hello, starts a private containerd with the layotto runtime, runs hello through ctr.
+# Runs hello through ctr, then Layotto's FaaS quickstart through CRI (function_1 invokes
+# function_2, which reads book1 from the state store), on a private containerd.
 demo: deps venv modules images
 	$(VPY) -m tests.demo
 

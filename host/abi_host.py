@@ -141,7 +141,7 @@ class AbiContext:
         metadata = getattr(self.components, "metadata", None)
         if callable(metadata):
             try:
-                mode = (metadata(kind, store) or {}).get("keyPrefix", "appid")
+                mode = str((metadata(kind, store) or {}).get("keyPrefix", "appid")).lower()
             except Exception:
                 mode = "appid"
         if mode == "none":
@@ -607,7 +607,8 @@ class HostInvoker:
             if response.status == 404:
                 raise AbiStatus("NOT_FOUND", f"{target} answered 404")
             if response.status >= 400:
-                raise AbiStatus("INTERNAL_FAILURE", f"{target} answered {response.status}")
+                reason = response.body[:200].decode(errors="replace").strip()
+                raise AbiStatus("INTERNAL_FAILURE", f"{target} answered {response.status}: {reason}")
             return response.body
         base = self.apps.get(target)
         if base is None:

@@ -150,12 +150,18 @@ def encode_request(req: Request) -> bytes:
     )
 
 
+_STDOUT_STREAMS = frozenset({"stdout", "trace", "debug", "info", "warn"})
+
+
 class FunctionLog:
     """The last lines a function wrote (stdout, stderr, traps), for `layotto logs`."""
 
     def __init__(self, limit: int = 500) -> None:
         self.lines: collections.deque[str] = collections.deque(maxlen=limit)
         self._partial = {"stdout": b"", "stderr": b""}
+        # The container's own stdout/stderr (containerd's fifos, so `kubectl logs` and
+        # `ctr` see the function's output too); set by the Task service.
+        self.sinks: dict[str, Callable[[bytes], None]] = {}
 
     def writer(self, stream: str) -> Callable[[bytes], None]:
         def write(data: bytes) -> None:
@@ -169,6 +175,12 @@ class FunctionLog:
 
     def add(self, stream: str, line: str) -> None:
         self.lines.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {stream} {line}")
+        if self.sinks:
+            # The module's own output and its log calls go to stdout; what the host says
+            # about it (traps, denied calls, deadlines) goes to stderr.
+            sink = self.sinks.get("stdout" if stream in _STDOUT_STREAMS else "stderr")
+            if sink is not None:
+                sink(line.encode() + b"\n")
 
 
 class Instance:

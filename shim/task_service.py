@@ -24,7 +24,7 @@ from layotto.host.engine import CompiledModule, PoolSettings
 from layotto.host.errors import ModuleError
 from layotto.host.function import DEFAULT_MEMORY_LIMIT, Function, Request, is_function_module
 from layotto.host.ingress import FunctionRegistry
-from layotto.host.nanoprocess import ExitInfo, Nanoprocess, ProcessSpec
+from layotto.host.nanoprocess import ExitInfo, Nanoprocess, Output, ProcessSpec
 from layotto.host.runtime import NodeRuntime
 from layotto.shim import bundle as oci
 from layotto.shim.content import MAX_MODULE_BYTES, ContainerdContent
@@ -74,6 +74,7 @@ class Task:
     proc: Nanoprocess | None = None
     function: Function | None = None  # a function module serving HTTP requests
     unsubscribe: list = field(default_factory=list)  # pub/sub subscriptions to cancel
+    outputs: list = field(default_factory=list)  # a function's stdio, closed when it stops
     exit_status: int = 0
     exited_at: float | None = None
     exit_reason: str = ""
@@ -413,6 +414,7 @@ class TaskService:
         if not fn.id:
             fn.id = fallback_id
             fn.app_id = fn.app_id or fallback_id
+        self._wire_output(task, fn)
         task.function = fn
         assert self.functions is not None
         self.functions.add(fn)
@@ -423,6 +425,18 @@ class TaskService:
             fn.id,
             "fresh instances" if fn.fresh else f"pool {fn.pool_size}",
         )
+
+    @staticmethod
+    def _wire_output(task: Task, fn: Function) -> None:
+        """Send the function's output lines to the container's stdout/stderr as well."""
+        try:
+            out = Output(task.stdout)
+            err = Output(task.stderr) if task.stderr and task.stderr != task.stdout else out
+        except OSError as exc:
+            log.warning("%s: cannot open the container's stdio: %s", fn.name, exc)
+            return
+        fn.log.sinks = {"stdout": out.write, "stderr": err.write}
+        task.outputs = [out, err]
 
     @staticmethod
     def _app_id(task: Task) -> str:
@@ -519,6 +533,9 @@ class TaskService:
             for cancel in task.unsubscribe:
                 cancel()
             task.function.stop()
+            task.function.log.sinks = {}
+            for out in task.outputs:
+                out.close()
             if self.functions is not None:
                 self.functions.remove(task.function)
             self._on_exit(task, ExitInfo(128 + req.signal, time.time(), f"stopped by signal {req.signal}"))

@@ -383,7 +383,9 @@ def test_cpu_limit_throttles_a_busy_loop(kubelet: Kubelet) -> None:
             break
     client.stop_container(unlimited, timeout=2)
     print(f"CPU use: limited to 100m {share:.1%} of a core, unlimited {full:.1%}")
-    assert full > 0.5, f"an unlimited busy loop used only {full:.1%} of a core"
+    # Under load the unlimited loop may not get half a core, but it must get several times
+    # what the limited one is allowed: the throttle, not the machine, holds the limited one.
+    assert full > max(0.3, 2.5 * share), f"an unlimited busy loop used only {full:.1%} of a core"
 
 
 # --------------------------------------------------------------------------- bad input
