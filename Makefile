@@ -59,7 +59,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check .
 
 bench: deps venv modules
-	$(VPY) -m tests.bench.coldstart
+	$(VPY) -m tests.bench
 
 clean:
 	rm -rf build .pytest_cache

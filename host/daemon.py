@@ -64,7 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bytes of compiled modules kept on disk (least recently used evicted)",
     )
     parser.add_argument(
-        "--body-limit", type=int, default=DEFAULT_BODY_LIMIT, help="largest request body (bytes)"
+        "--body-limit",
+        type=int,
+        default=int(os.environ.get("LAYOTTO_BODY_LIMIT", DEFAULT_BODY_LIMIT)),
+        help="largest request body (bytes)",
     )
     parser.add_argument(
         "--components",
@@ -75,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--app",
         action="append",
-        default=[],
+        default=[a for a in os.environ.get("LAYOTTO_APPS", "").split(",") if a],
         metavar="ID=URL",
         help="a non-wasm application functions may invoke by id (repeatable)",
     )
