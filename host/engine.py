@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 WASM_MAGIC = b"\0asm"
 WASI_MODULES = frozenset({"wasi_snapshot_preview1", "wasi_unstable"})
 
-ENGINE_SETTINGS = "epoch_interruption=1;cranelift_opt_level=speed"
+MAX_WASM_STACK = 512 << 10  # bytes of native stack wasm may use (deeper recursion traps)
+ENGINE_SETTINGS = f"epoch_interruption=1;cranelift_opt_level=speed;max_wasm_stack={MAX_WASM_STACK}"
 DEFAULT_CACHE_LIMIT = 1 << 30  # bytes of compiled modules kept on disk
 
 
@@ -99,6 +100,7 @@ def _config(pooling: PoolSettings | None) -> wasmtime.Config:
     config = wasmtime.Config()
     config.epoch_interruption = True
     config.cranelift_opt_level = "speed"
+    config.max_wasm_stack = MAX_WASM_STACK
     if pooling is not None:
         pool = ffi.wasmtime_pooling_allocation_config_new()
         ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, pooling.instances)

@@ -143,6 +143,12 @@ _export_get = ctypes.CFUNCTYPE(ctypes.c_bool, _vp, _vp, ctypes.c_char_p, ctypes.
 _set_wasi = ctypes.CFUNCTYPE(_vp, _vp, _vp)(("wasmtime_context_set_wasi", ffi.dll))
 _error_new = ctypes.CFUNCTYPE(_vp, ctypes.c_char_p)(("wasmtime_error_new", ffi.dll))
 
+# Per-store limits besides memory (a module needing more fails to instantiate, clearly).
+TABLE_ELEMENTS = 100_000
+INSTANCES = 4
+TABLES = 8
+MEMORIES = 4
+
 EXTERN_FUNC = 0
 EXTERN_MEMORY = 3
 
@@ -154,10 +160,12 @@ _next_key = iter(range(1, 1 << 62))
 @ctypes.CFUNCTYPE(ctypes.c_size_t, _vp, _vp, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint8))
 def _on_epoch_deadline(_ctx, env, delta, kind):  # noqa: ANN001, ANN202
     handler = _deadline_handlers.get(env or 0)
-    reason = handler() if handler is not None else "killed"  # type: ignore[operator]
-    if reason:
-        return _error_new(f"layotto: {reason}".encode()) or 0
-    delta[0] = 1 << 40
+    verdict = handler() if handler is not None else "killed"  # type: ignore[operator]
+    if isinstance(verdict, str):
+        return _error_new(f"layotto: {verdict}".encode()) or 0
+    # Keep running: look again after ``verdict`` more ticks (an epoch bump that was not
+    # this store's deadline, e.g. another module's kill, lands here).
+    delta[0] = verdict if isinstance(verdict, int) and verdict > 0 else 1 << 40
     kind[0] = 0
     return 0
 
@@ -192,7 +200,7 @@ class RawStore:
         self._externs: list[ffi.wasmtime_extern_t] = []
         _deadline_handlers[self.key] = on_deadline
         try:
-            _store_limiter(self.store, memory_limit, -1, -1, -1, -1)
+            _store_limiter(self.store, memory_limit, TABLE_ELEMENTS, INSTANCES, TABLES, MEMORIES)
             _store_epoch_callback(self.store, _EPOCH_CALLBACK_ADDR, self.key, None)
             _set_deadline(self.ctx, 1 << 40)
             if wasi is not None:

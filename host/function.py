@@ -59,7 +59,10 @@ HANDLER_EXPORT = "layotto_http_handle"
 ALLOCATORS = ("proxy_on_memory_allocate", "malloc")
 DEFAULT_MEMORY_LIMIT = 128 << 20
 TICK = 0.005  # seconds per epoch tick (the engine's ticker) while functions exist
-INLINE_BUDGET_TICKS = 2  # an inline call may run 5-10 ms before it moves to threads
+INLINE_BUDGET_TICKS = 2  # first look after 5-10 ms ...
+INLINE_BUDGET = 0.010  # ... an inline call may run 10 ms before its function moves to threads
+BACK_INLINE_AFTER = 2000  # consecutive fast calls on threads before a function returns inline
+FAST_CALL = 0.001
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 _HEADER = struct.Struct("<5I")
@@ -191,6 +194,7 @@ class Instance:
         self.deadline_kind = "inline"
         self.ticker = fn.engine.ticker
         self._deadline_at = -1
+        self._started = 0.0
         self.calls = 0
         wasi = None
         if fn.needs_wasi:
@@ -228,16 +232,24 @@ class Instance:
             self.raw.delete()
             raise
 
-    def _on_deadline(self) -> str | None:
+    def _on_deadline(self) -> str | int:
+        """Called on the calling thread when the store's epoch deadline passes: a reason to
+        stop the call, or the number of ticks after which to look again. Budgets are
+        checked against the clock, so an epoch bump from elsewhere (another module's kill,
+        a ticker running late) never cuts a call short."""
         if self.fn.stopped:
             return "killed"
-        return "inline budget" if self.deadline_kind == "inline" else "deadline"
+        elapsed = time.perf_counter() - self._started
+        if self.deadline_kind == "inline":
+            return "inline budget" if elapsed >= INLINE_BUDGET else 1
+        return "deadline" if elapsed >= self.fn.timeout else 1
 
     def close(self) -> None:
         """Free the Store (its linear memory) now rather than at garbage collection."""
         self.raw.delete()
 
     def _arm(self, ticks: int, kind: str) -> None:
+        self._started = time.perf_counter()
         # Resetting the deadline is needed only once the ticker has moved on since the
         # last reset (it ticks far less often than requests arrive).
         now = self.ticker.ticks
@@ -267,7 +279,11 @@ class Instance:
         self.calls += 1
         size = len(payload)
         self._arm(ticks, kind)  # the budget covers the allocation too
-        ptr = self.alloc.call1(size)
+        try:
+            ptr = self.alloc.call1(size)
+        except wasmtime.WasmtimeError as exc:
+            self._classify(exc)
+            raise
         if not ptr:
             raise MemoryError("the function's allocator returned 0 (out of memory)")
         view = self.memory.view()
@@ -331,6 +347,7 @@ class ProxyInstance(Instance):
         self.deadline_kind = "thread"
         self.ticker = fn.engine.ticker
         self._deadline_at = -1
+        self._started = 0.0
         self.calls = 0
         self._next_context = self.ROOT + 1
         wasi = None
@@ -501,6 +518,7 @@ class Function:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
         self._waiting = 0
+        self._fast_streak = 0
         self._slots: asyncio.Semaphore | None = None
         try:
             self.pre = linker.instantiate_pre(compiled.module)
@@ -615,7 +633,10 @@ class Function:
             self.log.add("host", f"bad response: {exc}; instance replaced")
             return Response(500, body=f"function failed: {exc}\n".encode())
         finally:
-            self.stats.cpu_seconds += clock() - cpu
+            spent = clock() - cpu
+            self.stats.cpu_seconds += spent
+            if kind == "thread":
+                self._fast_streak = self._fast_streak + 1 if spent < FAST_CALL else 0
         self._give_back(instance, healthy=True)
         return response
 
@@ -641,6 +662,14 @@ class Function:
         started = time.perf_counter()
         response = await self._invoke_threaded(request)
         self.stats.observe(response.status, time.perf_counter() - started)
+        if not self.uses_abi:
+            # A function moved to threads by one slow call (or a busy machine) comes back
+            # to the inline path once its calls have been consistently fast again.
+            if self._fast_streak >= BACK_INLINE_AFTER:
+                self._fast_streak = 0
+                self.threaded = False
+                self.log.add("host", f"{BACK_INLINE_AFTER} fast calls in a row: back to inline calls")
+                log.info("function %s back to inline calls", self.id)
         return response
 
     async def invoke(self, request: Request) -> Response:

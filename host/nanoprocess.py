@@ -27,6 +27,7 @@ from wasmtime import _bindings as ffi
 from layotto.host.abi_host import AbiContext, WasmtimeMemory, calling, wasmtime_allocator
 from layotto.host.engine import CompiledModule, WasmEngine
 from layotto.host.errors import ModuleError
+from layotto.host.fastcall import INSTANCES, MEMORIES, TABLE_ELEMENTS, TABLES
 from layotto.host.function import FunctionLog
 
 log = logging.getLogger(__name__)
@@ -383,8 +384,13 @@ class Nanoprocess:
     def _configure(self) -> wasmtime.Store:
         spec = self.spec
         store = wasmtime.Store(self.engine.engine)
-        if spec.memory_limit:
-            store.set_limits(memory_size=spec.memory_limit)
+        store.set_limits(
+            memory_size=spec.memory_limit or -1,
+            table_elements=TABLE_ELEMENTS,
+            instances=INSTANCES,
+            tables=TABLES,
+            memories=MEMORIES,
+        )
         store.set_epoch_deadline(1)
         ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), self._epoch_cb, None, _NO_FINALIZER)
         wasi = wasmtime.WasiConfig()

@@ -1,11 +1,12 @@
 """Every benchmark in sequence (``make bench``): ``python -m tests.bench [--only a,b] [--quick]``.
 
-Runs coldstart, density, startrate, invoke and scale one after the other, each with its
-own private containerd (stopped at its end, also on failure), writes each one's numbers to
-``<json-dir>/<name>.json`` (default build/bench) and ends with a one-line verdict per
-benchmark against its targets. Missing a target is informational; the exit status is
-non-zero only when a benchmark could not run or failed (1), or when asked for an unknown
-benchmark (2). ``--quick`` runs every benchmark small (a smoke test, not a measurement).
+Runs coldstart, density, startrate, invoke and scale, then any other benchmark module in
+this package (alphabetically), one after the other, each with its own private containerd
+(stopped at its end, also on failure). Each one's numbers go to ``<json-dir>/<name>.json``
+(default build/bench); a one-line verdict per benchmark against its targets ends the run.
+Missing a target is informational; the exit status is non-zero only when a benchmark could
+not run or failed (1), or when asked for an unknown benchmark (2). ``--quick`` runs every
+benchmark small (a smoke test, not a measurement).
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ORDER = ("coldstart", "density", "startrate", "invoke", "scale")
+
+
+def discover() -> list[str]:
+    """ORDER first, then any other benchmark module in this package (alphabetically)."""
+    here = Path(__file__).resolve().parent
+    extra = sorted(p.stem for p in here.glob("*.py") if not p.stem.startswith("_") and p.stem not in ORDER)
+    return [*ORDER, *extra]
+
+
 QUICK = {
+    "abi": ["--duration", "2", "--micro-seconds", "0.2"],
     "coldstart": ["--runs", "5", "--shim-runs", "5"],
     "density": ["--n", "20", "--runc-n", "4"],
     "startrate": ["--n", "24"],
@@ -61,11 +72,13 @@ def verdict(name: str, path: Path) -> str:
             return "no steps"
         last = data["steps"][-1]
         return (
-            f"N={last['n']}: {last['start']['rate_per_s']:.0f} starts/s, "
+            f"N={last['n']:,}: {last['start']['rate_per_s']:.0f} starts/s, "
             f"{last['per_function']['rss'] / 1024:.1f} KiB/fn, sweep p99 {last['sweep']['p99_ms']:.2f} ms"
             + (f"; stopped: {data['stopped']}" if data.get("stopped") else "")
         )
-    return ""
+    if "pass" in data:
+        return _pm(bool(data["pass"]))
+    return "done"
 
 
 def _pm(ok: bool) -> str:
@@ -75,12 +88,12 @@ def _pm(ok: bool) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m tests.bench",
-        description="Run every layotto benchmark in sequence: " + ", ".join(ORDER) + ".",
+        description="Run every layotto benchmark in sequence: " + ", ".join(discover()) + ".",
     )
     parser.add_argument(
         "--only",
         type=lambda s: [x for x in s.split(",") if x],
-        default=list(ORDER),
+        default=None,
         help="comma-separated subset, run in the usual order (all)",
     )
     parser.add_argument(
@@ -97,23 +110,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    unknown = [name for name in args.only if name not in ORDER]
+    names = discover()
+    only = names if args.only is None else args.only
+    unknown = [name for name in only if name not in names]
     if unknown:
-        print(f"unknown benchmarks {unknown}: choose from {', '.join(ORDER)}", file=sys.stderr)
+        print(f"unknown benchmarks {unknown}: choose from {', '.join(names)}", file=sys.stderr)
         return 2
-    selected = [name for name in ORDER if name in args.only]
+    selected = [name for name in names if name in only]
     statuses: dict[str, tuple[int, float]] = {}
     for name in selected:
-        bench_args = list(QUICK[name]) if args.quick else []
+        module = importlib.import_module(f"tests.bench.{name}")
+        if not callable(getattr(module, "main", None)):
+            continue  # a helper module, not a benchmark
+        bench_args = list(QUICK.get(name, [])) if args.quick else []
         if name == "scale" and args.scale_max is not None:
             bench_args += ["--max", str(args.scale_max)]
         json_path = args.json_dir / f"{name}.json"
         json_path.unlink(missing_ok=True)
         bench_args += ["--json", str(json_path)]
-        if args.quiet:
+        if args.quiet and name in ORDER:
             bench_args.append("--quiet")
         print(f"\n===== {name} {' '.join(bench_args)}", flush=True)
-        module = importlib.import_module(f"tests.bench.{name}")
         began = time.monotonic()
         try:
             status = module.main(bench_args)

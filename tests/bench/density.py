@@ -14,7 +14,10 @@
    b. one request to each of them through the HTTP ingress (an instance that has run once
       has touched more of its memory);
    c. N sleeper command modules (each a nanoprocess blocked in a WASI sleep);
-   d. everything deleted again: what the host keeps afterwards;
+   d. all of them deleted: what the host keeps afterwards; then the same cycle again
+      (a second rise tells a leak from memory the allocator keeps for reuse);
+   and the growth split by kind of mapping (/proc/<pid>/smaps): thread stacks, wasm
+   memory images, other anonymous memory, files;
 4. runc: M busybox ``sleep`` containers (``ctr run -d``), then the memory of every
    ``containerd-shim-runc-v2`` (one per container) and of the containers' own processes;
 5. prints per-container growth and the ratio runc-shim-RSS / layotto-host-RSS-growth against
@@ -46,7 +49,6 @@ from tests.bench.startrate import (
     load_note,
     memory_delta,
     positive,
-    ppid_of,
     proc_memory,
     run_fleet_benchmark,
     write_json,
@@ -124,22 +126,6 @@ def containerd_reading(c: Containerd) -> dict[str, int]:
     return proc_memory(c.process.pid)
 
 
-def runc_shims(fleet: Fleet, ids: Sequence[str]) -> tuple[list[int], list[int]]:
-    """(shim pids, container init pids) of the runc containers *ids*."""
-    pids = fleet.task_pids()
-    inits = [pids[cid] for cid in ids if cid in pids]
-    shims = []
-    for pid in inits:
-        shim = ppid_of(pid)
-        with open(f"/proc/{shim}/cmdline", "rb") as f:
-            if b"containerd-shim-runc-v2" not in f.read():
-                raise BenchError(f"the parent of container process {pid} is not containerd-shim-runc-v2")
-        shims.append(shim)
-    if len(inits) != len(ids) or len(set(shims)) != len(ids):
-        raise BenchError(f"expected one shim per runc container, found {len(set(shims))} for {len(ids)}")
-    return shims, inits
-
-
 def summed(pids: Sequence[int]) -> dict[str, int]:
     total: dict[str, int] = {}
     for pid in pids:
@@ -187,7 +173,7 @@ def measure(c: Containerd, fleet: Fleet, args: argparse.Namespace) -> dict[str, 
     ctrd["runc_base"] = containerd_reading(c)
     _, runc_ids = fleet.start(RUNC, args.runc_n, clients, label=f"{args.runc_n} runc")
     time.sleep(SETTLE)
-    shims, inits = runc_shims(fleet, runc_ids)
+    shims, inits = fleet.runc_shims(runc_ids)
     runc_shim = summed(shims)
     runc_init = summed(inits)
     ctrd["runc"] = containerd_reading(c)

@@ -3,28 +3,31 @@
 ``python -m tests.bench.invoke [--duration S] [--connections C] [--json PATH]``:
 
 1. in this process, without containerd: builds a :class:`layotto.host.function.Function`
-   on fn-hello with :class:`layotto.host.runtime.NodeRuntime`, as the node host does, and
-   times one call at each layer, innermost first (best of several batches, µs per call):
-   a bare call of the module's allocator (stock wasmtime-py ``Func.__call__``, the raw
+   on fn-hello with :class:`layotto.host.runtime.NodeRuntime`, as the task service does,
+   and times one call at each layer, innermost first (best of 5 batches, µs per call): a
+   bare call of the module's allocator (stock wasmtime-py ``Func.__call__``, the raw
    ``RawFunc`` C-API path, the host instance's own entry point); allocate + copy the
    request in + call the handler (no decoding); ``Instance.call`` (adds the ABI's response
    decoding); ``Function.call_inline`` (adds request encoding, the instance pool, stats);
-   and, for the fresh mode, ``call_inline`` on a function that creates an instance per
-   call, plus creating and closing one instance on its own;
-2. the HTTP layer alone: the host's own ingress (``layotto.host.ingress``, under uvloop as
-   in the node host) serving a stub function that returns a constant response without
-   wasm, in a child process, loaded with wrk;
+   for the fresh mode, ``call_inline`` on a function that creates an instance per call,
+   and creating + closing one instance on its own;
+2. a bare ingress: the host's own ``layotto.host.ingress`` under uvloop in a child process
+   of its own (no containerd, no node host), serving (a) a stub that answers without wasm
+   (the HTTP layer alone), (b) a real fn-hello Function, (c) the same with a fresh instance
+   per request; each loaded with wrk like the node host below;
 3. through containerd: starts a private containerd, runs two fn-hello containers with
-   ``ctr run -d`` (``fn-reuse``: default pooled instances; ``fn-fresh``: annotation
-   ``layotto.io/instance-mode=fresh``) and loads each through the ingress with
-   ``wrk -t1 -c32 -d10s --latency`` on loopback (after a 2 s warm-up run), with the node
-   host's CPU time per request; the host's /metrics must count every request as a 200;
+   ``ctr run -d`` (``fn-*``: default pooled instances; ``fn-fresh-*``: annotation
+   ``layotto.io/instance-mode=fresh``) and loads each through the node host's ingress with
+   ``wrk -t1 -c32 -d10s --latency`` on loopback (after a 2 s warm-up run), with the CPU the
+   host, wrk and everything else used; the host's /metrics must count every request, and
+   its admin socket must still show the function on the inline path afterwards;
 4. prints req/s and p50/p99 against the targets (reused >= 50,000 req/s with p99 <= 2 ms;
    fresh >= 25,000 req/s with p99 <= 3 ms; informational: the exit status is 0 either
    way), and the per-request split: HTTP layer vs ABI/copying vs the raw wasm call;
 5. ``--json PATH`` writes every number, wrk's output included.
 
-containerd is always stopped at the end, taking the node host along; the stub is killed.
+containerd is always stopped at the end, taking the node host along; bare ingresses are
+killed after their run.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ import argparse
 import gc
 import http.client
 import inspect
+import json
 import os
 import re
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -54,6 +59,7 @@ from tests.bench.startrate import (
     ensure_modules,
     host_pid,
     load_note,
+    machine_cpu_seconds,
     positive,
     run_fleet_benchmark,
     write_json,
@@ -75,25 +81,46 @@ FRESH = Kind(
 NAME = "bench"
 EXPECTED_BODY = f"Hello, {NAME}!\n".encode()
 
-# The stub server: the host's own ingress with a function that answers without wasm.
-STUB_SERVER = r"""
+# A bare ingress: the host's own HTTP ingress (under uvloop, as in the node host) in a
+# process of its own, without containerd, the Task API or anything else the node host runs.
+# argv[1] "stub": a function that answers a constant response without wasm (the HTTP layer
+# alone); "reuse" / "fresh": a real fn-hello Function built as the task service builds it.
+BARE_INGRESS = r"""
 import asyncio, sys
+from pathlib import Path
 from layotto.host.function import Response
 from layotto.host.ingress import FunctionRegistry, Ingress
 
-RESPONSE = Response(200, [(b"content-type", b"text/plain")], b"Hello, bench!\n")
-
 class Stub:
-    id = "stub"
+    id = "fn"
+    RESPONSE = Response(200, [(b"content-type", b"text/plain")], b"Hello, bench!\n")
     def call_inline(self, request):
-        return RESPONSE
+        return self.RESPONSE
+
+def real(fresh):
+    from layotto.host.function import Function
+    from layotto.host.runtime import NodeRuntime
+    runtime = NodeRuntime(None)
+    compiled = runtime.load(Path(sys.argv[2]), name="fn-hello")
+    engine, linker = runtime.engine, runtime.linker
+    if fresh and hasattr(runtime, "pooled"):
+        engine, linker = runtime.pooled()
+        compiled = runtime.engine.to_pooled(compiled)
+    return Function(name="bench/fn", function_id="fn", engine=engine, linker=linker, compiled=compiled,
+                    argv=["/fn-hello.wasm"], env=[], memory_limit=None, fresh_instances=fresh)
+
+fn = Stub() if sys.argv[1] == "stub" else real(sys.argv[1] == "fresh")
 
 async def main():
     registry = FunctionRegistry()
-    registry.add(Stub())
+    registry.add(fn)
     port = await Ingress(registry).listen("127.0.0.1", 0)
     print(port, flush=True)
-    await asyncio.Event().wait()
+    while True:
+        await asyncio.sleep(0.5)
+        if getattr(fn, "threaded", False):
+            print("moved to worker threads", file=sys.stderr, flush=True)
+            return
 
 try:
     import uvloop
@@ -160,6 +187,7 @@ def microbenchmarks(budget: float) -> dict[str, Any]:
     payload = encode_request(request)
     results: dict[str, Any] = {}
     errors: dict[str, str] = {}
+    flips: dict[str, int] = {}  # measurements discarded: the function left the inline path
 
     def measure(key: str, make: Callable[[], Callable[[], object]], check: Callable[[object], bool]) -> None:
         try:
@@ -240,9 +268,24 @@ def microbenchmarks(budget: float) -> dict[str, Any]:
 
         measure("instance_call", make_instance_call, ok_response)
 
-        # (4) Function.call_inline: what the ingress calls.
-        measure("call_inline_reuse", lambda: lambda: reuse.call_inline(request), ok_response)
-        measure("call_inline_fresh", lambda: lambda: fresh.call_inline(request), ok_response)
+        # (4) Function.call_inline: what the ingress calls. An inline call that runs past its
+        # budget (wall-clock epochs: a preempted thread counts) moves the function to worker
+        # threads for good, after which call_inline returns None at once: such a run is
+        # discarded and counted, and measured again on a new Function.
+        for key, is_fresh in (("call_inline_reuse", False), ("call_inline_fresh", True)):
+            for _attempt in range(3):
+                fn = function(is_fresh)
+                try:
+                    measure(key, lambda fn=fn: lambda: fn.call_inline(request), ok_response)
+                    moved = fn.threaded
+                finally:
+                    fn.stop()
+                if not moved:
+                    break
+                results.pop(key, None)
+                flips[key] = flips.get(key, 0) + 1
+            if key not in results and key not in errors:
+                errors[key] = "the function moved to worker threads in every attempt"
 
         def make_instance_lifecycle(fn: Function) -> Callable[[], Callable[[], object]]:
             def make() -> Callable[[], object]:
@@ -272,6 +315,7 @@ def microbenchmarks(budget: float) -> dict[str, Any]:
         stock_store.clear()
         gc.collect()
     results["errors"] = errors
+    results["moved_to_threads"] = flips
     return results
 
 
@@ -321,11 +365,11 @@ def run_wrk(
     if function_id:
         argv += ["-H", f"id: {function_id}"]
     argv.append(url)
-    server0 = cpu_seconds(pid)
+    server0, machine0 = cpu_seconds(pid), machine_cpu_seconds()
     kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     r = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60)
     kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    server1 = cpu_seconds(pid)
+    server1, machine1 = cpu_seconds(pid), machine_cpu_seconds()
     if r.returncode != 0:
         raise BenchError(f"{subprocess.list2cmdline(argv)} exited {r.returncode}:\n{r.stdout}{r.stderr}")
     out = parse_wrk(r.stdout)
@@ -333,9 +377,13 @@ def run_wrk(
     out["output"] = r.stdout
     seconds = duration
     out["wrk_cpu_cores"] = (kids1.ru_utime + kids1.ru_stime - kids0.ru_utime - kids0.ru_stime) / seconds
+    out["machine_cpu_cores"] = (machine1 - machine0) / seconds
     if server0 is not None and server1 is not None and out["requests"]:
         out["server_cpu_cores"] = (server1 - server0) / seconds
         out["server_cpu_us_per_request"] = (server1 - server0) / out["requests"] * 1e6
+        # Everything else the machine ran meanwhile (other processes, the kernel's softirqs
+        # charged elsewhere): CPU the server and wrk could not have.
+        out["other_cpu_cores"] = out["machine_cpu_cores"] - out["server_cpu_cores"] - out["wrk_cpu_cores"]
     return out
 
 
@@ -351,36 +399,50 @@ def get_once(port: int, function_id: str | None) -> None:
         raise BenchError(f"GET (id {function_id}) answered {resp.status} {body[:200]!r}")
 
 
-def stub_ingress(args: argparse.Namespace) -> dict[str, Any]:
-    """wrk against the host's ingress serving a wasm-free stub, in a child process."""
+def bare_ingress(mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """wrk against a bare ingress in a child process (see BARE_INGRESS)."""
+    wasm = ensure_modules("fn-hello")["fn-hello"]
     proc = subprocess.Popen(
-        [sys.executable, "-c", STUB_SERVER],
+        [sys.executable, "-c", BARE_INGRESS, mode, str(wasm)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).resolve().parents[2],
     )
     try:
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stderr is not None
         line = proc.stdout.readline().strip()
         if not line.isdigit():
-            err = proc.stderr.read() if proc.stderr and proc.poll() is not None else ""
-            raise BenchError(f"the stub ingress did not start: {line!r} {err[-2000:]}")
+            err = proc.stderr.read() if proc.poll() is not None else ""
+            raise BenchError(f"the bare ingress ({mode}) did not start: {line!r} {err[-2000:]}")
         port = int(line)
-        get_once(port, "stub")
+        get_once(port, "fn")
         url = f"http://127.0.0.1:{port}/?name={NAME}"
-        run_wrk(url, function_id="stub", duration=2, connections=args.connections, threads=1, pid=proc.pid)
-        return run_wrk(
-            url,
-            function_id="stub",
-            duration=args.duration,
-            connections=args.connections,
-            threads=1,
-            pid=proc.pid,
-        )
+        kw = {"function_id": "fn", "connections": args.connections, "threads": 1, "pid": proc.pid}
+        run_wrk(url, duration=2, **kw)  # type: ignore[arg-type]
+        result = run_wrk(url, duration=args.duration, **kw)  # type: ignore[arg-type]
+        if proc.poll() is not None:
+            result["warning"] = proc.stderr.read().strip()[-500:] or "the bare ingress exited"
+        return result
     finally:
         proc.kill()
         proc.wait()
+
+
+def admin_tasks(c: Containerd) -> list[dict[str, Any]] | None:
+    """The host's ``GET /tasks`` (what ``layotto ps`` shows), or None when unavailable."""
+    path = c.state / "layotto" / "admin.sock"
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(10)
+            sock.connect(str(path))
+            sock.sendall(b"GET /tasks HTTP/1.0\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        return json.loads(data.split(b"\r\n\r\n", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def metrics_invocations(port: int) -> dict[tuple[str, str], float]:
@@ -430,6 +492,17 @@ def through_containerd(c: Containerd, fleet: Fleet, args: argparse.Namespace) ->
             result["warning"] = (
                 f"{result['non_2xx']} non-2xx responses, {result['socket_errors']} socket errors"
             )
+    # An inline call preempted past its budget moves the function to worker threads for
+    # good: say so, since every later request then takes the slower threaded path.
+    tasks = admin_tasks(c)
+    if tasks is not None:
+        for result in modes.values():
+            row = next((t for t in tasks if t.get("id") == result["function_id"]), {})
+            result["host_mode"] = row.get("mode")
+            if row.get("mode") == "threads":
+                result["warning"] = (result.get("warning", "") + "; ").lstrip(
+                    "; "
+                ) + "the host moved this function to worker threads (an inline call ran past its budget)"
     verdicts = {}
     for mode, target in TARGETS.items():
         r = modes[mode]
@@ -452,23 +525,25 @@ def _us(micro: dict[str, Any], key: str) -> float | None:
     return value["best"] if isinstance(value, dict) else None
 
 
+def _server_us(run: dict[str, Any] | None) -> float | None:
+    return None if not run else run.get("server_cpu_us_per_request")
+
+
 def split_rows(results: dict[str, Any]) -> list[tuple[str, float | None, str]]:
     """(layer, µs per request, what it adds) for the reused path, innermost first."""
     micro = results.get("micro", {})
-    http = results.get("http", {}).get("reuse", {})
-    host = http.get("server_cpu_us_per_request")
-    stub = results.get("stub", {}).get("server_cpu_us_per_request")
-    rows = [
+    bare = results.get("bare", {})
+    return [
         ("stock Func.__call__ of the allocator", _us(micro, "alloc_stock_func_call"), "for comparison"),
         ("raw C-API call of the allocator (RawFunc)", _us(micro, "alloc_rawfunc"), "raw wasm call"),
         ("the host instance's allocator entry point", _us(micro, "alloc_host_instance"), "raw wasm call"),
-        ("alloc + copy request in + handler", _us(micro, "alloc_copy_handle"), "two calls, handler"),
-        ("Instance.call (+ response decoding)", _us(micro, "instance_call"), "ABI/copying"),
-        ("Function.call_inline (+ encode, pool, stats)", _us(micro, "call_inline_reuse"), "ABI/copying"),
-        ("HTTP stub, no wasm: server CPU per request", stub, "HTTP layer alone"),
-        ("through the ingress: host CPU per request", host, "everything"),
+        ("alloc + copy request in + handler", _us(micro, "alloc_copy_handle"), "2 raw calls + handler"),
+        ("Instance.call (+ response decoding)", _us(micro, "instance_call"), "+ ABI/copying"),
+        ("Function.call_inline (+ encode, pool, stats)", _us(micro, "call_inline_reuse"), "+ ABI/copying"),
+        ("bare ingress, stub without wasm: CPU/request", _server_us(bare.get("stub")), "HTTP layer alone"),
+        ("bare ingress + fn-hello Function: CPU/request", _server_us(bare.get("reuse")), "HTTP + function"),
+        ("node host through containerd: CPU/request", _server_us(results["http"]["reuse"]), "everything"),
     ]
-    return rows
 
 
 def report(results: dict[str, Any]) -> str:
@@ -477,13 +552,20 @@ def report(results: dict[str, Any]) -> str:
         f"invocation: fn-hello through the HTTP ingress, `wrk -t1 -c{results['connections']} "
         f"-d{results['duration']}s --latency` on loopback ({results['cpus']} CPUs shared with wrk)",
         "",
-        f"  {'':<38}{'req/s':>9}{'p50 ms':>8}{'p99 ms':>8}{'max ms':>8}{'host cores':>11}{'wrk':>6}  target",
+        f"  {'':<42}{'req/s':>8}{'p50 ms':>7}{'p99 ms':>7}{'max ms':>7}{'server':>7}{'wrk':>5}{'other':>6}"
+        "  target",
     ]
-    rows = [("stub ingress, no wasm (HTTP layer)", results.get("stub"), None)]
-    rows += [(k.label, results["http"][mode], mode) for k, mode in ((REUSE, "reuse"), (FRESH, "fresh"))]
+    bare = results.get("bare", {})
+    rows: list[tuple[str, dict[str, Any] | None, str | None]] = [
+        ("bare ingress, stub without wasm", bare.get("stub"), None),
+        ("bare ingress + fn-hello, reused", bare.get("reuse"), None),
+        ("bare ingress + fn-hello, fresh", bare.get("fresh"), None),
+        ("node host: fn-hello, reused instances", results["http"]["reuse"], "reuse"),
+        ("node host: fn-hello, fresh per request", results["http"]["fresh"], "fresh"),
+    ]
     for name, r, mode in rows:
-        if not r:
-            lines.append(f"  {name:<38}   n/a ({results.get('stub_error', 'not run')})")
+        if not r or "rps" not in r:
+            lines.append(f"  {name:<42}  n/a {(r or {}).get('error', '(not run)')[:200]}")
             continue
         pct = r["percentiles_ms"]
         target = ""
@@ -492,12 +574,16 @@ def report(results: dict[str, Any]) -> str:
             verdict = "PASS" if results["verdicts"][mode] else "MISS"
             target = f">= {t['rps']:,.0f}, p99 <= {t['p99_ms']:g}: {verdict}"
         lines.append(
-            f"  {name:<38}{r['rps']:9,.0f}{pct.get('50', nan):8.2f}{pct.get('99', nan):8.2f}"
-            f"{r.get('max_ms', nan):8.1f}{r.get('server_cpu_cores', nan):11.2f}"
-            f"{r['wrk_cpu_cores']:6.2f}  {target}"
+            f"  {name:<42}{r['rps']:8,.0f}{pct.get('50', nan):7.2f}{pct.get('99', nan):7.2f}"
+            f"{r.get('max_ms', nan):7.1f}{r.get('server_cpu_cores', nan):7.2f}"
+            f"{r['wrk_cpu_cores']:5.2f}{r.get('other_cpu_cores', nan):6.2f}  {target}"
         )
         if r.get("warning"):
             lines.append(f"    warning: {r['warning']}")
+    lines.append(
+        "  (bare ingress: layotto.host.ingress + a Function in a process of its own, no containerd or node"
+        "\n   host; server, wrk, other: CPU cores used by the server, by wrk, by everything else meanwhile)"
+    )
     for mode, target in TARGETS.items():
         r = results["http"][mode]
         line = (
@@ -510,30 +596,43 @@ def report(results: dict[str, Any]) -> str:
         lines.append(line)
     micro = results.get("micro")
     if micro:
-        lines += ["", "  per-request split (reused instance; in-process figures are the best of 5 batches):"]
-        lines.append(f"  {'µs per call':<50}{'µs':>8}")
+        lines += ["", "  per-request cost, reused instance (in-process figures: best of 5 batches):"]
+        lines.append(f"  {'µs per request':<50}{'µs':>8}")
         for name, value, what in split_rows(results):
             lines.append(f"  {name:<50}{_fmt(value):>8}  {what}")
         inline = _us(micro, "call_inline_reuse")
-        host = results["http"]["reuse"].get("server_cpu_us_per_request")
         raw = _us(micro, "alloc_host_instance")
-        if inline is not None and host is not None and raw is not None:
-            lines.append(
-                f"  => HTTP layer (parse, route, render, socket I/O) ~ {host - inline:.1f} µs, "
-                f"ABI/copying/pool ~ {inline - 2 * raw:.1f} µs, two raw wasm calls ~ {2 * raw:.1f} µs"
-            )
+        stub = _server_us(bare.get("stub"))
+        together = _server_us(bare.get("reuse"))
+        host = _server_us(results["http"]["reuse"])
+        if None not in (inline, raw, stub, together, host):
+            assert inline is not None and raw is not None and stub is not None
+            assert together is not None and host is not None
+            abi, calls = inline - 2 * raw, 2 * raw
+            extra, env = together - stub - inline, host - together
+            lines += [
+                f"  => HTTP layer ~ {stub:.1f} µs; ABI/copying/pool ~ {abi:.1f} µs; "
+                f"two raw wasm calls ~ {calls:.1f} µs.",
+                f"     together in one bare ingress they cost {extra:+.1f} µs more than apart;",
+                f"     the node host then adds {env:+.1f} µs per request (other threads, heap, GC, load).",
+            ]
         lines += ["", "  fresh instance per request:"]
-        for name, key in (
-            ("Function.call_inline, fresh instance each call", "call_inline_fresh"),
-            ("create + close one host Instance (default engine)", "instance_create_close"),
-            ("create + close one host Instance (pooling engine)", "instance_create_close_pooled"),
-            ("stock wasmtime-py Store + instantiate (reference)", "instance_stock_api"),
+        for name, value in (
+            ("Function.call_inline, fresh instance each call", _us(micro, "call_inline_fresh")),
+            ("create + close one host Instance (default engine)", _us(micro, "instance_create_close")),
+            ("create + close one host Instance (pooling engine)", _us(micro, "instance_create_close_pooled")),
+            ("stock wasmtime-py Store + instantiate (reference)", _us(micro, "instance_stock_api")),
+            ("bare ingress + fresh fn-hello: CPU/request", _server_us(bare.get("fresh"))),
+            ("node host through containerd: CPU/request", _server_us(results["http"]["fresh"])),
         ):
-            lines.append(f"  {name:<50}{_fmt(_us(micro, key)):>8}")
-        host_fresh = results["http"]["fresh"].get("server_cpu_us_per_request")
-        lines.append(f"  {'through the ingress: host CPU per request':<50}{_fmt(host_fresh):>8}")
+            lines.append(f"  {name:<50}{_fmt(value):>8}")
         for key, err in micro.get("errors", {}).items():
             lines.append(f"  n/a {key}: {err}")
+        for key, count in micro.get("moved_to_threads", {}).items():
+            lines.append(
+                f"  {key}: {count} run(s) discarded: the function ran past its inline budget (wall-clock "
+                "epochs,\n    so a preempted call counts) and moved to worker threads for good"
+            )
     lines += load_note(results)
     return "\n".join(lines)
 
@@ -554,7 +653,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--micro-seconds", type=float, default=1.0, help="seconds per in-process measurement (1.0)"
     )
     parser.add_argument("--no-micro", action="store_true", help="skip the in-process measurements")
-    parser.add_argument("--no-stub", action="store_true", help="skip the wasm-free stub ingress")
+    parser.add_argument(
+        "--no-bare", action="store_true", help="skip the bare ingress (no containerd, no node host) runs"
+    )
     common_arguments(parser)
     return parser.parse_args(argv)
 
@@ -567,11 +668,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     pre: dict[str, Any] = {"duration": args.duration, "connections": args.connections}
     if not args.no_micro:
         pre["micro"] = microbenchmarks(args.micro_seconds)
-    if not args.no_stub:
-        try:
-            pre["stub"] = stub_ingress(args)
-        except (BenchError, OSError, subprocess.TimeoutExpired) as e:
-            pre["stub_error"] = str(e)
+    if not args.no_bare:
+        pre["bare"] = {}
+        for mode in ("stub", "reuse", "fresh"):
+            try:
+                pre["bare"][mode] = bare_ingress(mode, args)
+            except (BenchError, OSError, subprocess.TimeoutExpired) as e:
+                pre["bare"][mode] = {"error": str(e)}
     status, results = run_fleet_benchmark(
         "invoke", args, (FN,), lambda c, fleet: through_containerd(c, fleet, args)
     )

@@ -4,23 +4,25 @@
 
 1. starts a private containerd (no CRI), imports fn-hello, starts one warm-up function
    (the node host's start and the module's compilation stay out of every step) and reads
-   the limits that cap a single host process: ``vm.max_map_count`` (each live wasm
-   instance costs a few memory mappings) and the host's open-file limit (each container
-   costs the host a file descriptor: containerd's ttrpc connection);
+   the limits that cap one node: ``vm.max_map_count`` (each live wasm instance costs the
+   host a few memory mappings) and the open-file limits of the host and of containerd
+   (each container costs both some descriptors: containerd's ttrpc connection and the
+   shim log fifo, the container's stdio fifos);
 2. grows the population of idle fn-hello function modules through 10, 100, 1000 and
    (``--max 10000``) 10,000, each step started with C parallel ``ctr run -d`` clients;
    after each step reports:
    - start rate of the step's new containers (until every one is RUNNING), and one
      ``ctr run -d``'s latency under that load;
    - the node host's memory growth per function (RSS, USS), mappings, fds and threads,
-     and containerd's own RSS;
+     and containerd's own RSS and fds per container;
    - request latency: ``wrk -t1 -c32 --latency`` against one function for a few seconds,
      and one request each to up to 1000 random functions (most never called before)
      over one keep-alive connection (p50/p99/max);
    - how long ``ctr tasks ls`` takes (containerd asks the host for every task's state);
-3. projects how many functions the host can hold before ``vm.max_map_count`` and the
-   open-file limit stop it, from the measured mappings and fds per function, and stops
-   before a step that would cross either;
+3. projects how many containers each limit allows, from the measured use per container;
+   a step that would cross one is cut to 90% of what it allows (rounded down to hundreds)
+   and is the last; a step that fails (say, a limit reached anyway) ends the growth too,
+   and is reported;
 4. deletes everything (timed) and ``--json PATH`` writes every number.
 
 containerd is always stopped at the end, taking its shims, the node host and mounts along.
@@ -110,57 +112,78 @@ def timed_list(fleet: Fleet) -> tuple[float, int]:
     return time.perf_counter() - began, sum(1 for s in status.values() if s == "RUNNING")
 
 
+def caps(
+    limits: dict[str, int | None], base: dict[str, int], per: dict[str, float]
+) -> dict[str, float | None]:
+    """How many functions each limit allows: (limit - baseline use) / use per function."""
+    return {what: None if not limit else (limit - base[what]) / per[what] for what, limit in limits.items()}
+
+
 def grow(c: Containerd, fleet: Fleet, args: argparse.Namespace) -> dict[str, Any]:
-    steps = [n for n in STEPS if n < args.max] + [args.max]
-    steps = sorted(set(steps))
+    steps = sorted({n for n in STEPS if n < args.max} | {args.max})
     _, warm = fleet.start(FN, 1, 1, label="warm-up")
     hpid = host_pid(c)
     if hpid is None:
         raise BenchError("no node host pid file")
+    assert c.process is not None
+    cpid = c.process.pid
     time.sleep(SETTLE)
     base = proc_memory(hpid)
-    assert c.process is not None
-    ctrd_base = proc_memory(c.process.pid)
-    max_maps = read_int("/proc/sys/vm/max_map_count")
-    nofile = open_file_limit(hpid)
+    ctrd_base = proc_memory(cpid)
+    # What caps one host (and containerd): mappings per process, open files per process.
+    limits = {
+        "host maps": read_int("/proc/sys/vm/max_map_count"),
+        "host fds": open_file_limit(hpid),
+        "containerd fds": open_file_limit(cpid),
+    }
+    usage = {"host maps": base["maps"], "host fds": base["fds"], "containerd fds": ctrd_base["fds"]}
+    per = {"host maps": 3.0, "host fds": 1.0, "containerd fds": 3.0}  # until measured
     port = c.host_port("http")
     out: dict[str, Any] = {
         "max": args.max,
         "clients": args.clients,
-        "vm_max_map_count": max_maps,
-        "host_open_file_limit": nofile,
+        "limits": limits,
+        "vm_max_map_count": limits["host maps"],
+        "host_open_file_limit": limits["host fds"],
+        "containerd_open_file_limit": limits["containerd fds"],
         "host_base": base,
         "containerd_base": ctrd_base,
         "steps": [],
     }
     ids: list[str] = []
-    per_fn_maps, per_fn_fds = 3.0, 1.0  # until measured
     rng = random.Random(1)
     for n in steps:
+        allowed = caps(limits, usage, per)
+        tight = min(((cap, what) for what, cap in allowed.items() if cap), default=None)
+        if tight is not None and n > 0.95 * tight[0]:
+            cap, what = tight
+            # Go as far as the limit allows (rounded down to hundreds), then stop.
+            clamped = int(0.9 * cap) // 100 * 100
+            out["stopped"] = f"{n:,} functions would cross the {what} limit (room for ~{cap:,.0f})"
+            if clamped <= len(ids):
+                break
+            out["stopped"] += f": last step clamped to {clamped:,}"
+            n = clamped
         add = n - len(ids)
-        caps = []
-        if max_maps:
-            caps.append(("vm.max_map_count", (max_maps - base["maps"]) / per_fn_maps))
-        if nofile:
-            caps.append(("open files", (nofile - base["fds"]) / per_fn_fds))
-        blocked = [(what, cap) for what, cap in caps if n > 0.95 * cap]
-        if blocked:
-            what, cap = blocked[0]
-            out["stopped"] = f"{n} functions would cross the host's {what} limit (~{cap:,.0f} functions)"
+        try:
+            result, new = fleet.start(FN, add, args.clients, label=f"step {n}")
+        except BenchError as e:
+            out["stopped"] = f"step {n:,} failed: {e}"
             break
-        result, new = fleet.start(FN, add, args.clients, label=f"step {n}")
         ids += new
         time.sleep(SETTLE)
         mem = proc_memory(hpid)
-        ctrd = proc_memory(c.process.pid)
-        per_fn_maps = max(0.5, (mem["maps"] - base["maps"]) / n)
-        per_fn_fds = max(0.5, (mem["fds"] - base["fds"]) / n)
+        ctrd = proc_memory(cpid)
+        per = {
+            "host maps": max(0.5, (mem["maps"] - base["maps"]) / n),
+            "host fds": max(0.5, (mem["fds"] - base["fds"]) / n),
+            "containerd fds": max(0.5, (ctrd["fds"] - ctrd_base["fds"]) / n),
+        }
         note(f"  step {n}: probing latency", fleet.progress)
         probe = sweep(port, rng.sample(ids, min(SWEEP, len(ids))))
-        target = ids[-1]
         wrk = run_wrk(
             f"http://127.0.0.1:{port}/?name={NAME}",
-            function_id=target,
+            function_id=ids[-1],
             duration=args.probe_seconds,
             connections=32,
             threads=1,
@@ -171,37 +194,39 @@ def grow(c: Containerd, fleet: Fleet, args: argparse.Namespace) -> dict[str, Any
             raise BenchError(f"only {running} tasks RUNNING, expected {n + len(warm)}")
         summary = result.summary()
         summary["ctr_run_ms"].pop("samples")
-        step = {
-            "n": n,
-            "added": add,
-            "start": summary,
-            "host": mem,
-            "containerd": ctrd,
-            "per_function": {
-                "rss": (mem["rss"] - base["rss"]) / n,
-                "uss": (mem["uss"] - base["uss"]) / n,
-                "maps": per_fn_maps,
-                "fds": per_fn_fds,
-                "threads": (mem["threads"] - base["threads"]) / n,
-            },
-            "containerd_rss_per_container": (ctrd["rss"] - ctrd_base["rss"]) / n,
-            "sweep": probe,
-            "wrk": {k: v for k, v in wrk.items() if k != "output"},
-            "ctr_tasks_ls_s": list_s,
-        }
-        out["steps"].append(step)
+        out["steps"].append(
+            {
+                "n": n,
+                "added": add,
+                "start": summary,
+                "host": mem,
+                "containerd": ctrd,
+                "per_function": {
+                    "rss": (mem["rss"] - base["rss"]) / n,
+                    "uss": (mem["uss"] - base["uss"]) / n,
+                    "maps": per["host maps"],
+                    "fds": per["host fds"],
+                    "threads": (mem["threads"] - base["threads"]) / n,
+                },
+                "containerd_per_container": {
+                    "rss": (ctrd["rss"] - ctrd_base["rss"]) / n,
+                    "fds": per["containerd fds"],
+                },
+                "sweep": probe,
+                "wrk": {k: v for k, v in wrk.items() if k != "output"},
+                "ctr_tasks_ls_s": list_s,
+            }
+        )
         clear_note(fleet.progress)
-    if out["steps"]:
-        last = out["steps"][-1]["per_function"]
-        out["projected_max_functions"] = {
-            "vm.max_map_count": None if not max_maps else (max_maps - base["maps"]) / last["maps"],
-            "open files": None if not nofile else (nofile - base["fds"]) / last["fds"],
-        }
-    note(f"  deleting {len(ids) + len(warm)} containers", fleet.progress)
+        if out.get("stopped"):
+            break
+    out["projected_max_functions"] = caps(limits, usage, per)
+    total = len(fleet.live)
+    note(f"  deleting {total} containers", fleet.progress)
     began = time.perf_counter()
     fleet.delete(clients=args.clients)
     out["teardown_s"] = time.perf_counter() - began
-    out["teardown_per_s"] = (len(ids) + len(warm)) / out["teardown_s"]
+    out["teardown_per_s"] = total / out["teardown_s"] if out["teardown_s"] else 0.0
     clear_note(fleet.progress)
     return out
 
@@ -210,10 +235,11 @@ def report(results: dict[str, Any]) -> str:
     lines = [
         f"scale: idle fn-hello function modules in one node host, started with {results['clients']} "
         f"parallel `ctr run -d` clients ({results['containerd']}, {results['cpus']} CPUs)",
-        f"  vm.max_map_count = {results['vm_max_map_count']}, host open-file limit = "
-        f"{results['host_open_file_limit']}; host at baseline (1 warm-up function): "
-        f"{results['host_base']['rss'] / 2**20:.1f} MiB RSS, {results['host_base']['maps']} mappings, "
-        f"{results['host_base']['fds']} fds",
+        f"  limits: vm.max_map_count = {results['vm_max_map_count']}, open files: host "
+        f"{results['host_open_file_limit']}, containerd {results['containerd_open_file_limit']}",
+        f"  host at baseline (1 warm-up function): {results['host_base']['rss'] / 2**20:.1f} MiB RSS, "
+        f"{results['host_base']['maps']} mappings, {results['host_base']['fds']} fds; containerd "
+        f"{results['containerd_base']['rss'] / 2**20:.1f} MiB, {results['containerd_base']['fds']} fds",
         "",
         f"  {'N':>6}{'start/s':>8}{'ctr p50':>8}{'p90':>6}"
         f"{'KiB/fn':>8}{'USS':>6}{'maps':>6}{'fds':>5}{'host MiB':>9}{'ctrd MiB':>9}"
@@ -234,10 +260,17 @@ def report(results: dict[str, Any]) -> str:
         "   maps, fds: host growth per function since the baseline; wrk: -c32 against one function, ms;",
         f"   sweep: one request each to up to {SWEEP} random functions, ms; ls s: `ctr tasks ls`)",
     ]
+    if results["steps"]:
+        last = results["steps"][-1]
+        cd, pf = last["containerd_per_container"], last["per_function"]
+        lines.append(
+            f"  containerd per container at N={last['n']:,}: {cd['rss'] / KiB:.0f} KiB RSS, {cd['fds']:.2f} "
+            f"fds (host per function: {pf['rss'] / KiB:.1f} KiB, {pf['fds']:.2f} fds)"
+        )
     proj = results.get("projected_max_functions")
     if proj:
         parts = [f"{what}: ~{cap:,.0f}" for what, cap in proj.items() if cap]
-        lines.append("  projected functions per host before a limit: " + ", ".join(parts))
+        lines.append("  containers before each limit is hit, at the measured rates: " + ", ".join(parts))
     if results.get("stopped"):
         lines.append(f"  stopped early: {results['stopped']}")
     lines.append(

@@ -1,0 +1,85 @@
+"""Function instances in process: inline budgets, epochs from elsewhere, moving between
+the inline path and worker threads."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from layotto.host.function import BACK_INLINE_AFTER, Function, Request
+from layotto.host.runtime import NodeRuntime
+
+
+@pytest.fixture(scope="module")
+def runtime() -> NodeRuntime:
+    return NodeRuntime(None)
+
+
+def make(runtime: NodeRuntime, wasm_dir: Path, module: str) -> Function:
+    compiled = runtime.engine.load((wasm_dir / f"{module}.wasm").read_bytes(), name=module)
+    return Function(
+        name=f"test/{module}",
+        function_id=module,
+        engine=runtime.engine,
+        linker=runtime.linker,
+        compiled=compiled,
+        argv=[module],
+        env=[],
+        memory_limit=None,
+    )
+
+
+def get(path: bytes, query: bytes = b"") -> Request:
+    return Request(b"GET", path, query, [], b"")
+
+
+def test_epoch_bumps_from_elsewhere_do_not_cut_inline_calls_short(
+    runtime: NodeRuntime, wasm_dir: Path
+) -> None:
+    """Another module's kill bumps the shared engine's epoch; a busy function must stay on
+    the inline path (it used to be moved to worker threads for good)."""
+    fn = make(runtime, wasm_dir, "fn_misbehave")
+    try:
+        for _ in range(300):
+            for _ in range(3):
+                runtime.engine.engine.increment_epoch()
+            response = fn.call_inline(get(b"/sleep", b"ms=1"))
+            assert response is not None and response.status == 200
+        assert not fn.threaded
+    finally:
+        fn.stop()
+
+
+def test_a_looping_call_moves_its_function_to_threads_within_the_budget(
+    runtime: NodeRuntime, wasm_dir: Path
+) -> None:
+    fn = make(runtime, wasm_dir, "fn_misbehave")
+    try:
+        started = time.perf_counter()
+        assert fn.call_inline(get(b"/loop")) is None  # interrupted: run it again on a thread
+        assert time.perf_counter() - started < 0.5
+        assert fn.threaded
+        assert fn.stats.replaced == 1  # the interrupted instance is never reused
+        assert fn.call_inline(get(b"/count")) is None  # threaded now
+    finally:
+        fn.stop()
+
+
+def test_a_threaded_function_returns_inline_once_fast_again(runtime: NodeRuntime, wasm_dir: Path) -> None:
+    fn = make(runtime, wasm_dir, "fn-hello")
+    fn.threaded = True
+
+    async def serve() -> None:
+        for _ in range(BACK_INLINE_AFTER):
+            response = await fn.call_threaded(get(b"/", b"name=x"))
+            assert response.status == 200
+
+    try:
+        asyncio.run(serve())
+        assert not fn.threaded
+        assert fn.call_inline(get(b"/", b"name=y")).body == b"Hello, y!\n"
+    finally:
+        fn.stop()
