@@ -496,13 +496,50 @@ def host_function(fn: abi_spec.Function) -> Callable[..., int]:
     return call
 
 
+import ctypes  # noqa: E402 - only the raw definitions below need it
+
+from wasmtime import _bindings as _ffi  # noqa: E402
+
+_RawCallback = _ffi.wasmtime_func_unchecked_callback_t  # (env, caller, values, count) -> trap
+_NO_FINALIZER = ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
+_callbacks: list[object] = []  # the ctypes callbacks must live as long as the linkers
+
+
+def _raw_callback(fn: abi_spec.Function) -> object:
+    """wasmtime's unchecked host-function callback for ``fn``: arguments straight from
+    the raw value array (about 1 µs per call, against 7-10 µs through ``define_func``).
+    Pointers and lengths are read unsigned, ``i32`` parameters signed."""
+    host = host_function(fn)
+    signed = tuple(suffix == "" for p in fn.params for suffix in abi_spec.LOWERING[p.type])
+    arity = fn.arity
+
+    def callback(_env: object, _caller: object, vals: Any, _count: int) -> int:
+        try:
+            args = [vals[i].i32 if signed[i] else vals[i].i32 & 0xFFFFFFFF for i in range(arity)]
+            vals[0].i32 = host(*args)
+            return 0
+        except BaseException as exc:  # a trap in a nested guest call (the allocator)
+            message = f"{fn.name}: {exc}".encode()
+            trap = _ffi.wasmtime_trap_new(message, len(message))
+            return ctypes.cast(trap, ctypes.c_void_p).value or 0
+
+    return _RawCallback(callback)
+
+
 def define_imports(linker: wasmtime.Linker) -> None:
     """Add every ABI function (both modules) to ``linker``."""
     check_table()
     i32 = wasmtime.ValType.i32()
     for fn in SPEC.all_functions():
         ty = wasmtime.FuncType([i32] * fn.arity, [i32])
-        linker.define_func(fn.module, fn.name, ty, host_function(fn))
+        callback = _raw_callback(fn)
+        _callbacks.append(callback)
+        module, name = fn.module.encode(), fn.name.encode()
+        error = _ffi.wasmtime_linker_define_func_unchecked(
+            linker.ptr(), module, len(module), name, len(name), ty.ptr(), callback, None, _NO_FINALIZER
+        )
+        if error:
+            raise wasmtime.WasmtimeError._from_ptr(error)
 
 
 def is_known_import(module: str, name: str) -> bool:

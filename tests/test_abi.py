@@ -207,3 +207,43 @@ def test_key_prefix_none_reads_the_raw_key(tmp_path) -> None:
         store, key = guest.put(100, b"state_demo"), guest.put(200, b"book1")
         assert guest.call("layotto_state_get", *store, *key, 1000, 1004, 1008, 1012) == STATUS["OK"]
         assert guest.get(guest.u32(1000), guest.u32(1004)) == b"100"
+
+
+def test_calls_from_wasm_go_through_the_raw_import_table(components) -> None:
+    """The linker's ABI functions (raw unchecked callbacks): pointers arrive unsigned,
+    a pointer past 2 GiB is INVALID_MEMORY_ACCESS, not a crash or a negative index."""
+    from layotto.host.nanoprocess import build_linker
+
+    wat = """
+    (module
+      (import "layotto" "layotto_log" (func $log (param i32 i32 i32) (result i32)))
+      (import "layotto" "layotto_state_get"
+        (func $get (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 16) "hello from wasm")
+      (func (export "log_ok") (result i32) (call $log (i32.const 2) (i32.const 16) (i32.const 15)))
+      (func (export "get_far") (result i32)
+        (call $get (i32.const 0xFFFFFFF0) (i32.const 4) (i32.const 16) (i32.const 5)
+                   (i32.const 100) (i32.const 104) (i32.const 108) (i32.const 112))))
+    """
+    engine = WasmEngine(None)
+    compiled = engine.load(bytes(wasmtime.wat2wasm(wat)), name="/raw.wasm")
+    store = wasmtime.Store(engine.engine)
+    instance = build_linker(engine).instantiate(store, compiled.module)
+    exports = instance.exports(store)
+    logged: list[tuple[str, str]] = []
+    ctx = AbiContext(
+        name="raw",
+        memory=WasmtimeMemory(store, exports["memory"]),
+        allocate=lambda n: 0,
+        capabilities=parse_capabilities("state"),
+        app_id="tests.raw",
+        components=components,
+        logger=lambda stream, line: logged.append((stream, line)),
+    )
+    with calling(ctx):
+        assert exports["log_ok"](store) == STATUS["OK"]
+        assert exports["get_far"](store) == STATUS["INVALID_MEMORY_ACCESS"]
+    assert ("info", "hello from wasm") in logged
+    # Without a caller context (no ABI caller pushed) the host answers, it does not crash.
+    assert exports["log_ok"](store) == STATUS["INTERNAL_FAILURE"]
