@@ -80,13 +80,29 @@ class AbiContext:
     invoker: Invoker | None = None
     logger: Callable[[str, str], None] | None = None
     buffers: dict[int, bytearray] = field(default_factory=dict)
+    _view: memoryview | None = field(default=None, repr=False)
 
     # --- guest memory, checked --------------------------------------------------------
+
+    def view(self) -> memoryview:
+        """The guest's memory, fetched once per host call (until the guest allocates)."""
+        view = self._view
+        if view is None:
+            view = self._view = self.memory.view()
+        return view
+
+    def reset_view(self) -> None:
+        self._view = None
+
+    def guest_alloc(self, size: int) -> int:
+        addr = self.allocate(size)
+        self._view = None  # the allocator may have grown (moved) the memory
+        return addr
 
     def read(self, ptr: int, length: int, limit: int = MAX_VALUE) -> bytes:
         if length > limit:
             raise AbiStatus("LIMIT_EXCEEDED", f"{length} bytes exceeds the limit of {limit}")
-        view = self.memory.view()
+        view = self.view()
         if ptr < 0 or length < 0 or ptr + length > len(view):
             raise AbiStatus("INVALID_MEMORY_ACCESS", f"[{ptr:#x}, +{length}) is outside linear memory")
         return bytes(view[ptr : ptr + length])
@@ -99,12 +115,12 @@ class AbiContext:
             raise AbiStatus("BAD_ARGUMENT", "not valid UTF-8") from exc
 
     def check_writable(self, ptr: int, length: int) -> None:
-        view = self.memory.view()
+        view = self.view()
         if ptr < 0 or length < 0 or ptr + length > len(view):
             raise AbiStatus("INVALID_MEMORY_ACCESS", f"[{ptr:#x}, +{length}) is outside linear memory")
 
     def write(self, ptr: int, data: bytes) -> None:
-        view = self.memory.view()
+        view = self.view()
         if ptr < 0 or ptr + len(data) > len(view):
             raise AbiStatus("INVALID_MEMORY_ACCESS", f"[{ptr:#x}, +{len(data)}) is outside linear memory")
         view[ptr : ptr + len(data)] = data
@@ -117,7 +133,7 @@ class AbiContext:
         self.check_writable(len_ptr, 4)
         addr = 0
         if data:
-            addr = self.allocate(len(data))
+            addr = self.guest_alloc(len(data))
             if not addr:
                 raise AbiStatus("INVALID_MEMORY_ACCESS", "the guest allocator returned 0")
             self.write(addr, data)
@@ -469,6 +485,7 @@ def host_function(fn: abi_spec.Function) -> Callable[..., int]:
         ctx = current()
         if ctx is None:
             return S["INTERNAL_FAILURE"]
+        ctx.reset_view()
         if capability not in ctx.capabilities:
             ctx.note(f"{fn.name}: permission denied (the pod does not grant {capability!r})")
             return S["PERMISSION_DENIED"]
