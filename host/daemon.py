@@ -105,7 +105,19 @@ def _listener(args: argparse.Namespace, paths: HostPaths) -> socket.socket:
     return sock
 
 
+def _raise_fd_limit() -> None:
+    """Every container holds a ttrpc connection to the host: allow as many descriptors
+    as the system lets this process have."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 async def serve(args: argparse.Namespace) -> None:
+    _raise_fd_limit()
     paths = HostPaths(args.run_dir)
     sock = _listener(args, paths)
     runtime = NodeRuntime(args.state_dir, args.cache_limit)

@@ -93,11 +93,16 @@ class ExitInfo:
 class Output:
     """A write end for the module's stdout or stderr (a containerd fifo or a file)."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, *, lazy: bool = False) -> None:
         self.fd: int | None = None
         self.lock = threading.Lock()
-        if not target:
-            return
+        self._pending = target if lazy else ""
+        self._closed = False
+        if not target or lazy:
+            return  # lazy: opened on the first write (an idle function holds no descriptor)
+        self._open(target)
+
+    def _open(self, target: str) -> None:
         if target.startswith("file://"):
             path = target.removeprefix("file://")
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -116,6 +121,12 @@ class Output:
 
     def write(self, data: bytes) -> None:
         with self.lock:
+            if self._pending and not self._closed:
+                target, self._pending = self._pending, ""
+                try:
+                    self._open(target)
+                except OSError as exc:
+                    log.info("cannot open %s: %s; output dropped", target, exc)
             view = memoryview(data)
             while view and self.fd is not None:
                 try:
@@ -134,6 +145,8 @@ class Output:
 
     def close(self) -> None:
         with self.lock:
+            self._closed = True
+            self._pending = ""
             self._close_locked()
 
 

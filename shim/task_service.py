@@ -430,8 +430,8 @@ class TaskService:
     def _wire_output(task: Task, fn: Function) -> None:
         """Send the function's output lines to the container's stdout/stderr as well."""
         try:
-            out = Output(task.stdout)
-            err = Output(task.stderr) if task.stderr and task.stderr != task.stdout else out
+            out = Output(task.stdout, lazy=True)
+            err = Output(task.stderr, lazy=True) if task.stderr and task.stderr != task.stdout else out
         except OSError as exc:
             log.warning("%s: cannot open the container's stdio: %s", fn.name, exc)
             return
