@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -167,6 +168,9 @@ async def serve(args: argparse.Namespace) -> None:
     for name in SERVICE_NAMES:
         server.register(name, service.methods())
     await server.start(sock)
+    # Everything built so far (modules, wasmtime, protobuf) lives as long as the host:
+    # keep it out of the garbage collector's full passes, which would otherwise scan it.
+    gc.freeze()
     log.info("layotto node host %d serving %s", os.getpid(), paths.address)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
