@@ -33,78 +33,6 @@ class OutOfBounds(Exception):
     """A guest pointer or length outside its linear memory."""
 
 
-class RawFunc:
-    """One export of one instance, callable with i32 arguments returning one i32 (unsigned)."""
-
-    __slots__ = ("ctx", "func", "func_addr", "vals", "vals_addr", "size", "trap", "trap_addr")
-
-    def __init__(self, store: wasmtime.Store, func: wasmtime.Func, slots: int) -> None:
-        self.ctx = _address(store._context())
-        self.func = func  # keeps the wasmtime_func_t alive
-        self.func_addr = ctypes.addressof(func._func)
-        self.size = max(slots, 1)
-        self.vals = (ffi.wasmtime_val_raw_t * self.size)()
-        self.vals_addr = ctypes.addressof(self.vals)
-        self.trap = ctypes.c_void_p()
-        self.trap_addr = ctypes.addressof(self.trap)
-
-    def __call__(self, *args: int) -> int:
-        vals = self.vals
-        for i, value in enumerate(args):
-            vals[i].i32 = value
-        return self._invoke()
-
-    def call1(self, a: int) -> int:
-        self.vals[0].i32 = a
-        return self._invoke()
-
-    def call4(self, a: int, b: int, c: int, d: int) -> int:
-        vals = self.vals
-        vals[0].i32 = a
-        vals[1].i32 = b
-        vals[2].i32 = c
-        vals[3].i32 = d
-        return self._invoke()
-
-    def _invoke(self) -> int:
-        error = _call_unchecked(self.ctx, self.func_addr, self.vals_addr, self.size, self.trap_addr)
-        if error:
-            raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))
-        if self.trap.value:
-            trap = ctypes.cast(self.trap.value, ctypes.POINTER(ffi.wasm_trap_t))
-            self.trap.value = None
-            raise wasmtime.Trap._from_ptr(trap)
-        return self.vals[0].i32 & 0xFFFFFFFF
-
-
-class RawMemory:
-    """Bounds-checked access to an instance's linear memory."""
-
-    __slots__ = ("ctx", "memory", "mem_addr", "_base", "_size", "_view")
-
-    def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
-        self.ctx = _address(store._context())
-        self.memory = memory
-        self.mem_addr = ctypes.addressof(memory._memory)
-        self._base = 0
-        self._size = -1
-        self._view = memoryview(b"")
-
-    def size(self) -> int:
-        return _memory_data_size(self.ctx, self.mem_addr)
-
-    def view(self) -> memoryview:
-        """The whole linear memory as a writable memoryview (valid until the next wasm call)."""
-        size = _memory_data_size(self.ctx, self.mem_addr)
-        base = _memory_data(self.ctx, self.mem_addr) or 0
-        if base != self._base or size != self._size:
-            self._base, self._size = base, size
-            self._view = (
-                memoryview((ctypes.c_char * size).from_address(base)).cast("B") if size else memoryview(b"")
-            )
-        return self._view
-
-
 def check(view: memoryview, ptr: int, length: int) -> None:
     if ptr < 0 or length < 0 or ptr + length > len(view):
         raise OutOfBounds(f"range [{ptr:#x}, +{length}) is outside linear memory ({len(view)} bytes)")
@@ -113,10 +41,6 @@ def check(view: memoryview, ptr: int, length: int) -> None:
 def set_epoch_deadline(store_ctx: int, ticks: int) -> None:
     """Interrupt the store's wasm ``ticks`` epochs from now (its callback decides)."""
     _set_deadline(store_ctx, ticks)
-
-
-def context_address(store: wasmtime.Store) -> int:
-    return _address(store._context())
 
 
 # --- Instantiating without the Python wrappers ---------------------------------------
@@ -257,6 +181,8 @@ class Func:
             vals[i].i32 = value
         return self._invoke()
 
+    __call__ = call
+
     def call1(self, a: int) -> int:
         self.vals[0].i32 = a
         return self._invoke()
@@ -279,7 +205,8 @@ class Func:
 
 
 class Memory:
-    """Bounds-checked access to a memory by address (see RawMemory)."""
+    """Bounds-checked access to an instance's linear memory, by address: a memoryview over
+    it, rebuilt only when the memory grows or moves (valid until the next wasm call)."""
 
     __slots__ = ("ctx", "mem_addr", "_base", "_size", "_view")
 
@@ -302,3 +229,13 @@ class Memory:
                 memoryview((ctypes.c_char * size).from_address(base)).cast("B") if size else memoryview(b"")
             )
         return self._view
+
+
+class RawFunc(Func):
+    """A Func made from wasmtime-py's objects (a Store and one of its exported Funcs)."""
+
+    __slots__ = ("func",)
+
+    def __init__(self, store: wasmtime.Store, func: wasmtime.Func, slots: int) -> None:
+        super().__init__(_address(store._context()), ctypes.addressof(func._func), slots)
+        self.func = func  # keeps the wasmtime_func_t alive

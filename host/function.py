@@ -196,16 +196,7 @@ class Instance:
         self._deadline_at = -1
         self._started = 0.0
         self.calls = 0
-        wasi = None
-        if fn.needs_wasi:
-            wasi = wasmtime.WasiConfig()
-            wasi.argv = fn.argv
-            wasi.env = fn.env
-            wasi.stdout_custom = fn.log.writer("stdout")
-            wasi.stderr_custom = fn.log.writer("stderr")
-        self.raw = RawStore(
-            fn.engine.engine, fn.pre, memory_limit=fn.memory_limit, on_deadline=self._on_deadline, wasi=wasi
-        )
+        self.raw = fn.new_store(self._on_deadline)
         try:
             ctx = self.ctx = self.raw.ctx
             init = self.raw.export(b"_initialize", EXTERN_FUNC)
@@ -350,16 +341,7 @@ class ProxyInstance(Instance):
         self._started = 0.0
         self.calls = 0
         self._next_context = self.ROOT + 1
-        wasi = None
-        if fn.needs_wasi:
-            wasi = wasmtime.WasiConfig()
-            wasi.argv = fn.argv
-            wasi.env = fn.env
-            wasi.stdout_custom = fn.log.writer("stdout")
-            wasi.stderr_custom = fn.log.writer("stderr")
-        self.raw = RawStore(
-            fn.engine.engine, fn.pre, memory_limit=fn.memory_limit, on_deadline=self._on_deadline, wasi=wasi
-        )
+        self.raw = fn.new_store(self._on_deadline)
         try:
             ctx = self.ctx = self.raw.ctx
             alloc = self.raw.export(b"proxy_on_memory_allocate", EXTERN_FUNC) or self.raw.export(
@@ -370,16 +352,7 @@ class ProxyInstance(Instance):
                 raise ModuleError(f"{fn.name}: a Layotto function must export memory and malloc")
             self.alloc = Func(ctx, alloc, 1)
             self.memory = Memory(ctx, memory)
-            self.abi = AbiContext(
-                name=fn.name,
-                memory=self.memory,
-                allocate=self.alloc.call1,
-                capabilities=fn.capabilities,
-                app_id=fn.app_id,
-                components=fn.services.components if fn.services else None,
-                invoker=fn.services.invoker if fn.services else None,
-                logger=fn.log.add,
-            )
+            self.abi: AbiContext = fn.abi_context(self.memory, self.alloc.call1, always=True)  # type: ignore[assignment]
             arity = fn.export_arity
             self.callbacks: dict[str, tuple[Func, int]] = {}
             for name in self.CALLBACKS:
@@ -544,9 +517,25 @@ class Function:
 
     # --- instances -------------------------------------------------------------------
 
-    def abi_context(self, memory: Memory, allocate: Callable[[int], int]) -> AbiContext | None:
-        """The Runtime ABI's view of one instance (None when the module imports no ABI)."""
-        if not self.uses_abi:
+    def new_store(self, on_deadline: Callable[[], str | int]) -> RawStore:
+        """A Store with this function's limits and WASI context, and one instance in it."""
+        wasi = None
+        if self.needs_wasi:
+            wasi = wasmtime.WasiConfig()
+            wasi.argv = self.argv
+            wasi.env = self.env
+            wasi.stdout_custom = self.log.writer("stdout")
+            wasi.stderr_custom = self.log.writer("stderr")
+        return RawStore(
+            self.engine.engine, self.pre, memory_limit=self.memory_limit, on_deadline=on_deadline, wasi=wasi
+        )
+
+    def abi_context(
+        self, memory: Memory, allocate: Callable[[int], int], *, always: bool = False
+    ) -> AbiContext | None:
+        """The Runtime ABI's view of one instance (None when the module imports no ABI,
+        unless ``always``: Layotto-style modules keep their request buffers there)."""
+        if not self.uses_abi and not always:
             return None
         services = self.services
         return AbiContext(
