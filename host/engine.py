@@ -94,6 +94,7 @@ class PoolSettings:
     instances: int = 1000
     max_memory_size: int = 256 << 20
     keep_resident: int = 1 << 20
+    decommit_batch: int = 64
 
 
 def _config(pooling: PoolSettings | None) -> wasmtime.Config:
@@ -108,6 +109,8 @@ def _config(pooling: PoolSettings | None) -> wasmtime.Config:
         ffi.wasmtime_pooling_allocation_config_total_tables_set(pool, pooling.instances)
         ffi.wasmtime_pooling_allocation_config_max_memory_size_set(pool, pooling.max_memory_size)
         ffi.wasmtime_pooling_allocation_config_linear_memory_keep_resident_set(pool, pooling.keep_resident)
+        # Give memory back to the kernel in batches rather than one madvise per instance.
+        ffi.wasmtime_pooling_allocation_config_decommit_batch_size_set(pool, pooling.decommit_batch)
         ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), pool)
         ffi.wasmtime_pooling_allocation_config_delete(pool)
     return config
