@@ -49,6 +49,7 @@ QUEUE_ANNOTATION = "layotto.io/queue-limit"  # requests waiting for a busy funct
 CAPABILITIES_ANNOTATION = "layotto.io/capabilities"  # e.g. "state,invoke"; default log,time,random
 APP_ID_ANNOTATION = "layotto.io/app-id"  # the application that owns the function's state keys
 SUBSCRIPTIONS_ANNOTATION = "layotto.io/subscriptions"  # "<pubsub>/<topic>,..."
+CONFIG_SUBSCRIPTIONS_ANNOTATION = "layotto.io/config-subscriptions"  # "<store>/<key>+<key>,..."
 HOST_OVERHEAD_BYTES = 64 * 1024  # Store, instance and WASI context of one nanoprocess (measured order)
 
 Status = task_types_pb2.Status
@@ -474,7 +475,30 @@ class TaskService:
                 continue
             cancels.append(pubsub.subscribe(topic, _deliverer(fn, topic)))
             fn.log.add("host", f"subscribed to {item}")
-        task.unsubscribe = cancels
+        task.unsubscribe = cancels + self._watch_configuration(task, fn)
+
+    def _watch_configuration(self, task: Task, fn: Function) -> list:
+        """Tell the function about configuration changes (annotation
+        ``layotto.io/config-subscriptions: <store>/<key>[+<key>...],...``): each change is a
+        ``POST /_layotto/config/<store>`` request whose body is a JSON list of the changed
+        items (key, content, group, label; deleted items have ``"deleted": true``)."""
+        spec = task.spec.annotations.get(CONFIG_SUBSCRIPTIONS_ANNOTATION, "")
+        services = self.runtime.services
+        if not spec or services is None or services.components is None:
+            return []
+        cancels = []
+        for item in filter(None, (x.strip() for x in spec.split(","))):
+            store_name, _, keys = item.partition("/")
+            try:
+                store = services.components.configuration(store_name)
+            except Exception as exc:
+                fn.log.add("host", f"cannot watch configuration {item}: {exc}")
+                continue
+            cancels.append(
+                store.subscribe([k for k in keys.split("+") if k], _config_notifier(fn, store_name))
+            )
+            fn.log.add("host", f"watching configuration {item}")
+        return cancels
 
     def _on_exit(self, task: Task, info: ExitInfo) -> None:
         if task.exited.done():
@@ -700,3 +724,28 @@ def _deliverer(fn: Function, topic: str):  # noqa: ANN202
         return Delivery.RETRY
 
     return deliver
+
+
+def _config_notifier(fn: Function, store: str):  # noqa: ANN202
+    """A configuration callback that hands changed items to ``fn`` as a JSON list."""
+    import json
+
+    def notify(items: list) -> None:
+        body = json.dumps(
+            [
+                {
+                    "key": i.key,
+                    "content": i.content,
+                    "group": i.group,
+                    "label": i.label,
+                    **({"deleted": True} if dict(i.metadata).get("deleted") == "true" else {}),
+                }
+                for i in items
+            ]
+        ).encode()
+        headers = [(b"content-type", b"application/json"), (b"x-layotto-config-store", store.encode())]
+        response = fn.call_sync(Request(b"POST", b"/_layotto/config/" + store.encode(), b"", headers, body))
+        if response.status >= 300:
+            fn.log.add("host", f"configuration change for {store} answered {response.status}")
+
+    return notify

@@ -83,3 +83,45 @@ def test_a_threaded_function_returns_inline_once_fast_again(runtime: NodeRuntime
         assert fn.call_inline(get(b"/", b"name=y")).body == b"Hello, y!\n"
     finally:
         fn.stop()
+
+
+def test_configuration_changes_reach_a_subscribed_function(
+    runtime: NodeRuntime, wasm_dir: Path, tmp_path: Path
+) -> None:
+    """``layotto.io/config-subscriptions`` → each change is a POST /_layotto/config/<store>."""
+    from types import SimpleNamespace
+
+    from layotto.host.components import ConfigItem
+    from layotto.host.components.registry import load_components
+    from layotto.host.function import HostServices
+    from layotto.shim.task_service import TaskService
+
+    fn = make(runtime, wasm_dir, "fn_echo")
+    seen: list[bytes] = []
+    original = fn.call_sync
+
+    def recording(request: Request):  # the real call, remembering what was delivered
+        seen.append(request.path + b" " + request.body)
+        return original(request)
+
+    fn.call_sync = recording  # type: ignore[method-assign]
+    with load_components(None, tmp_path) as components:
+        runtime.services = HostServices(components, None)
+        service = TaskService(runtime, publisher=None)  # type: ignore[arg-type]
+        task = SimpleNamespace(
+            spec=SimpleNamespace(annotations={"layotto.io/config-subscriptions": "config_demo/feature"})
+        )
+        cancels = service._watch_configuration(task, fn)  # type: ignore[arg-type]
+        assert len(cancels) == 1
+        store = components.configuration("config_demo")
+        store.set([ConfigItem("feature", "on"), ConfigItem("other", "x")])
+        deadline = time.monotonic() + 5
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cancels[0]()
+        runtime.services = HostServices()
+    fn.stop()
+    assert seen and seen[0].startswith(b"/_layotto/config/config_demo ")
+    assert b'"key": "feature"' in seen[0] and b'"content": "on"' in seen[0]
+    assert b"other" not in seen[0]
+    assert fn.stats.invocations >= 1
