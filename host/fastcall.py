@@ -20,9 +20,14 @@ _vp = ctypes.c_void_p
 _call_unchecked = ctypes.CFUNCTYPE(_vp, _vp, _vp, _vp, ctypes.c_size_t, _vp)(
     ("wasmtime_func_call_unchecked", ffi.dll)
 )
-_memory_data = ctypes.CFUNCTYPE(_vp, _vp, _vp)(("wasmtime_memory_data", ffi.dll))
-_memory_data_size = ctypes.CFUNCTYPE(ctypes.c_size_t, _vp, _vp)(("wasmtime_memory_data_size", ffi.dll))
-_set_deadline = ctypes.CFUNCTYPE(None, _vp, ctypes.c_uint64)(("wasmtime_context_set_epoch_deadline", ffi.dll))
+# Calls that never block keep the GIL (no release and re-acquire around them). A wasm
+# call always releases it: the epoch ticker (a Python thread) must be able to run while
+# wasm loops, or nothing would ever interrupt it.
+_memory_data = ctypes.PYFUNCTYPE(_vp, _vp, _vp)(("wasmtime_memory_data", ffi.dll))
+_memory_data_size = ctypes.PYFUNCTYPE(ctypes.c_size_t, _vp, _vp)(("wasmtime_memory_data_size", ffi.dll))
+_set_deadline = ctypes.PYFUNCTYPE(None, _vp, ctypes.c_uint64)(
+    ("wasmtime_context_set_epoch_deadline", ffi.dll)
+)
 
 
 def _address(obj: object) -> int:
