@@ -27,7 +27,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -415,6 +414,90 @@ class ProxyInstance(Instance):
         return Response(200, [(b"content-type", b"text/plain; charset=utf-8")], body_out)
 
 
+class WorkerPool:
+    """The worker threads of one function (at most ``pool_size``), fed from a bounded queue.
+
+    Cheaper than an executor per request: a worker takes requests until the queue is
+    empty (no wake-up per request under load), and answers reach the event loop in
+    batches (one ``call_soon_threadsafe`` per batch, not per request).
+    """
+
+    def __init__(self, fn: Function, loop: asyncio.AbstractEventLoop) -> None:
+        self.fn = fn
+        self.loop = loop
+        self.queue: collections.deque[tuple[Request, int, asyncio.Future[Response]]] = collections.deque()
+        self.cond = threading.Condition()
+        self.threads: list[threading.Thread] = []
+        self.idle = 0
+        self.stopped = False
+        self._done: list[tuple[asyncio.Future[Response], Response]] = []
+        self._done_lock = threading.Lock()
+
+    def submit(self, request: Request, ticks: int) -> asyncio.Future[Response]:
+        future: asyncio.Future[Response] = self.loop.create_future()
+        with self.cond:
+            if self.stopped:
+                future.set_result(Response(503, body=b"function stopped\n"))
+                return future
+            busy = len(self.threads) - self.idle
+            if len(self.queue) >= self.fn.queue_limit and busy >= self.fn.pool_size:
+                future.set_result(Response(503, body=b"function busy: request queue is full\n"))
+                return future
+            self.queue.append((request, ticks, future))
+            if self.idle:
+                self.cond.notify()
+            elif len(self.threads) < self.fn.pool_size:
+                thread = threading.Thread(
+                    target=self._work, name=f"fn-{self.fn.id[:20]}-{len(self.threads)}", daemon=True
+                )
+                self.threads.append(thread)
+                thread.start()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self.cond:
+                while not self.queue and not self.stopped:
+                    self.idle += 1
+                    self.cond.wait()
+                    self.idle -= 1
+                if not self.queue:
+                    return  # stopped and drained
+                request, ticks, future = self.queue.popleft()
+            if self.stopped:
+                response = Response(503, body=b"function stopped\n")
+            else:
+                response = self.fn._threaded_call(request, ticks)
+            self._answer(future, response)
+
+    def _answer(self, future: asyncio.Future[Response], response: Response) -> None:
+        with self._done_lock:
+            self._done.append((future, response))
+            first = len(self._done) == 1
+        if first:
+            try:
+                self.loop.call_soon_threadsafe(self._flush)
+            except RuntimeError:  # the event loop is closed: the host is going away
+                pass
+
+    def _flush(self) -> None:
+        with self._done_lock:
+            done, self._done = self._done, []
+        for future, response in done:
+            if not future.done():
+                future.set_result(response)
+
+    def stop(self) -> None:
+        """Answer what is queued with 503 and let the workers end (calls in flight finish)."""
+        with self.cond:
+            self.stopped = True
+            queued = list(self.queue)
+            self.queue.clear()
+            self.cond.notify_all()
+        for _request, _ticks, future in queued:
+            self._answer(future, Response(503, body=b"function stopped\n"))
+
+
 class HandlerError(Exception):
     """The handler reported failure or returned a malformed response."""
 
@@ -489,10 +572,8 @@ class Function:
         self._idle: list[Instance] = []
         self._live = 0
         self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._waiting = 0
+        self._workers: WorkerPool | None = None
         self._fast_streak = 0
-        self._slots: asyncio.Semaphore | None = None
         try:
             self.pre = linker.instantiate_pre(compiled.module)
         except wasmtime.WasmtimeError as exc:
@@ -677,27 +758,9 @@ class Function:
             log.info("function %s moved to worker threads", self.id)
 
     async def _invoke_threaded(self, request: Request) -> Response:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.pool_size)
-            self._executor = ThreadPoolExecutor(self.pool_size, thread_name_prefix=f"fn-{self.id[:20]}")
-        if self._waiting >= self.queue_limit:
-            return Response(503, body=b"function busy: request queue is full\n")
-        self._waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self._waiting -= 1
-        try:
-            if self.stopped:
-                return Response(503, body=b"function stopped\n")
-            ticks = max(1, int(self.timeout / TICK))
-            loop = asyncio.get_running_loop()
-            try:
-                return await loop.run_in_executor(self._executor, self._threaded_call, request, ticks)
-            except RuntimeError:  # the executor shut down: the function was stopped meanwhile
-                return Response(503, body=b"function stopped\n")
-        finally:
-            self._slots.release()
+        if self._workers is None:
+            self._workers = WorkerPool(self, asyncio.get_running_loop())
+        return await self._workers.submit(request, max(1, int(self.timeout / TICK)))
 
     def _threaded_call(self, request: Request, ticks: int) -> Response:
         try:
@@ -730,8 +793,8 @@ class Function:
         for instance in idle:
             instance.close()
         self.engine.ticker.release()
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._workers is not None:
+            self._workers.stop()
 
 
 def _one_line(exc: BaseException) -> str:
