@@ -191,6 +191,12 @@ async def serve(args: argparse.Namespace) -> None:
         if paths.pid_file.read_text().strip() == str(os.getpid()):
             paths.pid_file.unlink()
             paths.socket.unlink()
+    log.info("stopped")
+    # Everything the host owns is cleaned up. A module thread still blocked in a host call
+    # (a read nobody will ever answer) must not keep the process alive: asyncio.run would
+    # wait for its executor threads forever.
+    logging.shutdown()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
