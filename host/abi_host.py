@@ -29,6 +29,7 @@ from typing import Any, Protocol
 import wasmtime
 
 from layotto.abi import spec as abi_spec
+from layotto.abi.maps import decode_map, encode_map
 from layotto.host.components import (
     ComponentError,
     ETagMismatch,
@@ -239,7 +240,10 @@ def _state_get(
 
 def _state_get_bulk(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, rpp: int, rlp: int) -> str:
     store_name = ctx.read_str(sp, sl)
-    keys = [k.decode() for k, _ in decode_map(ctx.read(kp, kl))]
+    try:
+        keys = [k.decode() for k, _ in decode_map(ctx.read(kp, kl))]
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise AbiStatus("PARSE_FAILURE", str(exc)) from exc
     ctx.check_writable(rpp, 4)
     ctx.check_writable(rlp, 4)
     store = ctx.component("state", store_name)
@@ -397,12 +401,6 @@ def _proxy_get_state(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, vpp: i
     return "OK"
 
 
-def _proxy_invoke_service(
-    ctx: AbiContext, ip: int, il: int, mp: int, ml: int, pp: int, pl: int, rpp: int, rlp: int
-) -> str:
-    return _invoke(ctx, ip, il, mp, ml, pp, pl, rpp, rlp)
-
-
 def _proxy_get_buffer_bytes(
     ctx: AbiContext, btype: int, start: int, max_size: int, dpp: int, dlp: int
 ) -> str:
@@ -453,7 +451,7 @@ IMPLEMENTATIONS: dict[tuple[str, str], Callable[..., str]] = {
     ("layotto", "layotto_next_id"): _next_id,
     ("layotto", "layotto_get_secret"): _get_secret,
     ("env", "proxy_get_state"): _proxy_get_state,
-    ("env", "proxy_invoke_service"): _proxy_invoke_service,
+    ("env", "proxy_invoke_service"): _invoke,  # same parameters as layotto_invoke
     ("env", "proxy_log"): _log,
     ("env", "proxy_get_buffer_bytes"): _proxy_get_buffer_bytes,
     ("env", "proxy_set_buffer_bytes"): _proxy_set_buffer_bytes,
@@ -583,33 +581,6 @@ def parse_capabilities(value: str | None) -> frozenset[str]:
 
 
 # --- encodings ----------------------------------------------------------------------------
-
-
-def encode_map(pairs: list[tuple[bytes, bytes]]) -> bytes:
-    sizes = b"".join(struct.pack("<II", len(k), len(v)) for k, v in pairs)
-    return struct.pack("<I", len(pairs)) + sizes + b"".join(k + b"\0" + v + b"\0" for k, v in pairs)
-
-
-def decode_map(data: bytes) -> list[tuple[bytes, bytes]]:
-    if not data or data == b"\0":
-        return []
-    if len(data) < 4:
-        raise AbiStatus("PARSE_FAILURE", "map shorter than its count")
-    (count,) = struct.unpack_from("<I", data)
-    if count > (len(data) - 4) // 10:
-        raise AbiStatus("PARSE_FAILURE", "map count exceeds its size")
-    pos = 4 + 8 * count
-    pairs = []
-    for i in range(count):
-        klen, vlen = struct.unpack_from("<II", data, 4 + 8 * i)
-        if pos + klen + vlen + 2 > len(data):
-            raise AbiStatus("PARSE_FAILURE", "map entry out of range")
-        key = data[pos : pos + klen]
-        pos += klen + 1
-        value = data[pos : pos + vlen]
-        pos += vlen + 1
-        pairs.append((key, value))
-    return pairs
 
 
 _OP = struct.Struct("<IIII")

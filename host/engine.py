@@ -31,6 +31,7 @@ WASI_MODULES = frozenset({"wasi_snapshot_preview1", "wasi_unstable"})
 
 MAX_WASM_STACK = 512 << 10  # bytes of native stack wasm may use (deeper recursion traps)
 ENGINE_SETTINGS = f"epoch_interruption=1;cranelift_opt_level=speed;max_wasm_stack={MAX_WASM_STACK}"
+TICK = 0.005  # seconds per epoch tick while the ticker runs
 DEFAULT_CACHE_LIMIT = 1 << 30  # bytes of compiled modules kept on disk
 
 
@@ -42,7 +43,7 @@ class EpochTicker:
     kills bump the epoch themselves. The thread runs only while someone needs it.
     """
 
-    def __init__(self, engine: wasmtime.Engine, interval: float = 0.005) -> None:
+    def __init__(self, engine: wasmtime.Engine, interval: float = TICK) -> None:
         self.engine = engine
         self.interval = interval
         self._users = 0

@@ -32,6 +32,7 @@ from typing import Any
 
 import wasmtime
 
+from layotto.abi.maps import decode_map, encode_map
 from layotto.host.abi_host import (
     BUFFER_CALL_DATA,
     BUFFER_REQUEST_BODY,
@@ -39,8 +40,8 @@ from layotto.host.abi_host import (
     AbiContext,
     calling,
 )
-from layotto.host.engine import WASI_MODULES, CompiledModule, WasmEngine
-from layotto.host.errors import ModuleError
+from layotto.host.engine import TICK, WASI_MODULES, CompiledModule, WasmEngine
+from layotto.host.errors import ModuleError, describe_error
 from layotto.host.fastcall import (
     EXTERN_FUNC,
     EXTERN_MEMORY,
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 HANDLER_EXPORT = "layotto_http_handle"
 ALLOCATORS = ("proxy_on_memory_allocate", "malloc")
 DEFAULT_MEMORY_LIMIT = 128 << 20
-TICK = 0.005  # seconds per epoch tick (the engine's ticker) while functions exist
 INLINE_BUDGET_TICKS = 2  # first look after 5-10 ms ...
 INLINE_BUDGET = 0.010  # ... an inline call may run 10 ms before its function moves to threads
 BACK_INLINE_AFTER = 2000  # consecutive fast calls on threads before a function returns inline
@@ -111,33 +111,6 @@ class DeadlineExceeded(Exception):
 
 class Killed(Exception):
     """The function was stopped while the call ran."""
-
-
-def encode_map(pairs: list[tuple[bytes, bytes]]) -> bytes:
-    """proxy-wasm map serialization."""
-    sizes = b"".join(struct.pack("<II", len(k), len(v)) for k, v in pairs)
-    data = b"".join(k + b"\0" + v + b"\0" for k, v in pairs)
-    return struct.pack("<I", len(pairs)) + sizes + data
-
-
-def decode_map(data: bytes) -> list[tuple[bytes, bytes]]:
-    if len(data) < 4:
-        return []
-    (count,) = struct.unpack_from("<I", data, 0)
-    if count > len(data) // 8:
-        raise ValueError("header map count exceeds its size")
-    pos = 4 + 8 * count
-    pairs = []
-    for i in range(count):
-        klen, vlen = struct.unpack_from("<II", data, 4 + 8 * i)
-        if pos + klen + vlen + 2 > len(data):
-            raise ValueError("header map entry out of range")
-        key = data[pos : pos + klen]
-        pos += klen + 1
-        value = data[pos : pos + vlen]
-        pos += vlen + 1
-        pairs.append((key, value))
-    return pairs
 
 
 def encode_request(req: Request) -> bytes:
@@ -511,7 +484,6 @@ class Stats:
         self.codes: collections.Counter[int] = collections.Counter()
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
-        self.instances_created = 0
         self.replaced = 0
         self.cpu_seconds = 0.0
 
@@ -577,7 +549,7 @@ class Function:
         try:
             self.pre = linker.instantiate_pre(compiled.module)
         except wasmtime.WasmtimeError as exc:
-            raise ModuleError(f"{name}: cannot link the function: {_one_line(exc)}") from exc
+            raise ModuleError(f"{name}: cannot link the function: {describe_error(exc)}") from exc
         imports = list(compiled.module.imports)
         self.needs_wasi = any(imp.module in WASI_MODULES for imp in imports)
         self.uses_abi = any(imp.module in ("layotto", "env") for imp in imports)
@@ -636,10 +608,9 @@ class Function:
         except ModuleError:
             raise
         except Exception as exc:
-            raise ModuleError(f"{self.name}: cannot instantiate the function: {_one_line(exc)}") from exc
+            raise ModuleError(f"{self.name}: cannot instantiate the function: {describe_error(exc)}") from exc
         with self._lock:
             self._live += 1
-            self.stats.instances_created += 1
         return instance
 
     def _take(self) -> Instance:
@@ -694,7 +665,7 @@ class Function:
             return Response(503, body=b"function stopped\n")
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             self._give_back(instance, healthy=False)
-            message = _one_line(exc)
+            message = describe_error(exc)
             self.log.add("host", f"trap: {message}; instance replaced")
             log.warning("function %s (%s): trap: %s", self.id, self.name, message)
             return Response(500, body=f"function trapped: {message}\n".encode())
@@ -740,13 +711,6 @@ class Function:
                 self.threaded = False
                 self.log.add("host", f"{BACK_INLINE_AFTER} fast calls in a row: back to inline calls")
                 log.info("function %s back to inline calls", self.id)
-        return response
-
-    async def invoke(self, request: Request) -> Response:
-        """Serve one request, inline when possible (from the event loop thread)."""
-        response = self.call_inline(request)
-        if response is None:
-            response = await self.call_threaded(request)
         return response
 
     def _go_threaded(self) -> None:
@@ -795,11 +759,3 @@ class Function:
         self.engine.ticker.release()
         if self._workers is not None:
             self._workers.stop()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if "Caused by:" in lines:
-        return "; ".join(lines[lines.index("Caused by:") + 1 :]).removeprefix("wasm trap: ")
-    return lines[0] if lines else type(exc).__name__

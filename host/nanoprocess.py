@@ -26,7 +26,7 @@ from wasmtime import _bindings as ffi
 
 from layotto.host.abi_host import AbiContext, WasmtimeMemory, calling, wasmtime_allocator
 from layotto.host.engine import CompiledModule, WasmEngine
-from layotto.host.errors import ModuleError
+from layotto.host.errors import ModuleError, describe_error
 from layotto.host.fastcall import INSTANCES, MEMORIES, TABLE_ELEMENTS, TABLES
 from layotto.host.function import FunctionLog
 
@@ -443,7 +443,7 @@ class Nanoprocess:
             self._store = store
         except Exception as exc:  # instantiation failed: report it from Start
             self.start_error = ModuleError(
-                f"{self.spec.name}: cannot instantiate the module: {_describe(exc)}"
+                f"{self.spec.name}: cannot instantiate the module: {describe_error(exc)}"
             )
             self._cpu_seconds = time.thread_time()
             ready.set()
@@ -480,7 +480,7 @@ class Nanoprocess:
             if self.kill_event.is_set():
                 status, reason = 128 + self.kill_signal, "killed"
             else:
-                status, reason = TRAP_EXIT, f"wasm trap: {_describe(exc)}"
+                status, reason = TRAP_EXIT, f"wasm trap: {describe_error(exc)}"
                 self.stderr.write(f"{self.spec.name}: {reason}\n".encode())
                 self.log.add("host", reason)
         except Exception as exc:  # a host bug must not leave the task running forever
@@ -553,23 +553,3 @@ class Nanoprocess:
             except (OSError, AttributeError):
                 pass
         return self._cpu_seconds
-
-
-def _describe(exc: BaseException) -> str:
-    """The cause of a wasmtime error in one line, with the innermost wasm frame.
-
-    wasmtime formats errors as "error while executing at wasm backtrace: <frames> ...
-    Caused by: <cause>"; the cause is what a user needs first.
-    """
-    text = str(exc).strip()
-    if not text:
-        return type(exc).__name__
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    cause = ""
-    if "Caused by:" in lines:
-        cause = "; ".join(lines[lines.index("Caused by:") + 1 :])
-    frames = [line for line in lines if line[:1].isdigit() and " - " in line]
-    if cause:
-        where = f" (in {frames[0].split(' - ', 1)[1]})" if frames else ""
-        return cause.removeprefix("wasm trap: ") + where
-    return "; ".join(lines[:3])

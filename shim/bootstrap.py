@@ -15,8 +15,6 @@ delete: ask a live host to kill and forget the task, unmount the rootfs if it is
 from __future__ import annotations
 
 import argparse
-import ctypes
-import errno
 import fcntl
 import os
 import socket
@@ -27,7 +25,8 @@ import time
 from pathlib import Path
 
 from layotto.shim import wire
-from layotto.shim.paths import MOUNT_MARKER, HostPaths, host_paths_for_bundle, state_dir_for_bundle
+from layotto.shim.mounts import unmount_rootfs
+from layotto.shim.paths import HostPaths, host_paths_for_bundle, state_dir_for_bundle
 
 VERSION = "0.1.0"
 TASK_SERVICE = "containerd.task.v2.Task"
@@ -194,31 +193,12 @@ def _ask_host_to_forget(paths: HostPaths, task_id: str, namespace: str) -> None:
         s.close()
 
 
-MNT_DETACH = 2
-
-
-def unmount_all(target: Path) -> None:
-    """Unmount everything stacked on ``target`` (no error when nothing is mounted)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    for _ in range(64):
-        if libc.umount2(os.fsencode(target), 0) == 0:
-            continue
-        err = ctypes.get_errno()
-        if err == errno.EBUSY and libc.umount2(os.fsencode(target), MNT_DETACH) == 0:
-            continue
-        return
-
-
 def delete(args: argparse.Namespace) -> int:
     bundle = Path(args.bundle or os.getcwd())
     paths = host_paths_for_bundle(bundle)
     if args.id and _can_connect(paths.socket):
         _ask_host_to_forget(paths, args.id, args.namespace or "default")
-    unmount_all(bundle / "rootfs")
-    try:
-        (bundle / MOUNT_MARKER).unlink()
-    except FileNotFoundError:
-        pass
+    unmount_rootfs(bundle)  # also drops the mount marker
     # What runc answers for a container whose shim is gone: killed, now.
     response = wire.field_varint(2, 128 + SIGKILL) + wire.field_message(3, wire.timestamp())
     sys.stdout.buffer.write(response)

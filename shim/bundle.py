@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import os
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from layotto.host.errors import ModuleError
+from layotto.shim.mounts import unmount_rootfs
 from layotto.shim.paths import MOUNT_MARKER
 
 MS_RDONLY = 0x1
@@ -20,7 +20,6 @@ MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
-MNT_DETACH = 0x2
 
 # mount(8) option → (flags to set, flags to clear)
 _FLAGS: dict[str, tuple[int, int]] = {
@@ -138,22 +137,6 @@ def mount_rootfs(bundle: Path, mounts: list[Mount]) -> Path:
         unmount_rootfs(bundle)
         raise
     return target
-
-
-def unmount_rootfs(bundle: Path) -> None:
-    """Unmount everything on ``<bundle>/rootfs``; a no-op when nothing is mounted."""
-    target = os.fsencode(bundle / "rootfs")
-    for _ in range(64):
-        if _libc.umount2(target, 0) == 0:
-            continue
-        err = ctypes.get_errno()
-        if err == errno.EBUSY and _libc.umount2(target, MNT_DETACH) == 0:
-            continue
-        break
-    try:
-        (bundle / MOUNT_MARKER).unlink()
-    except FileNotFoundError:
-        pass
 
 
 @dataclass

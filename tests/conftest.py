@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, NoReturn
 
 import pytest
 
-from tests.containerd_env import Containerd, default_snapshotter
+from tests.containerd_env import Containerd, RedisError, default_snapshotter
+from tests.containerd_env import redis_server as redis_server_at
 
 if TYPE_CHECKING:
     import psutil
@@ -156,40 +157,9 @@ def host_proc() -> Callable[[Containerd], psutil.Process | None]:
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A private redis-server (Debian package ``redis-server``) on a free loopback port,
     without persistence; yields its ``host:port``. Stopped at the end of the session."""
-    import socket
-    import subprocess
-    import time
-
     binary = require("redis-server")
-    workdir = tmp_path_factory.mktemp("redis")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    log = workdir / "redis.log"
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        + ["--dir", str(workdir), "--logfile", str(log), "--daemonize", "no"],
-        stdin=subprocess.DEVNULL,
-    )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(64).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                text = log.read_text() if log.exists() else ""
-                pytest.fail(f"redis-server did not start on port {port}:\n{text}", pytrace=False)
-            time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with redis_server_at(tmp_path_factory.mktemp("redis"), binary) as address:
+            yield address
+    except RedisError as exc:
+        pytest.fail(str(exc), pytrace=False)

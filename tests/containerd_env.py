@@ -12,6 +12,7 @@ containerd that prints its address.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -68,6 +69,47 @@ class CtrError(subprocess.CalledProcessError):
             f"command {subprocess.list2cmdline(self.cmd)} exited {self.returncode}\n"
             f"--- stdout ---\n{self.stdout or ''}\n--- stderr ---\n{self.stderr or ''}"
         )
+
+
+class RedisError(RuntimeError):
+    """A private redis-server did not come up (the message holds its log)."""
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path, binary: str = "redis-server") -> Iterator[str]:
+    """A private redis-server on a free loopback port without persistence; yields its
+    ``host:port`` and stops it on the way out. Raises RedisError when it does not start."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = workdir / "redis.log"
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        + ["--dir", str(workdir), "--logfile", str(log), "--daemonize", "no"],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                    conn.sendall(b"PING\r\n")
+                    if conn.recv(64).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                text = log.read_text() if log.exists() else ""
+                raise RedisError(f"redis-server did not start on port {port}:\n{text}")
+            time.sleep(0.05)
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def make_base(prefix: str = "lt-") -> Path:

@@ -17,6 +17,7 @@ from layotto.host import abi_host
 from layotto.host.abi_host import AbiContext, WasmtimeMemory, calling, host_function, parse_capabilities
 from layotto.host.components.registry import load_components
 from layotto.host.engine import WasmEngine
+from layotto.host.errors import ModuleError
 
 SPEC = abi_spec.load()
 STATUS = SPEC.status
@@ -106,7 +107,7 @@ def test_the_host_implements_exactly_the_table() -> None:
 def test_unknown_abi_imports_are_refused_by_name() -> None:
     wat = '(module (import "layotto" "layotto_teleport" (func (param i32) (result i32))))'
     with pytest.raises(
-        Exception, match="imports layotto.layotto_teleport, which the layotto host does not provide"
+        ModuleError, match="imports layotto.layotto_teleport, which the layotto host does not provide"
     ):
         WasmEngine(None).load(bytes(wasmtime.wat2wasm(wat)), name="/x.wasm")
 

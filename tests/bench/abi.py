@@ -72,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 from layotto.images.builder import build_image
+from tests import containerd_env
 from tests.bench.coldstart import BenchError
 from tests.bench.invoke import per_call_us, run_wrk
 from tests.bench.startrate import (
@@ -303,49 +304,18 @@ def define_raw_noop(linker: Any) -> object:
     return (rawnoop, ty)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def redis_server(workdir: Path) -> Iterator[str | None]:
-    """A private redis-server on a free loopback port without persistence (as the tests'
-    ``redis_server`` fixture starts one); yields ``host:port``, or None when none is installed."""
+    """A private redis-server (the tests' harness starts it); None when none is installed."""
     binary = shutil.which("redis-server")
     if binary is None:
         yield None
         return
-    port = free_port()
-    log = workdir / "redis.log"
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        + ["--dir", str(workdir), "--logfile", str(log), "--daemonize", "no"],
-        stdin=subprocess.DEVNULL,
-    )
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
-                    conn.sendall(b"PING\r\n")
-                    if conn.recv(64).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                text = log.read_text() if log.exists() else ""
-                raise BenchError(f"redis-server did not start on port {port}:\n{text}")
-            time.sleep(0.05)
-        yield f"127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        with containerd_env.redis_server(workdir, binary) as address:
+            yield address
+    except containerd_env.RedisError as exc:
+        raise BenchError(str(exc)) from exc
 
 
 def loop_us(call: Callable[[int], int], budget: float, batches: int = 5) -> dict[str, Any]:
