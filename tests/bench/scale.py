@@ -1,6 +1,6 @@
 """Scale benchmark: start rate, memory per function and request latency as functions pile up.
 
-``python -m tests.bench.scale [--max N] [--clients C] [--json PATH]``:
+``python -m tests.bench.scale [--max N] [--clients C] [--client grpc|ctr] [--json PATH]``:
 
 1. starts a private containerd (no CRI), imports fn-hello, starts one warm-up function
    (the node host's start and the module's compilation stay out of every step) and reads
@@ -9,10 +9,12 @@
    (each container costs both some descriptors: containerd's ttrpc connection and the
    shim log fifo, the container's stdio fifos);
 2. grows the population of idle fn-hello function modules through 10, 100, 1000 and
-   (``--max 10000``) 10,000, each step started with C parallel ``ctr run -d`` clients;
-   after each step reports:
+   (``--max 10000``) 10,000, each step started by C parallel clients: threads of one
+   long-lived gRPC client (``--client grpc``, the default; :mod:`tests.containerd_client`,
+   containers without stdio) or ``ctr run -d`` processes (``--client ctr``, with stdio
+   fifos); after each step reports:
    - start rate of the step's new containers (until every one is RUNNING), and one
-     ``ctr run -d``'s latency under that load;
+     start's latency under that load;
    - the node host's memory growth per function (RSS, USS), mappings, fds and threads,
      and containerd's own RSS and fds per container;
    - request latency: ``wrk -t1 -c32 --latency`` against one function for a few seconds,
@@ -23,7 +25,8 @@
    a step that would cross one is cut to 90% of what it allows (rounded down to hundreds)
    and is the last; a step that fails (say, a limit reached anyway) ends the growth too,
    and is reported;
-4. deletes everything (timed) and ``--json PATH`` writes every number.
+4. deletes everything (timed, through the same client) and ``--json PATH`` writes every
+   number.
 
 containerd is always stopped at the end, taking its shims, the node host and mounts along.
 """
@@ -45,6 +48,7 @@ from tests.bench.startrate import (
     FN,
     Fleet,
     clear_note,
+    client_arguments,
     common_arguments,
     host_pid,
     load_note,
@@ -108,7 +112,7 @@ def sweep(port: int, ids: Sequence[str]) -> dict[str, Any]:
 
 def timed_list(fleet: Fleet) -> tuple[float, int]:
     began = time.perf_counter()
-    status = fleet.task_status()
+    status = fleet.ctr_task_status()  # `ctr tasks ls` whichever client starts the fleet
     return time.perf_counter() - began, sum(1 for s in status.values() if s == "RUNNING")
 
 
@@ -220,6 +224,8 @@ def grow(c: Containerd, fleet: Fleet, args: argparse.Namespace) -> dict[str, Any
         clear_note(fleet.progress)
         if out.get("stopped"):
             break
+    out["client"] = fleet.client
+    out["grpc_channels"] = fleet.grpc_channels
     out["projected_max_functions"] = caps(limits, usage, per)
     total = len(fleet.live)
     note(f"  deleting {total} containers", fleet.progress)
@@ -231,17 +237,24 @@ def grow(c: Containerd, fleet: Fleet, args: argparse.Namespace) -> dict[str, Any
     return out
 
 
+def client_text(results: dict[str, Any]) -> str:
+    if results.get("client", "ctr") == "grpc":
+        return f"gRPC client threads (channels: {results.get('grpc_channels', 'per-client')})"
+    return "`ctr run -d` clients"
+
+
 def report(results: dict[str, Any]) -> str:
+    grpc = results.get("client", "ctr") == "grpc"
     lines = [
         f"scale: idle fn-hello function modules in one node host, started with {results['clients']} "
-        f"parallel `ctr run -d` clients ({results['containerd']}, {results['cpus']} CPUs)",
+        f"parallel {client_text(results)} ({results['containerd']}, {results['cpus']} CPUs)",
         f"  limits: vm.max_map_count = {results['vm_max_map_count']}, open files: host "
         f"{results['host_open_file_limit']}, containerd {results['containerd_open_file_limit']}",
         f"  host at baseline (1 warm-up function): {results['host_base']['rss'] / 2**20:.1f} MiB RSS, "
         f"{results['host_base']['maps']} mappings, {results['host_base']['fds']} fds; containerd "
         f"{results['containerd_base']['rss'] / 2**20:.1f} MiB, {results['containerd_base']['fds']} fds",
         "",
-        f"  {'N':>6}{'start/s':>8}{'ctr p50':>8}{'p90':>6}"
+        f"  {'N':>6}{'start/s':>8}{'st p50':>8}{'p90':>6}"
         f"{'KiB/fn':>8}{'USS':>6}{'maps':>6}{'fds':>5}{'host MiB':>9}{'ctrd MiB':>9}"
         f"{'wrk r/s':>8}{'p50':>6}{'p99':>6}{'sweep p50':>10}{'p99':>6}{'max':>6}{'ls s':>6}",
     ]
@@ -256,7 +269,9 @@ def report(results: dict[str, Any]) -> str:
             f"{sw['p50_ms']:10.2f}{sw['p99_ms']:6.2f}{sw['max_ms']:6.1f}{s['ctr_tasks_ls_s']:6.2f}"
         )
     lines += [
-        "  (start/s: the step's new containers until all RUNNING; ctr: ms of one `ctr run -d`; KiB/fn, USS,",
+        "  (start/s: the step's new containers until all RUNNING; st: ms of one start "
+        + ("(gRPC run_detached)" if grpc else "(`ctr run -d`)")
+        + "; KiB/fn, USS,",
         "   maps, fds: host growth per function since the baseline; wrk: -c32 against one function, ms;",
         f"   sweep: one request each to up to {SWEEP} random functions, ms; ls s: `ctr tasks ls`)",
     ]
@@ -273,9 +288,14 @@ def report(results: dict[str, Any]) -> str:
         lines.append("  containers before each limit is hit, at the measured rates: " + ", ".join(parts))
     if results.get("stopped"):
         lines.append(f"  stopped early: {results['stopped']}")
+    how = (
+        "gRPC Kill + Wait + Tasks.Delete + Containers.Delete + Snapshots.Remove, one container at a time"
+        if grpc
+        else "`ctr tasks delete -f` + `ctr containers delete` in batches of 50"
+    )
     lines.append(
         f"  teardown: {results['teardown_s']:.1f} s ({results['teardown_per_s']:.0f} containers/s, "
-        f"`ctr tasks delete -f` + `ctr containers delete` in batches of 50, {results['clients']} clients)"
+        f"{how}, {results['clients']} clients)"
     )
     lines += load_note(results)
     return "\n".join(lines)
@@ -288,8 +308,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--max) idle function modules in one node host.",
     )
     parser.add_argument("--max", type=positive, default=1000, help="largest population (1000; try 10000)")
-    parser.add_argument("--clients", type=positive, default=8, help="parallel ctr clients (8)")
+    parser.add_argument("--clients", type=positive, default=8, help="parallel clients (8)")
     parser.add_argument("--probe-seconds", type=positive, default=3, help="wrk seconds per step (3)")
+    client_arguments(parser, default="grpc", both=False)
     common_arguments(parser)
     return parser.parse_args(argv)
 
