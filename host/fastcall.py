@@ -211,7 +211,7 @@ class Func:
 
 class Memory:
     """Bounds-checked access to an instance's linear memory, by address: a memoryview over
-    it, rebuilt only when the memory grows or moves (valid until the next wasm call)."""
+    it, rebuilt only when the memory grows (valid until the next wasm call)."""
 
     __slots__ = ("ctx", "mem_addr", "_base", "_size", "_view")
 
@@ -227,12 +227,13 @@ class Memory:
 
     def view(self) -> memoryview:
         size = _memory_data_size(self.ctx, self.mem_addr)
+        if size == self._size:  # a memory moves only when it grows: same size, same place
+            return self._view
         base = _memory_data(self.ctx, self.mem_addr) or 0
-        if base != self._base or size != self._size:
-            self._base, self._size = base, size
-            self._view = (
-                memoryview((ctypes.c_char * size).from_address(base)).cast("B") if size else memoryview(b"")
-            )
+        self._base, self._size = base, size
+        self._view = (
+            memoryview((ctypes.c_char * size).from_address(base)).cast("B") if size else memoryview(b"")
+        )
         return self._view
 
 

