@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 WASM_OUT ?= build/wasm
-APT_PACKAGES := containerd runc clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt busybox-static hyperfine docker-registry shellcheck redis-server rustc libstd-rust-dev-wasm32 curl wrk
+APT_PACKAGES := gcc containerd runc clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt busybox-static hyperfine docker-registry shellcheck redis-server rustc libstd-rust-dev-wasm32 curl wrk
 
 include images/build.mk
 
@@ -15,7 +15,7 @@ all: venv modules
 # System packages: installed only when a tool is missing (needs root and Debian's apt).
 deps:
 	@missing=""; \
-	for tool in containerd:containerd ctr:containerd runc:runc clang:clang wasm-ld:lld wat2wasm:wabt busybox:busybox-static hyperfine:hyperfine docker-registry:docker-registry shellcheck:shellcheck redis-server:redis-server curl:curl wrk:wrk; do \
+	for tool in gcc:gcc containerd:containerd ctr:containerd runc:runc clang:clang wasm-ld:lld wat2wasm:wabt busybox:busybox-static hyperfine:hyperfine docker-registry:docker-registry shellcheck:shellcheck redis-server:redis-server curl:curl wrk:wrk; do \
 	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool#*:}"; \
 	done; \
 	[ -e /usr/lib/wasm32-wasi/libc.a ] || [ -e /usr/lib/wasm32-wasi/crt1.o ] || missing="$$missing wasi-libc"; \
@@ -27,7 +27,7 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py shim/protocol/*.proto shim/containerd-shim-layotto-v1
+$(VENV)/.installed: pyproject.toml setup.py shim/protocol/*.proto shim/containerd-shim-layotto-v1 host/_handler.c
 	@[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'

@@ -1,9 +1,10 @@
-"""Build hook: generate the protobuf modules before packaging (see shim/protocol/build_protos.py)."""
+"""Build hooks: generate the protobuf modules before packaging (see shim/protocol/build_protos.py),
+and compile the handler ABI's hot path (host/_handler.c, a CPython extension)."""
 
 import runpy
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 
@@ -14,4 +15,13 @@ class BuildWithProtos(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildWithProtos})
+setup(
+    cmdclass={"build_py": BuildWithProtos},
+    ext_modules=[
+        Extension(
+            "layotto.host._handler",
+            sources=["host/_handler.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        )
+    ],
+)

@@ -12,9 +12,12 @@ range is checked against the memory's current size.
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import wasmtime
 from wasmtime import _bindings as ffi
+
+from layotto.host import _handler
 
 _vp = ctypes.c_void_p
 _call_unchecked = ctypes.CFUNCTYPE(_vp, _vp, _vp, _vp, ctypes.c_size_t, _vp)(
@@ -55,21 +58,24 @@ def set_epoch_deadline(store_ctx: int, ticks: int) -> None:
 # host keeps an InstancePre per function and builds each Store with raw calls; one
 # epoch-deadline callback serves every such store, finding its owner by a key.
 
-_store_new = ctypes.CFUNCTYPE(_vp, _vp, _vp, _vp)(("wasmtime_store_new", ffi.dll))
-_store_context = ctypes.CFUNCTYPE(_vp, _vp)(("wasmtime_store_context", ffi.dll))
-_store_delete = ctypes.CFUNCTYPE(None, _vp)(("wasmtime_store_delete", ffi.dll))
+# Only instantiation runs wasm (a start function), so only it gives up the GIL; the
+# bookkeeping calls around it are short and keep it (a release and re-acquire per call
+# would cost more than the call, and invite a thread switch).
+_store_new = ctypes.PYFUNCTYPE(_vp, _vp, _vp, _vp)(("wasmtime_store_new", ffi.dll))
+_store_context = ctypes.PYFUNCTYPE(_vp, _vp)(("wasmtime_store_context", ffi.dll))
+_store_delete = ctypes.PYFUNCTYPE(None, _vp)(("wasmtime_store_delete", ffi.dll))
 _i64 = ctypes.c_int64
-_store_limiter = ctypes.CFUNCTYPE(None, _vp, _i64, _i64, _i64, _i64, _i64)(
+_store_limiter = ctypes.PYFUNCTYPE(None, _vp, _i64, _i64, _i64, _i64, _i64)(
     ("wasmtime_store_limiter", ffi.dll)
 )
-_store_epoch_callback = ctypes.CFUNCTYPE(None, _vp, _vp, _vp, _vp)(
+_store_epoch_callback = ctypes.PYFUNCTYPE(None, _vp, _vp, _vp, _vp)(
     ("wasmtime_store_epoch_deadline_callback", ffi.dll)
 )
 _pre_instantiate = ctypes.CFUNCTYPE(_vp, _vp, _vp, _vp, _vp)(("wasmtime_instance_pre_instantiate", ffi.dll))
-_export_get = ctypes.CFUNCTYPE(ctypes.c_bool, _vp, _vp, ctypes.c_char_p, ctypes.c_size_t, _vp)(
+_export_get = ctypes.PYFUNCTYPE(ctypes.c_bool, _vp, _vp, ctypes.c_char_p, ctypes.c_size_t, _vp)(
     ("wasmtime_instance_export_get", ffi.dll)
 )
-_set_wasi = ctypes.CFUNCTYPE(_vp, _vp, _vp)(("wasmtime_context_set_wasi", ffi.dll))
+_set_wasi = ctypes.PYFUNCTYPE(_vp, _vp, _vp)(("wasmtime_context_set_wasi", ffi.dll))
 _error_new = ctypes.CFUNCTYPE(_vp, ctypes.c_char_p)(("wasmtime_error_new", ffi.dll))
 
 # Per-store limits besides memory (a module needing more fails to instantiate, clearly).
@@ -161,6 +167,124 @@ class RawStore:
             _store_delete(self.store)
             self.store = None
             self.ctx = None
+
+
+# --- The handler ABI's hot path, in C (host/_handler.c) ---------------------------------
+
+_handler.bind(
+    {
+        name: ctypes.cast(getattr(ffi.dll, name), _vp).value
+        for name in (
+            "wasmtime_store_new",
+            "wasmtime_store_context",
+            "wasmtime_store_delete",
+            "wasmtime_store_limiter",
+            "wasmtime_store_epoch_deadline_callback",
+            "wasmtime_context_set_epoch_deadline",
+            "wasmtime_context_set_wasi",
+            "wasmtime_instance_pre_instantiate",
+            "wasmtime_instance_export_get",
+            "wasmtime_func_call_unchecked",
+            "wasmtime_memory_data",
+            "wasmtime_memory_data_size",
+        )
+    },
+    ctypes.sizeof(ffi.wasmtime_extern_t),
+    ctypes.sizeof(ffi.wasmtime_instance_t),
+    ctypes.sizeof(ffi.wasmtime_val_raw_t),
+    ctypes.sizeof(ffi.wasmtime_func_t),
+    ctypes.sizeof(ffi.wasmtime_memory_t),
+)
+
+# What host/_handler.c's instantiate and call report first.
+HANDLER_OK = 0
+HANDLER_WASM_ERROR = 1
+HANDLER_STATUS = 2
+HANDLER_NO_MEMORY = 3
+HANDLER_BAD_GUEST = 4
+HANDLER_MISSING = 5
+
+
+class MissingExport(Exception):
+    """A function module lacks an export the handler ABI needs."""
+
+
+class HandlerStore:
+    """A Store with one instance of a handler-ABI module, made and called in one C call
+    each (host/_handler.c): ``call`` takes the encoded request and returns the response's
+    (status, encoded headers, body); traps and errors raise as wasmtime's own exceptions,
+    a bad guest pointer as OutOfBounds, a failed allocation as MemoryError."""
+
+    __slots__ = ("handle", "ctx", "key", "out", "alloc_addr", "handler_addr", "mem_addr")
+
+    def __init__(
+        self,
+        engine: wasmtime.Engine,
+        pre: wasmtime.InstancePre,
+        handler: str,
+        *,
+        memory_limit: int,
+        on_deadline: object,
+        wasi: wasmtime.WasiConfig | None = None,
+    ) -> None:
+        self.handle = 0
+        self.key = next(_next_key)
+        _deadline_handlers[self.key] = on_deadline
+        result = _handler.instantiate(
+            _address(engine.ptr()),
+            _address(pre.ptr()),
+            memory_limit,
+            TABLE_ELEMENTS,
+            INSTANCES,
+            TABLES,
+            MEMORIES,
+            _EPOCH_CALLBACK_ADDR,
+            self.key,
+            _address(wasi._consume()) if wasi is not None else 0,
+            handler,
+        )
+        if result[0] != HANDLER_OK:
+            _deadline_handlers.pop(self.key, None)
+            _raise_result(result)
+        self.handle = result[1]
+        addresses = _handler.addresses(self.handle)
+        self.ctx, self.alloc_addr, self.handler_addr, self.mem_addr, self.out = addresses
+
+    def call(self, request: bytes) -> tuple[int, bytes, bytes]:
+        result = _handler.call(self.handle, request)
+        if result[0] == HANDLER_OK:
+            return result[1:]
+        return _raise_result(result)
+
+    def delete(self) -> None:
+        if self.handle:
+            _deadline_handlers.pop(self.key, None)
+            handle, self.handle = self.handle, 0
+            _handler.delete(handle)
+            self.ctx = None
+
+
+class HandlerStatus(Exception):
+    """The handler returned a nonzero status."""
+
+    def __init__(self, status: int) -> None:
+        super().__init__(f"handler returned status {status}")
+        self.status = status
+
+
+def _raise_result(result: tuple) -> Any:
+    kind = result[0]
+    if kind == HANDLER_WASM_ERROR:
+        _raise_error(result[1], ctypes.c_void_p(result[2]))
+    if kind == HANDLER_STATUS:
+        raise HandlerStatus(result[1])
+    if kind == HANDLER_NO_MEMORY:
+        raise MemoryError(result[1])
+    if kind == HANDLER_BAD_GUEST:
+        raise OutOfBounds(result[1])
+    if kind == HANDLER_MISSING:
+        raise MissingExport(result[1])
+    raise RuntimeError(f"unexpected result from the handler path: {result!r}")
 
 
 class Func:

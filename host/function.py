@@ -46,10 +46,12 @@ from layotto.host.fastcall import (
     EXTERN_FUNC,
     EXTERN_MEMORY,
     Func,
+    HandlerStatus,
+    HandlerStore,
     Memory,
+    MissingExport,
     OutOfBounds,
     RawStore,
-    check,
     set_epoch_deadline,
 )
 
@@ -65,8 +67,6 @@ FAST_CALL = 0.001
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 _HEADER = struct.Struct("<5I")
-_RESPONSE_HEADER = struct.Struct("<3I")
-_OUT = struct.Struct("<II")
 
 
 PROXY_EXPORTS = ("proxy_on_request_body", "proxy_on_request_headers")
@@ -158,42 +158,16 @@ class FunctionLog:
                 sink(line.encode() + b"\n")
 
 
-class Instance:
-    """One instance of a function module (its own Store), with raw entry points."""
+class BaseInstance:
+    """What every kind of function instance shares: its Store, deadlines and budgets."""
 
-    def __init__(self, fn: Function) -> None:
-        self.fn = fn
-        self.deadline_kind = "inline"
-        self.ticker = fn.engine.ticker
-        self._deadline_at = -1
-        self._started = 0.0
-        self.calls = 0
-        self.raw = fn.new_store(self._on_deadline)
-        try:
-            ctx = self.ctx = self.raw.ctx
-            init = self.raw.export(b"_initialize", EXTERN_FUNC)
-            if init is not None:
-                Func(ctx, init, 0).call0()
-            alloc = self.raw.export(b"proxy_on_memory_allocate", EXTERN_FUNC) or self.raw.export(
-                b"malloc", EXTERN_FUNC
-            )
-            memory = self.raw.export(b"memory", EXTERN_MEMORY)
-            handler = self.raw.export(HANDLER_EXPORT.encode(), EXTERN_FUNC)
-            if alloc is None or memory is None or handler is None:
-                raise ModuleError(
-                    f"{fn.name}: a function module must export {HANDLER_EXPORT}, memory and "
-                    "proxy_on_memory_allocate (or malloc)"
-                )
-            self.alloc = Func(ctx, alloc, 1)
-            self.handle = Func(ctx, handler, 4)
-            self.memory = Memory(ctx, memory)
-            self.abi = fn.abi_context(self.memory, self.alloc.call1)
-            self.out = self.alloc.call1(8)
-            if not self.out:
-                raise ModuleError(f"{fn.name}: the module's allocator returned 0")
-        except BaseException:
-            self.raw.delete()
-            raise
+    fn: Function
+    raw: HandlerStore | RawStore
+    ctx: int
+    deadline_kind: str
+    ticker: Any
+    _deadline_at: int
+    _started: float
 
     def _on_deadline(self) -> str | int:
         """Called on the calling thread when the store's epoch deadline passes: a reason to
@@ -232,6 +206,63 @@ class Instance:
             raise Killed() from None
 
     def call(self, request: Request, ticks: int, kind: str) -> Response:
+        raise NotImplementedError
+
+
+class Instance(BaseInstance):
+    """One instance of a function module written against our handler ABI (its own Store).
+
+    Creating it and each call are one C call each (host/_handler.c, through
+    :class:`HandlerStore`); the Python views of its memory and exports are made only when
+    something asks for them (the Runtime ABI, diagnostics).
+    """
+
+    def __init__(self, fn: Function) -> None:
+        self.fn = fn
+        self.deadline_kind = "inline"
+        self.ticker = fn.engine.ticker
+        self._deadline_at = -1
+        self._started = 0.0
+        self.calls = 0
+        self._memory: Memory | None = None
+        self._alloc: Func | None = None
+        try:
+            self.raw = HandlerStore(
+                fn.engine.engine,
+                fn.pre,
+                HANDLER_EXPORT,
+                memory_limit=fn.memory_limit,
+                on_deadline=self._on_deadline,
+                wasi=fn.wasi_config(),
+            )
+        except MissingExport as exc:
+            raise ModuleError(
+                f"{fn.name}: a function module must export {HANDLER_EXPORT}, memory and "
+                f"proxy_on_memory_allocate (or malloc); it lacks {exc}"
+            ) from None
+        except MemoryError as exc:
+            raise ModuleError(f"{fn.name}: {exc}") from None
+        self.ctx = self.raw.ctx
+        self.out = self.raw.out
+        self.abi = fn.abi_context(self.memory, self.alloc.call1) if fn.uses_abi else None
+
+    @property
+    def memory(self) -> Memory:
+        if self._memory is None:
+            self._memory = Memory(self.ctx, self.raw.mem_addr)
+        return self._memory
+
+    @property
+    def alloc(self) -> Func:
+        if self._alloc is None:
+            self._alloc = Func(self.ctx, self.raw.alloc_addr, 1)
+        return self._alloc
+
+    @property
+    def handle(self) -> Func:
+        return Func(self.ctx, self.raw.handler_addr, 4)
+
+    def call(self, request: Request, ticks: int, kind: str) -> Response:
         """Run the handler on one request."""
         if self.abi is None:
             return self._call(encode_request(request), ticks, kind)
@@ -240,49 +271,25 @@ class Instance:
 
     def _call(self, payload: bytes, ticks: int, kind: str) -> Response:
         self.calls += 1
-        size = len(payload)
         self._arm(ticks, kind)  # the budget covers the allocation too
         try:
-            ptr = self.alloc.call1(size)
+            code, headers, body = self.raw.call(payload)
         except wasmtime.WasmtimeError as exc:
             self._classify(exc)
             raise
-        if not ptr:
-            raise MemoryError("the function's allocator returned 0 (out of memory)")
-        view = self.memory.view()
-        check(view, ptr, size)
-        view[ptr : ptr + size] = payload
-        out = self.out
-        try:
-            status = self.handle.call4(ptr, size, out, out + 4)
-        except wasmtime.WasmtimeError as exc:
-            self._classify(exc)
-            raise
-        if status:
-            raise HandlerError(f"handler returned status {status}")
-        view = self.memory.view()
-        check(view, out, 8)
-        resp_ptr, resp_len = _OUT.unpack_from(view, out)
-        if resp_len < _RESPONSE_HEADER.size:
-            raise HandlerError(f"response of {resp_len} bytes is shorter than its header")
-        check(view, resp_ptr, resp_len)
-        code, headers_len, body_len = _RESPONSE_HEADER.unpack_from(view, resp_ptr)
-        start = resp_ptr + _RESPONSE_HEADER.size
-        if _RESPONSE_HEADER.size + headers_len + body_len > resp_len:
-            raise HandlerError("response lengths exceed the response buffer")
-        try:
-            headers = decode_map(bytes(view[start : start + headers_len])) if headers_len else []
-        except ValueError as exc:
-            raise HandlerError(f"malformed response headers: {exc}") from exc
-        body = bytes(view[start + headers_len : start + headers_len + body_len])
+        except HandlerStatus as exc:
+            raise HandlerError(str(exc)) from None
         if code == 0:
             code = 200
-        if not 100 <= code <= 599:
+        elif not 100 <= code <= 599:
             raise HandlerError(f"invalid HTTP status {code}")
-        return Response(code, headers, body)
+        try:
+            return Response(code, decode_map(headers) if headers else [], body)
+        except ValueError as exc:
+            raise HandlerError(f"malformed response headers: {exc}") from exc
 
 
-class ProxyInstance(Instance):
+class ProxyInstance(BaseInstance):
     """An instance of a module written against Layotto's own ABI (proxy-wasm callbacks).
 
     Per request, as Layotto's HTTP filter does: ``proxy_on_context_create``, then
@@ -559,7 +566,7 @@ class Function:
             for e in compiled.module.exports
             if isinstance(e.type, wasmtime.FuncType)
         }
-        self.instance_class: type[Instance] = ProxyInstance if self.proxy_style else Instance
+        self.instance_class: type[BaseInstance] = ProxyInstance if self.proxy_style else Instance
         # Calls into the Runtime ABI block on components (SQLite, Redis, other functions):
         # such functions run on worker threads from the start, never on the event loop.
         self.threaded = self.uses_abi
@@ -570,17 +577,25 @@ class Function:
 
     # --- instances -------------------------------------------------------------------
 
+    def wasi_config(self) -> wasmtime.WasiConfig | None:
+        """A WASI context for one instance (None when the module imports no WASI)."""
+        if not self.needs_wasi:
+            return None
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = self.argv
+        wasi.env = self.env
+        wasi.stdout_custom = self.log.writer("stdout")
+        wasi.stderr_custom = self.log.writer("stderr")
+        return wasi
+
     def new_store(self, on_deadline: Callable[[], str | int]) -> RawStore:
         """A Store with this function's limits and WASI context, and one instance in it."""
-        wasi = None
-        if self.needs_wasi:
-            wasi = wasmtime.WasiConfig()
-            wasi.argv = self.argv
-            wasi.env = self.env
-            wasi.stdout_custom = self.log.writer("stdout")
-            wasi.stderr_custom = self.log.writer("stderr")
         return RawStore(
-            self.engine.engine, self.pre, memory_limit=self.memory_limit, on_deadline=on_deadline, wasi=wasi
+            self.engine.engine,
+            self.pre,
+            memory_limit=self.memory_limit,
+            on_deadline=on_deadline,
+            wasi=self.wasi_config(),
         )
 
     def abi_context(

@@ -1,0 +1,367 @@
+/*
+ * The per-request hot path of handler-ABI functions, in C.
+ *
+ * Creating an instance of a function module and calling its handler each take a dozen
+ * calls into wasmtime's C API. Made one by one through ctypes they cost ~1 µs apiece in
+ * argument conversion and object allocation alone, which is most of what a fresh instance
+ * or a small request costs. Here each is one call from Python: `instantiate` builds the
+ * Store, instantiates the module's InstancePre, finds its exports and runs `_initialize`;
+ * `call` allocates the request in linear memory, copies it in, runs the handler and copies
+ * the response out, checking every guest pointer against the memory's current size.
+ *
+ * This file links against nothing: `bind` receives the addresses of the wasmtime
+ * functions from the library wasmtime-py has loaded, and the sizes of the structures it
+ * declares, which are checked against wasmtime-py's own declarations. Errors and traps
+ * come back to Python as the wasmtime_error_t / wasm_trap_t pointers themselves, so that
+ * wasmtime-py's classes own and describe them. wasm runs with the GIL released (the epoch
+ * ticker and other functions' threads keep going); host functions it calls take the GIL
+ * themselves.
+ *
+ * The ABI itself is in abi/layotto_abi.yaml (layotto_http_handle).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* wasmtime's C API structures, as far as this file touches them. */
+typedef struct {
+    uint64_t store_id;
+    size_t private_index;
+} wt_instance_t; /* wasmtime_instance_t */
+
+typedef struct {
+    uint8_t kind;
+    uint8_t pad[7];
+    uint8_t of[24]; /* a wasmtime_func_t (16 bytes) or wasmtime_memory_t (24 bytes) */
+} wt_extern_t; /* wasmtime_extern_t */
+
+typedef union {
+    int32_t i32;
+    int64_t i64;
+    uint8_t v128[16];
+} wt_val_raw_t; /* wasmtime_val_raw_t */
+
+#define WT_EXTERN_FUNC 0
+#define WT_EXTERN_MEMORY 3
+
+typedef void *(*store_new_t)(void *engine, void *data, void (*finalizer)(void *));
+typedef void *(*store_context_t)(void *store);
+typedef void (*store_delete_t)(void *store);
+typedef void (*store_limiter_t)(void *store, int64_t memory_size, int64_t table_elements, int64_t instances,
+                                int64_t tables, int64_t memories);
+typedef void (*store_epoch_callback_t)(void *store, void *callback, void *data, void (*finalizer)(void *));
+typedef void (*set_epoch_deadline_t)(void *ctx, uint64_t ticks_beyond_current);
+typedef void *(*set_wasi_t)(void *ctx, void *wasi_config);
+typedef void *(*pre_instantiate_t)(const void *pre, void *ctx, wt_instance_t *out, void **trap);
+typedef bool (*export_get_t)(void *ctx, const wt_instance_t *instance, const char *name, size_t name_len,
+                             wt_extern_t *out);
+typedef void *(*call_unchecked_t)(void *ctx, const void *func, wt_val_raw_t *args_and_results, size_t len,
+                                  void **trap);
+typedef uint8_t *(*memory_data_t)(const void *ctx, const void *memory);
+typedef size_t (*memory_data_size_t)(const void *ctx, const void *memory);
+
+static struct {
+    store_new_t store_new;
+    store_context_t store_context;
+    store_delete_t store_delete;
+    store_limiter_t store_limiter;
+    store_epoch_callback_t store_epoch_callback;
+    set_epoch_deadline_t set_epoch_deadline;
+    set_wasi_t set_wasi;
+    pre_instantiate_t pre_instantiate;
+    export_get_t export_get;
+    call_unchecked_t call_unchecked;
+    memory_data_t memory_data;
+    memory_data_size_t memory_data_size;
+    bool bound;
+} api;
+
+/* One instance: its Store and the exports the handler ABI uses. */
+typedef struct {
+    void *store;
+    void *ctx;
+    wt_instance_t instance;
+    wt_extern_t alloc;
+    wt_extern_t handler;
+    wt_extern_t memory;
+    uint32_t out; /* 8 bytes in linear memory where the handler leaves (response ptr, len) */
+} handler_instance;
+
+/* What `call` and `instantiate` report besides success (the first item of their tuple). */
+enum {
+    OK = 0,
+    WASM_ERROR = 1,  /* (1, error pointer, trap pointer) */
+    HANDLER_STATUS = 2, /* (2, nonzero status the handler returned) */
+    NO_MEMORY = 3,   /* (3, message): the module's allocator returned 0 */
+    BAD_GUEST = 4,   /* (4, message): a pointer or length from the guest is out of range */
+    MISSING = 5,     /* (5, message): a required export is missing */
+};
+
+static int bind_one(PyObject *addresses, const char *name, void **slot) {
+    PyObject *value = PyDict_GetItemString(addresses, name);
+    if (value == NULL) {
+        PyErr_Format(PyExc_KeyError, "no address given for %s", name);
+        return -1;
+    }
+    void *address = PyLong_AsVoidPtr(value);
+    if (address == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_Format(PyExc_ValueError, "null address for %s", name);
+        return -1;
+    }
+    *slot = address;
+    return 0;
+}
+
+static PyObject *bind(PyObject *self, PyObject *args) {
+    PyObject *addresses;
+    Py_ssize_t extern_size, instance_size, val_size, func_size, memory_size;
+    if (!PyArg_ParseTuple(args, "O!nnnnn", &PyDict_Type, &addresses, &extern_size, &instance_size, &val_size,
+                          &func_size, &memory_size))
+        return NULL;
+    if (extern_size != sizeof(wt_extern_t) || instance_size != sizeof(wt_instance_t) ||
+        val_size != sizeof(wt_val_raw_t) || func_size > 24 || memory_size > 24) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "wasmtime's structure sizes differ from this build's (extern %zd/%zu, instance %zd/%zu, "
+                     "val %zd/%zu)",
+                     extern_size, sizeof(wt_extern_t), instance_size, sizeof(wt_instance_t), val_size,
+                     sizeof(wt_val_raw_t));
+        return NULL;
+    }
+    struct {
+        const char *name;
+        void **slot;
+    } table[] = {
+        {"wasmtime_store_new", (void **)&api.store_new},
+        {"wasmtime_store_context", (void **)&api.store_context},
+        {"wasmtime_store_delete", (void **)&api.store_delete},
+        {"wasmtime_store_limiter", (void **)&api.store_limiter},
+        {"wasmtime_store_epoch_deadline_callback", (void **)&api.store_epoch_callback},
+        {"wasmtime_context_set_epoch_deadline", (void **)&api.set_epoch_deadline},
+        {"wasmtime_context_set_wasi", (void **)&api.set_wasi},
+        {"wasmtime_instance_pre_instantiate", (void **)&api.pre_instantiate},
+        {"wasmtime_instance_export_get", (void **)&api.export_get},
+        {"wasmtime_func_call_unchecked", (void **)&api.call_unchecked},
+        {"wasmtime_memory_data", (void **)&api.memory_data},
+        {"wasmtime_memory_data_size", (void **)&api.memory_data_size},
+    };
+    for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++)
+        if (bind_one(addresses, table[i].name, table[i].slot) < 0)
+            return NULL;
+    api.bound = true;
+    Py_RETURN_NONE;
+}
+
+static bool export_of(handler_instance *in, const char *name, uint8_t kind, wt_extern_t *out) {
+    return api.export_get(in->ctx, &in->instance, name, strlen(name), out) && out->kind == kind;
+}
+
+/* Run a wasm function without the GIL; results replace the arguments in `vals`. */
+static void *call_wasm(void *ctx, const void *func, wt_val_raw_t *vals, size_t len, void **trap) {
+    void *error;
+    Py_BEGIN_ALLOW_THREADS
+    error = api.call_unchecked(ctx, func, vals, len, trap);
+    Py_END_ALLOW_THREADS
+    return error;
+}
+
+static void release(handler_instance *in) {
+    if (in->store != NULL)
+        api.store_delete(in->store);
+    PyMem_Free(in);
+}
+
+static PyObject *failure(handler_instance *in, int kind, void *error, void *trap) {
+    release(in);
+    return Py_BuildValue("(iKK)", kind, (unsigned long long)(uintptr_t)error, (unsigned long long)(uintptr_t)trap);
+}
+
+static PyObject *failure_message(handler_instance *in, int kind, const char *message) {
+    release(in);
+    return Py_BuildValue("(is)", kind, message);
+}
+
+/* instantiate(engine, pre, memory_limit, table_elements, instances, tables, memories,
+ *             epoch_callback, key, wasi_config, handler_name)
+ * -> (0, handle) | (1, error, trap) | (3 or 5, message) */
+static PyObject *instantiate(PyObject *self, PyObject *args) {
+    unsigned long long engine, pre, epoch_callback, key, wasi;
+    long long memory_limit, table_elements, instances, tables, memories;
+    const char *handler_name;
+    if (!PyArg_ParseTuple(args, "KKLLLLLKKKs", &engine, &pre, &memory_limit, &table_elements, &instances, &tables,
+                          &memories, &epoch_callback, &key, &wasi, &handler_name))
+        return NULL;
+    if (!api.bound) {
+        PyErr_SetString(PyExc_RuntimeError, "bind() has not been called");
+        return NULL;
+    }
+    handler_instance *in = PyMem_Calloc(1, sizeof(handler_instance));
+    if (in == NULL)
+        return PyErr_NoMemory();
+    in->store = api.store_new((void *)(uintptr_t)engine, NULL, NULL);
+    in->ctx = api.store_context(in->store);
+    api.store_limiter(in->store, memory_limit, table_elements, instances, tables, memories);
+    api.store_epoch_callback(in->store, (void *)(uintptr_t)epoch_callback, (void *)(uintptr_t)key, NULL);
+    api.set_epoch_deadline(in->ctx, (uint64_t)1 << 40);
+    if (wasi) {
+        void *error = api.set_wasi(in->ctx, (void *)(uintptr_t)wasi);
+        if (error != NULL)
+            return failure(in, WASM_ERROR, error, NULL);
+    }
+    void *trap = NULL;
+    void *error;
+    Py_BEGIN_ALLOW_THREADS /* a start function is wasm too */
+    error = api.pre_instantiate((void *)(uintptr_t)pre, in->ctx, &in->instance, &trap);
+    Py_END_ALLOW_THREADS
+    if (error != NULL || trap != NULL)
+        return failure(in, WASM_ERROR, error, trap);
+
+    if (!export_of(in, "proxy_on_memory_allocate", WT_EXTERN_FUNC, &in->alloc) &&
+        !export_of(in, "malloc", WT_EXTERN_FUNC, &in->alloc))
+        return failure_message(in, MISSING, "proxy_on_memory_allocate (or malloc)");
+    if (!export_of(in, handler_name, WT_EXTERN_FUNC, &in->handler))
+        return failure_message(in, MISSING, handler_name);
+    if (!export_of(in, "memory", WT_EXTERN_MEMORY, &in->memory))
+        return failure_message(in, MISSING, "memory");
+
+    wt_extern_t init;
+    wt_val_raw_t vals[4];
+    memset(vals, 0, sizeof(vals));
+    if (export_of(in, "_initialize", WT_EXTERN_FUNC, &init)) {
+        error = call_wasm(in->ctx, init.of, vals, 1, &trap);
+        if (error != NULL || trap != NULL)
+            return failure(in, WASM_ERROR, error, trap);
+    }
+    vals[0].i32 = 8;
+    error = call_wasm(in->ctx, in->alloc.of, vals, 1, &trap);
+    if (error != NULL || trap != NULL)
+        return failure(in, WASM_ERROR, error, trap);
+    in->out = (uint32_t)vals[0].i32;
+    if (in->out == 0)
+        return failure_message(in, NO_MEMORY, "the module's allocator returned 0");
+    return Py_BuildValue("(iK)", OK, (unsigned long long)(uintptr_t)in);
+}
+
+static handler_instance *instance_arg(PyObject *value) {
+    handler_instance *in = PyLong_AsVoidPtr(value);
+    if (in == NULL && !PyErr_Occurred())
+        PyErr_SetString(PyExc_ValueError, "null instance");
+    return in;
+}
+
+/* Whether guest memory [ptr, ptr + len) lies inside a memory of `size` bytes (no overflow). */
+static inline bool in_range(uint64_t ptr, uint64_t len, uint64_t size) { return ptr <= size && len <= size - ptr; }
+
+static inline uint32_t le32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v; /* wasm is little-endian, and so is every host this runs on (checked at build) */
+}
+
+/* call(handle, request) -> (0, status, headers, body) | (1, error, trap) | (2, status) | (3|4, message) */
+static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "call(handle, request: bytes)");
+        return NULL;
+    }
+    handler_instance *in = instance_arg(args[0]);
+    if (in == NULL)
+        return NULL;
+    const char *payload = PyBytes_AS_STRING(args[1]);
+    Py_ssize_t size = PyBytes_GET_SIZE(args[1]);
+    if (size > UINT32_MAX)
+        return Py_BuildValue("(is)", BAD_GUEST, "request larger than 4 GiB");
+
+    wt_val_raw_t vals[4];
+    memset(vals, 0, sizeof(vals));
+    void *trap = NULL;
+    vals[0].i32 = (int32_t)size;
+    void *error = call_wasm(in->ctx, in->alloc.of, vals, 1, &trap);
+    if (error != NULL || trap != NULL)
+        return Py_BuildValue("(iKK)", WASM_ERROR, (unsigned long long)(uintptr_t)error,
+                             (unsigned long long)(uintptr_t)trap);
+    uint32_t ptr = (uint32_t)vals[0].i32;
+    if (ptr == 0)
+        return Py_BuildValue("(is)", NO_MEMORY, "the function's allocator returned 0 (out of memory)");
+    uint8_t *base = api.memory_data(in->ctx, in->memory.of);
+    uint64_t msize = api.memory_data_size(in->ctx, in->memory.of);
+    if (!in_range(ptr, (uint64_t)size, msize))
+        return Py_BuildValue("(is)", BAD_GUEST, "the allocator returned a buffer outside linear memory");
+    memcpy(base + ptr, payload, (size_t)size);
+
+    vals[0].i32 = (int32_t)ptr;
+    vals[1].i32 = (int32_t)size;
+    vals[2].i32 = (int32_t)in->out;
+    vals[3].i32 = (int32_t)(in->out + 4);
+    error = call_wasm(in->ctx, in->handler.of, vals, 4, &trap);
+    if (error != NULL || trap != NULL)
+        return Py_BuildValue("(iKK)", WASM_ERROR, (unsigned long long)(uintptr_t)error,
+                             (unsigned long long)(uintptr_t)trap);
+    if (vals[0].i32 != 0)
+        return Py_BuildValue("(iI)", HANDLER_STATUS, (unsigned int)vals[0].i32);
+
+    base = api.memory_data(in->ctx, in->memory.of); /* the handler may have grown it */
+    msize = api.memory_data_size(in->ctx, in->memory.of);
+    if (!in_range(in->out, 8, msize))
+        return Py_BuildValue("(is)", BAD_GUEST, "the response slot is outside linear memory");
+    uint64_t resp = le32(base + in->out);
+    uint64_t resp_len = le32(base + in->out + 4);
+    if (resp_len < 12)
+        return Py_BuildValue("(is)", BAD_GUEST, "the response is shorter than its 12-byte header");
+    if (!in_range(resp, resp_len, msize))
+        return Py_BuildValue("(is)", BAD_GUEST, "the response buffer is outside linear memory");
+    uint32_t status = le32(base + resp);
+    uint64_t headers_len = le32(base + resp + 4);
+    uint64_t body_len = le32(base + resp + 8);
+    if (12 + headers_len + body_len > resp_len)
+        return Py_BuildValue("(is)", BAD_GUEST, "response lengths exceed the response buffer");
+    const char *start = (const char *)base + resp + 12;
+    return Py_BuildValue("(iIy#y#)", OK, status, start, (Py_ssize_t)headers_len, start + headers_len,
+                         (Py_ssize_t)body_len);
+}
+
+/* addresses(handle) -> (context, alloc func, handler func, memory, out): for the Python side
+ * (the Runtime ABI's view of memory, diagnostics). Valid until delete(handle). */
+static PyObject *addresses(PyObject *self, PyObject *arg) {
+    handler_instance *in = instance_arg(arg);
+    if (in == NULL)
+        return NULL;
+    return Py_BuildValue("(KKKKI)", (unsigned long long)(uintptr_t)in->ctx,
+                         (unsigned long long)(uintptr_t)in->alloc.of, (unsigned long long)(uintptr_t)in->handler.of,
+                         (unsigned long long)(uintptr_t)in->memory.of, in->out);
+}
+
+static PyObject *delete(PyObject *self, PyObject *arg) {
+    handler_instance *in = instance_arg(arg);
+    if (in == NULL)
+        return NULL;
+    release(in);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"bind", bind, METH_VARARGS, "Give the module the wasmtime C API's function addresses."},
+    {"instantiate", instantiate, METH_VARARGS, "Create a Store with one handler instance."},
+    {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL, "Run the handler on one encoded request."},
+    {"addresses", addresses, METH_O, "Raw addresses of an instance's context and exports."},
+    {"delete", delete, METH_O, "Delete an instance's Store."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_handler",
+    .m_doc = "The handler ABI's hot path (see host/_handler.c).",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__handler(void) {
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "wasm linear memory is little-endian; this file reads it in place"
+#endif
+    return PyModule_Create(&module);
+}
