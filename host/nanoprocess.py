@@ -1,11 +1,13 @@
-"""A nanoprocess: one WebAssembly command module running in its own Store on its own thread.
+"""A nanoprocess: one WebAssembly command module running in its own Store.
 
 Each nanoprocess has its own Store (so its own linear memory and limits), a WASI context
 built from the container's OCI process (argv, env, a preopened rootfs), and stdio routed
-to the files containerd gave the task. Killing it is immediate even inside a busy loop:
-the engine's epoch is bumped and the store's epoch-deadline callback turns the kill into
-a trap at the next loop header or call. A sleep inside WASI is interruptible too, because
-the host provides its own ``poll_oneoff``.
+to the files containerd gave the task. It runs as a fiber on the host's few scheduler
+threads (``host/fibers.py``), or on a thread of its own when its host calls may block.
+Killing it is immediate even inside a busy loop: the engine's epoch is bumped and the
+store's epoch-deadline callback turns the kill into a trap at the next loop header or
+call. A sleep inside WASI is interruptible too, because the host provides its own
+``poll_oneoff``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,7 @@ from layotto.host.abi_host import AbiContext, WasmtimeMemory, calling, wasmtime_
 from layotto.host.engine import CompiledModule, WasmEngine
 from layotto.host.errors import ModuleError, describe_error
 from layotto.host.fastcall import INSTANCES, MEMORIES, TABLE_ELEMENTS, TABLES
+from layotto.host.fibers import UPDATE_YIELD, AsyncPoll, CallFuture, FiberScheduler, watch_epoch
 from layotto.host.function import FunctionLog
 
 log = logging.getLogger(__name__)
@@ -231,20 +235,12 @@ _EVENT_SIZE = 32
 _WASI_EINVAL = 28
 _WASI_EFAULT = 21
 _WASI_ENOTSUP = 58
+_EVENT = struct.Struct("<QHBxxxxxQH6x")  # userdata, error, type, (nbytes, flags)
 
 
-def _poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, nsubs: int, nevents_ptr: int) -> int:
-    """WASI poll_oneoff: sleeps wait on the nanoprocess's kill event, fds are reported ready."""
-    proc: Nanoprocess | None = getattr(_current, "proc", None)
-    memory = caller.get("memory")
-    if not isinstance(memory, wasmtime.Memory):
-        return _WASI_ENOTSUP
-    if nsubs == 0:
-        return _WASI_EINVAL
-    size = memory.data_len(caller)
-    if in_ptr + nsubs * _SUB_SIZE > size or out_ptr + nsubs * _EVENT_SIZE > size or nevents_ptr + 4 > size:
-        return _WASI_EFAULT
-    raw = bytes(memory.read(caller, in_ptr, in_ptr + nsubs * _SUB_SIZE))
+def _poll_plan(raw: bytes, nsubs: int) -> tuple[bytes, float]:
+    """The events a ``poll_oneoff`` over ``raw`` subscriptions reports, and the seconds to
+    wait first: fd subscriptions are reported ready at once, else the earliest clock."""
     clocks: list[tuple[int, float]] = []
     ready: list[tuple[int, int]] = []  # (userdata, type) of fd subscriptions
     for i in range(nsubs):
@@ -260,20 +256,85 @@ def _poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, nsubs: int,
     events = bytearray()
     if ready:
         for userdata, tag in ready:
-            events += struct.pack("<QHBxxxxxQH6x", userdata, 0, tag, 0, 0)
-    else:
-        wait = min(seconds for _, seconds in clocks)
-        if proc is not None:
+            events += _EVENT.pack(userdata, 0, tag, 0, 0)
+        return bytes(events), 0.0
+    wait = min(seconds for _, seconds in clocks)
+    for userdata, seconds in clocks:
+        if seconds <= wait:
+            events += _EVENT.pack(userdata, 0, 0, 0, 0)
+    return bytes(events), wait
+
+
+def _poll_oneoff(caller: wasmtime.Caller, in_ptr: int, out_ptr: int, nsubs: int, nevents_ptr: int) -> int:
+    """WASI poll_oneoff: sleeps wait on the nanoprocess's kill event, fds are reported ready."""
+    proc: Nanoprocess | None = getattr(_current, "proc", None)
+    memory = caller.get("memory")
+    if not isinstance(memory, wasmtime.Memory):
+        return _WASI_ENOTSUP
+    if nsubs == 0:
+        return _WASI_EINVAL
+    size = memory.data_len(caller)
+    if in_ptr + nsubs * _SUB_SIZE > size or out_ptr + nsubs * _EVENT_SIZE > size or nevents_ptr + 4 > size:
+        return _WASI_EFAULT
+    raw = bytes(memory.read(caller, in_ptr, in_ptr + nsubs * _SUB_SIZE))
+    events, wait = _poll_plan(raw, nsubs)
+    if wait > 0:
+        if proc is not None and proc.kill_event is not None:
             if proc.kill_event.wait(wait):
                 raise wasmtime.Trap("nanoprocess killed")
         else:
             time.sleep(wait)
-        for userdata, seconds in clocks:
-            if seconds <= wait:
-                events += struct.pack("<QHBxxxxxQH6x", userdata, 0, 0, 0, 0)
-    memory.write(caller, bytes(events), out_ptr)
+    memory.write(caller, events, out_ptr)
     memory.write(caller, struct.pack("<I", len(events) // _EVENT_SIZE), nevents_ptr)
     return 0
+
+
+def _poll_oneoff_async(
+    base: int, size: int, in_ptr: int, out_ptr: int, nsubs: int, nevents_ptr: int
+) -> int | float:
+    """The fibers' poll_oneoff: the events are written now, the sleep is the scheduler's."""
+    if not base:
+        return _WASI_ENOTSUP
+    if nsubs == 0:
+        return _WASI_EINVAL
+    if in_ptr + nsubs * _SUB_SIZE > size or out_ptr + nsubs * _EVENT_SIZE > size or nevents_ptr + 4 > size:
+        return _WASI_EFAULT
+    events, wait = _poll_plan(ctypes.string_at(base + in_ptr, nsubs * _SUB_SIZE), nsubs)
+    ctypes.memmove(base + out_ptr, events, len(events))
+    ctypes.memmove(base + nevents_ptr, struct.pack("<I", len(events) // _EVENT_SIZE), 4)
+    return wait if wait > 0 else 0
+
+
+# --- fibers: one scheduler and one linker (with the async poll_oneoff) per engine -------
+
+#: LAYOTTO_FIBERS=0 runs every command module on a thread of its own, as before fibers.
+FIBERS_ENABLED = os.environ.get("LAYOTTO_FIBERS", "1") != "0"
+
+_fiber_state: weakref.WeakKeyDictionary[WasmEngine, tuple[FiberScheduler, wasmtime.Linker, AsyncPoll]] = (
+    weakref.WeakKeyDictionary()
+)
+_fiber_lock = threading.Lock()
+
+
+def _fibers(engine: WasmEngine) -> tuple[FiberScheduler, wasmtime.Linker, AsyncPoll]:
+    with _fiber_lock:
+        state = _fiber_state.get(engine)
+        if state is None:
+            linker = wasmtime.Linker(engine.engine)
+            linker.define_wasi()
+            linker.allow_shadowing = True
+            poll = AsyncPoll(_poll_oneoff_async, "nanoprocess killed")
+            poll.define(linker)
+            state = _fiber_state[engine] = (FiberScheduler(engine.ticker), linker, poll)
+        return state
+
+
+def _scheduler(engine: WasmEngine) -> FiberScheduler:
+    return _fibers(engine)[0]
+
+
+def _fiber_linker(engine: WasmEngine) -> wasmtime.Linker:
+    return _fibers(engine)[1]
 
 
 class _NoMemory:
@@ -282,7 +343,22 @@ class _NoMemory:
 
 
 class Nanoprocess:
-    """One running command module."""
+    """One running command module: a fiber on the shared scheduler, or a thread of its own.
+
+    Plain WASI modules run as fibers (``host/fibers.py``): an idle one costs the host its
+    Store, its touched linear memory and the touched part of its fiber stack. A module that
+    imports the Runtime ABI (its calls may block for as long as a component or another
+    function takes) or reads a stdin fifo (a blocking read) keeps a thread of its own, so
+    it can never hold up the other modules.
+    """
+
+    __slots__ = (
+        "engine", "linker", "compiled", "spec", "killed", "kill_event", "kill_signal", "exit",
+        "started_at", "start_error", "stdout", "stderr", "throttle", "log", "fiber", "wake_at",
+        "_thread", "_thread_id", "_cpu_seconds", "_exit_callbacks", "_exit_lock", "_store",
+        "_memory", "_outputs", "_stdin", "_epoch_cb", "_future", "_instance_raw", "_ready",
+        "_slice_start", "__weakref__",
+    )  # fmt: skip
 
     def __init__(
         self, engine: WasmEngine, linker: wasmtime.Linker, compiled: CompiledModule, spec: ProcessSpec
@@ -296,10 +372,13 @@ class Nanoprocess:
         self.linker = linker
         self.compiled = compiled
         self.spec = spec
-        self.kill_event = threading.Event()
+        # Set on a kill; a module on a thread of its own also gets an Event to wait on.
+        self.killed = False
+        self.kill_event: threading.Event | None = None
         self.kill_signal = 0
         self.exit: ExitInfo | None = None
         self.started_at: float | None = None
+        self.start_error: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._thread_id: int | None = None
         self._cpu_seconds = 0.0
@@ -309,9 +388,18 @@ class Nanoprocess:
         self._memory: wasmtime.Memory | None = None
         self._outputs: list[Output] = []
         self._stdin: StdinPump | None = None
-        self._epoch_cb = _EpochCallback(self._on_epoch_deadline)
+        self._epoch_cb: object = None
         self.throttle = Throttle()
         self.log = FunctionLog()
+        uses_abi = any(imp.module in ("layotto", "env") for imp in compiled.module.imports)
+        blocking_stdin = bool(spec.stdin) and compiled.reads_stdin
+        self.fiber = FIBERS_ENABLED and not uses_abi and not blocking_stdin
+        # As a fiber: the future being polled, and when a parked fiber is due again.
+        self.wake_at = 0.0
+        self._future: CallFuture | None = None
+        self._instance_raw: ffi.wasmtime_instance_t | None = None
+        self._ready: threading.Event | None = None
+        self._slice_start = 0.0  # the scheduler thread's CPU clock when this slice began
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -323,13 +411,19 @@ class Nanoprocess:
         callback(self.exit)
 
     def start(self) -> threading.Event:
-        """Start the module's thread; the returned event is set once it is instantiated."""
+        """Start the module; the returned event is set once it is instantiated."""
         self.stdout = Output(self.spec.stdout)
         self.stderr = Output(self.spec.stderr) if self.spec.stderr != self.spec.stdout else self.stdout
         self._outputs = [self.stdout, self.stderr]
         ready = threading.Event()
-        self.start_error: BaseException | None = None
         self.started_at = time.time()
+        if self.fiber:
+            self._ready = ready
+            _scheduler(self.engine).submit(self)
+            return ready
+        self.kill_event = threading.Event()
+        if self.killed:
+            self.kill_event.set()
         self._thread = threading.Thread(
             target=self._run, args=(ready,), name=f"nanoprocess-{self.spec.name}", daemon=True
         )
@@ -342,8 +436,12 @@ class Nanoprocess:
             return
         if not self.kill_signal:
             self.kill_signal = signal
-        self.kill_event.set()
+        self.killed = True
+        if self.kill_event is not None:
+            self.kill_event.set()
         self.engine.engine.increment_epoch()
+        if self.fiber:
+            _scheduler(self.engine).wake(self)
         timer = threading.Timer(KILL_GRACE, self._reap_stuck)
         timer.daemon = True
         timer.start()
@@ -357,42 +455,25 @@ class Nanoprocess:
             )
             self._finish(128 + self.kill_signal, "killed")
 
-    # --- the module's thread -------------------------------------------------------
+    # --- shared by both ways of running ----------------------------------------------
 
-    def _on_epoch_deadline(self, _ctx: object, _env: object, delta: object, kind: object) -> int:
-        # Runs on the module's own thread whenever the engine's epoch passes this store's
-        # deadline: on every kill, and every tick while CPU-limited modules run.
-        if self.kill_event.is_set():
-            err = ffi.wasmtime_error_new(f"nanoprocess killed by signal {self.kill_signal}".encode())
-            return ctypes.cast(err, ctypes.c_void_p).value or 0
-        if self.spec.cpu_quota_us:
-            self._throttle()
-            if self.kill_event.is_set():
-                err = ffi.wasmtime_error_new(f"nanoprocess killed by signal {self.kill_signal}".encode())
-                return ctypes.cast(err, ctypes.c_void_p).value or 0
-        delta[0] = 1  # type: ignore[index]
-        kind[0] = _UPDATE_CONTINUE  # type: ignore[index]
-        return 0
-
-    def _throttle(self) -> None:
-        """Sleep out the rest of the period once this period's CPU quota is used up."""
+    def _throttle_pause(self, cpu: float) -> float:
+        """CPU quota: the seconds to pause now (0: keep running); ``cpu`` is the module's
+        CPU clock. A pause is accounted here; the caller restarts the period after it."""
         t = self.throttle
         quota = (self.spec.cpu_quota_us or 0) / 1e6
         period = self.spec.cpu_period_us / 1e6
         now = time.monotonic()
-        cpu = time.thread_time()
         if now - t.period_start >= period:
             t.period_start, t.cpu_at_period_start = now, cpu
             t.periods += 1
-            return
+            return 0.0
         if cpu - t.cpu_at_period_start < quota:
-            return
+            return 0.0
         pause = t.period_start + period - now
         t.throttled_periods += 1
         t.throttled_seconds += pause
-        self.kill_event.wait(pause)
-        t.period_start, t.cpu_at_period_start = time.monotonic(), time.thread_time()
-        t.periods += 1
+        return pause
 
     def _configure(self) -> wasmtime.Store:
         spec = self.spec
@@ -405,7 +486,11 @@ class Nanoprocess:
             memories=MEMORIES,
         )
         store.set_epoch_deadline(1)
-        ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), self._epoch_cb, None, _NO_FINALIZER)
+        if self.fiber:
+            watch_epoch(store)
+        else:
+            self._epoch_cb = _EpochCallback(self._on_epoch_deadline)
+            ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), self._epoch_cb, None, _NO_FINALIZER)
         wasi = wasmtime.WasiConfig()
         wasi.argv = list(spec.args)
         wasi.env = [tuple(e.split("=", 1)) if "=" in e else (e, "") for e in spec.env]
@@ -430,24 +515,164 @@ class Nanoprocess:
 
         return write
 
+    def _exports(self, store: wasmtime.Store, instance: wasmtime.Instance) -> wasmtime.Func:
+        exports = instance.exports(store)
+        entry = exports[self.spec.entry]
+        memory = exports.get("memory") if hasattr(exports, "get") else None
+        self._memory = memory if isinstance(memory, wasmtime.Memory) else None
+        self._store = store
+        if not isinstance(entry, wasmtime.Func):
+            raise ModuleError(f"export {self.spec.entry!r} is not a function")
+        return entry
+
+    def _start_failed(self, exc: BaseException, ready: threading.Event | None = None) -> None:
+        self.start_error = ModuleError(
+            f"{self.spec.name}: cannot instantiate the module: {describe_error(exc)}"
+        )
+        ready, self._ready = ready or self._ready, None
+        if ready is not None:
+            ready.set()
+        self._finish(1, str(self.start_error), emit_stderr=False)
+
+    def _outcome(self, exc: BaseException | None) -> tuple[int, str]:
+        """The exit status and reason for ``_start`` ending with ``exc``."""
+        if exc is None:
+            return 0, ""
+        if isinstance(exc, wasmtime.ExitTrap):
+            return exc.code, ""
+        if isinstance(exc, (wasmtime.Trap, wasmtime.WasmtimeError, ModuleError)):
+            if self.killed:
+                return 128 + self.kill_signal, "killed"
+            reason = f"wasm trap: {describe_error(exc)}"
+            self.stderr.write(f"{self.spec.name}: {reason}\n".encode())
+            self.log.add("host", reason)
+            return TRAP_EXIT, reason
+        log.error("%s: unexpected error", self.spec.name, exc_info=exc)
+        return TRAP_EXIT, f"host error: {exc}"
+
+    # --- as a fiber ----------------------------------------------------------------------
+
+    def step(self) -> bool:
+        """Poll the module once (on a scheduler thread); True once it has finished."""
+        try:
+            return self._step()
+        except Exception as exc:  # a host bug must not leave the task running forever
+            log.exception("%s: unexpected error in its fiber", self.spec.name)
+            future, self._future = self._future, None
+            if future is not None:
+                future.delete()
+            self._finish(TRAP_EXIT, f"host error: {exc}")
+            self._memory = self._store = None
+            ready, self._ready = self._ready, None
+            if ready is not None:
+                ready.set()
+            return True
+
+    def _step(self) -> bool:
+        if self._future is None:  # first step: build the Store, instantiate as a future
+            try:
+                store = self._configure()
+                self._future, self._instance_raw = CallFuture.instantiate(
+                    self.linker_for_fibers(), store, self.compiled.module
+                )
+            except Exception as exc:
+                self._start_failed(exc)
+                return True
+            self._store = store
+        future = self._future
+        self._slice_start = time.thread_time()
+        try:
+            done = future.poll()
+        finally:
+            self._cpu_seconds += time.thread_time() - self._slice_start
+            self._slice_start = 0.0
+        if not done:
+            return False
+        exc = future.outcome()
+        future.delete()
+        if self._instance_raw is not None:  # instantiated: now call the entry point
+            raw, self._instance_raw = self._instance_raw, None
+            store = self._store
+            assert store is not None
+            try:
+                if exc is not None:
+                    raise exc
+                entry = self._exports(store, wasmtime.Instance._from_raw(raw))
+                self._future = CallFuture.call(store, entry)
+            except Exception as exc:
+                self._store = self._memory = None
+                self._start_failed(exc)
+                return True
+            if self.spec.cpu_quota_us:
+                self.throttle.period_start = time.monotonic()
+                self.throttle.cpu_at_period_start = self._cpu_seconds
+            ready, self._ready = self._ready, None
+            if ready is not None:
+                ready.set()
+            self.wake_at = 0.0
+            return False
+        status, reason = self._outcome(exc)
+        self._finish(status, reason)
+        self._future = None
+        self._memory = None
+        self._store = None
+        return True
+
+    def on_deadline(self) -> int | None:
+        """The fiber's epoch deadline passed (a tick, or a kill): trap, or yield."""
+        if self.killed:
+            return None
+        if self.spec.cpu_quota_us:
+            cpu = self._cpu_seconds + (time.thread_time() - self._slice_start)
+            pause = self._throttle_pause(cpu)
+            if pause > 0:  # park until the period ends; it restarts then
+                now = time.monotonic()
+                self.wake_at = now + pause
+                self.throttle.period_start, self.throttle.cpu_at_period_start = now + pause, cpu
+                self.throttle.periods += 1
+        return UPDATE_YIELD
+
+    def linker_for_fibers(self) -> wasmtime.Linker:
+        return _fiber_linker(self.engine)
+
+    # --- on a thread of its own ----------------------------------------------------------
+
+    def _on_epoch_deadline(self, _ctx: object, _env: object, delta: object, kind: object) -> int:
+        # Runs on the module's own thread whenever the engine's epoch passes this store's
+        # deadline: on every kill, and every tick while CPU-limited modules run.
+        if self.killed:
+            err = ffi.wasmtime_error_new(f"nanoprocess killed by signal {self.kill_signal}".encode())
+            return ctypes.cast(err, ctypes.c_void_p).value or 0
+        if self.spec.cpu_quota_us:
+            self._throttle()
+            if self.killed:
+                err = ffi.wasmtime_error_new(f"nanoprocess killed by signal {self.kill_signal}".encode())
+                return ctypes.cast(err, ctypes.c_void_p).value or 0
+        delta[0] = 1  # type: ignore[index]
+        kind[0] = _UPDATE_CONTINUE  # type: ignore[index]
+        return 0
+
+    def _throttle(self) -> None:
+        """Sleep out the rest of the period once this period's CPU quota is used up."""
+        pause = self._throttle_pause(time.thread_time())
+        if pause > 0:
+            t = self.throttle
+            assert self.kill_event is not None
+            self.kill_event.wait(pause)
+            t.period_start, t.cpu_at_period_start = time.monotonic(), time.thread_time()
+            t.periods += 1
+
     def _run(self, ready: threading.Event) -> None:
         _current.proc = self
         self._thread_id = threading.get_ident()
         try:
             store = self._configure()
             instance = self.linker.instantiate(store, self.compiled.module)
-            exports = instance.exports(store)
-            entry = exports[self.spec.entry]
-            memory = exports.get("memory") if hasattr(exports, "get") else None
-            self._memory = memory if isinstance(memory, wasmtime.Memory) else None
-            self._store = store
+            entry = self._exports(store, instance)
         except Exception as exc:  # instantiation failed: report it from Start
-            self.start_error = ModuleError(
-                f"{self.spec.name}: cannot instantiate the module: {describe_error(exc)}"
-            )
             self._cpu_seconds = time.thread_time()
-            ready.set()
-            self._finish(1, str(self.start_error), emit_stderr=False)
+            self._store = self._memory = None
+            self._start_failed(exc, ready)
             return
         abi = None
         if any(imp.module in ("layotto", "env") for imp in self.compiled.module.imports):
@@ -455,7 +680,7 @@ class Nanoprocess:
             abi = AbiContext(
                 name=self.spec.name,
                 memory=WasmtimeMemory(store, self._memory) if self._memory is not None else _NoMemory(),
-                allocate=wasmtime_allocator(store, exports),
+                allocate=wasmtime_allocator(store, instance.exports(store)),
                 capabilities=self.spec.capabilities,
                 app_id=self.spec.app_id,
                 components=getattr(services, "components", None),
@@ -463,44 +688,32 @@ class Nanoprocess:
                 logger=self.log.add,
             )
         ready.set()
-        status, reason = 0, ""
         if self.spec.cpu_quota_us:
             self.throttle.period_start = time.monotonic()
             self.throttle.cpu_at_period_start = time.thread_time()
             self.engine.ticker.acquire()
+        error: BaseException | None = None
         try:
-            if isinstance(entry, wasmtime.Func):
-                with calling(abi):
-                    entry(store)
-            else:
-                raise ModuleError(f"export {self.spec.entry!r} is not a function")
-        except wasmtime.ExitTrap as exc:
-            status = exc.code
-        except (wasmtime.Trap, wasmtime.WasmtimeError, ModuleError) as exc:
-            if self.kill_event.is_set():
-                status, reason = 128 + self.kill_signal, "killed"
-            else:
-                status, reason = TRAP_EXIT, f"wasm trap: {describe_error(exc)}"
-                self.stderr.write(f"{self.spec.name}: {reason}\n".encode())
-                self.log.add("host", reason)
-        except Exception as exc:  # a host bug must not leave the task running forever
-            log.exception("%s: unexpected error", self.spec.name)
-            status, reason = TRAP_EXIT, f"host error: {exc}"
+            with calling(abi):
+                entry(store)
+        except Exception as exc:
+            error = exc
         finally:
             if self.spec.cpu_quota_us:
                 self.engine.ticker.release()
+        status, reason = self._outcome(error)
         self._cpu_seconds = time.thread_time()
         self._finish(status, reason)
         # Drop the Store now: its linear memory and WASI descriptors go with it.
         self._memory = None
         self._store = None
-        del store, instance, exports, entry
+        del store, instance, entry
 
     def _finish(self, status: int, reason: str, emit_stderr: bool = False) -> None:
         with self._exit_lock:
             if self.exit is not None:
                 return
-            oom = status != 0 and not self.kill_event.is_set() and self._hit_memory_limit()
+            oom = status != 0 and not self.killed and self._hit_memory_limit()
             self.exit = ExitInfo(status, time.time(), reason, oom)
             callbacks, self._exit_callbacks = self._exit_callbacks, []
         for out in self._outputs:
@@ -546,7 +759,9 @@ class Nanoprocess:
             return 0
 
     def cpu_seconds(self) -> float:
-        """CPU time the module's thread has used."""
+        """CPU time the module has used (its thread's, or its fiber's slices)."""
+        if self.fiber:
+            return self._cpu_seconds
         if self.exit is None and self._thread_id is not None:
             try:
                 return time.clock_gettime(time.pthread_getcpuclockid(self._thread_id))
