@@ -98,6 +98,7 @@ enum {
     NO_MEMORY = 3,   /* (3, message): the module's allocator returned 0 */
     BAD_GUEST = 4,   /* (4, message): a pointer or length from the guest is out of range */
     MISSING = 5,     /* (5, message): a required export is missing */
+    BAD_HEADERS = 6, /* (6, message): the response's headers map is malformed */
 };
 
 static int bind_one(PyObject *addresses, const char *name, void **slot) {
@@ -261,66 +262,223 @@ static inline uint32_t le32(const uint8_t *p) {
     return v; /* wasm is little-endian, and so is every host this runs on (checked at build) */
 }
 
-/* call(handle, request) -> (0, status, headers, body) | (1, error, trap) | (2, status) | (3|4, message) */
+/* The request as the handler ABI lays it out (abi/layotto_abi.yaml, layotto_http_handle):
+ * five u32 lengths (method, path, query, headers, body), then those five byte strings; the
+ * headers are a proxy-wasm map: u32 count, count x (u32 key length, u32 value length), then
+ * each key and each value followed by a NUL. */
+typedef struct {
+    const char *method, *path, *query, *body;
+    Py_ssize_t method_len, path_len, query_len, body_len;
+    PyObject *headers; /* a list or tuple of (bytes, bytes) */
+    Py_ssize_t count;
+    uint64_t headers_len;
+    uint64_t total;
+} request_layout;
+
+static int bytes_of(PyObject *value, const char **data, Py_ssize_t *len) {
+    if (!PyBytes_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "expected bytes, got %.100s", Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    *data = PyBytes_AS_STRING(value);
+    *len = PyBytes_GET_SIZE(value);
+    return 0;
+}
+
+static int measure_request(PyObject *const *args, request_layout *r) {
+    if (bytes_of(args[1], &r->method, &r->method_len) < 0 || bytes_of(args[2], &r->path, &r->path_len) < 0 ||
+        bytes_of(args[3], &r->query, &r->query_len) < 0 || bytes_of(args[5], &r->body, &r->body_len) < 0)
+        return -1;
+    r->headers = PySequence_Fast(args[4], "headers must be a sequence of (name, value) pairs");
+    if (r->headers == NULL)
+        return -1;
+    r->count = PySequence_Fast_GET_SIZE(r->headers);
+    PyObject **pairs = PySequence_Fast_ITEMS(r->headers);
+    r->headers_len = 4 + 8 * (uint64_t)r->count;
+    for (Py_ssize_t i = 0; i < r->count; i++) {
+        PyObject *pair = pairs[i];
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(pair, 0)) ||
+            !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
+            PyErr_SetString(PyExc_TypeError, "each header must be a (bytes, bytes) tuple");
+            return -1;
+        }
+        r->headers_len += (uint64_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 0)) +
+                          (uint64_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(pair, 1)) + 2;
+    }
+    r->total = 20 + (uint64_t)r->method_len + (uint64_t)r->path_len + (uint64_t)r->query_len + r->headers_len +
+               (uint64_t)r->body_len;
+    return 0;
+}
+
+static inline uint8_t *put32(uint8_t *at, uint64_t value) {
+    uint32_t v = (uint32_t)value;
+    memcpy(at, &v, 4);
+    return at + 4;
+}
+
+static inline uint8_t *put(uint8_t *at, const void *data, size_t len) {
+    memcpy(at, data, len);
+    return at + len;
+}
+
+static void write_request(const request_layout *r, uint8_t *at) {
+    at = put32(at, r->method_len);
+    at = put32(at, r->path_len);
+    at = put32(at, r->query_len);
+    at = put32(at, r->headers_len);
+    at = put32(at, r->body_len);
+    at = put(at, r->method, r->method_len);
+    at = put(at, r->path, r->path_len);
+    at = put(at, r->query, r->query_len);
+    PyObject **pairs = PySequence_Fast_ITEMS(r->headers);
+    at = put32(at, r->count);
+    for (Py_ssize_t i = 0; i < r->count; i++) {
+        at = put32(at, PyBytes_GET_SIZE(PyTuple_GET_ITEM(pairs[i], 0)));
+        at = put32(at, PyBytes_GET_SIZE(PyTuple_GET_ITEM(pairs[i], 1)));
+    }
+    for (Py_ssize_t i = 0; i < r->count; i++) {
+        for (int j = 0; j < 2; j++) {
+            PyObject *part = PyTuple_GET_ITEM(pairs[i], j);
+            at = put(at, PyBytes_AS_STRING(part), PyBytes_GET_SIZE(part));
+            *at++ = 0;
+        }
+    }
+    put(at, r->body, r->body_len);
+}
+
+/* The response's headers map as a list of (name, value) pairs; NULL with *error set to a
+ * description when the guest's map is malformed (or NULL with a Python error). */
+static PyObject *decode_headers(const uint8_t *map, uint64_t len, const char **error) {
+    *error = NULL;
+    if (len == 0 || (len == 1 && map[0] == 0))
+        return PyList_New(0);
+    if (len < 4) {
+        *error = "map shorter than its count";
+        return NULL;
+    }
+    uint64_t count = le32(map);
+    if (count > (len - 4) / 10) { /* each entry: 8 bytes of lengths and 2 NULs at least */
+        *error = "map count exceeds its size";
+        return NULL;
+    }
+    PyObject *pairs = PyList_New((Py_ssize_t)count);
+    if (pairs == NULL)
+        return NULL;
+    uint64_t pos = 4 + 8 * count;
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t key_len = le32(map + 4 + 8 * i);
+        uint64_t value_len = le32(map + 8 + 8 * i);
+        if (pos + key_len + value_len + 2 > len) {
+            Py_DECREF(pairs);
+            *error = "map entry out of range";
+            return NULL;
+        }
+        PyObject *pair = Py_BuildValue("(y#y#)", map + pos, (Py_ssize_t)key_len, map + pos + key_len + 1,
+                                       (Py_ssize_t)value_len);
+        if (pair == NULL) {
+            Py_DECREF(pairs);
+            return NULL;
+        }
+        PyList_SET_ITEM(pairs, (Py_ssize_t)i, pair);
+        pos += key_len + value_len + 2;
+    }
+    return pairs;
+}
+
+#define WASM_FAILURE(error, trap)                                                                             \
+    Py_BuildValue("(iKK)", WASM_ERROR, (unsigned long long)(uintptr_t)(error), (unsigned long long)(uintptr_t)(trap))
+
+/* call(handle, method, path, query, headers, body)
+ * -> (0, status, headers, body) | (1, error, trap) | (2, status) | (3|4, message) */
 static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2 || !PyBytes_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "call(handle, request: bytes)");
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "call(handle, method, path, query, headers, body)");
         return NULL;
     }
     handler_instance *in = instance_arg(args[0]);
     if (in == NULL)
         return NULL;
-    const char *payload = PyBytes_AS_STRING(args[1]);
-    Py_ssize_t size = PyBytes_GET_SIZE(args[1]);
-    if (size > UINT32_MAX)
-        return Py_BuildValue("(is)", BAD_GUEST, "request larger than 4 GiB");
+    request_layout r;
+    memset(&r, 0, sizeof(r));
+    PyObject *result = NULL;
+    if (measure_request(args, &r) < 0)
+        goto done;
+    if (r.total > UINT32_MAX) {
+        result = Py_BuildValue("(is)", BAD_GUEST, "request larger than 4 GiB");
+        goto done;
+    }
 
     wt_val_raw_t vals[4];
     memset(vals, 0, sizeof(vals));
     void *trap = NULL;
-    vals[0].i32 = (int32_t)size;
+    vals[0].i32 = (int32_t)r.total;
     void *error = call_wasm(in->ctx, in->alloc.of, vals, 1, &trap);
-    if (error != NULL || trap != NULL)
-        return Py_BuildValue("(iKK)", WASM_ERROR, (unsigned long long)(uintptr_t)error,
-                             (unsigned long long)(uintptr_t)trap);
+    if (error != NULL || trap != NULL) {
+        result = WASM_FAILURE(error, trap);
+        goto done;
+    }
     uint32_t ptr = (uint32_t)vals[0].i32;
-    if (ptr == 0)
-        return Py_BuildValue("(is)", NO_MEMORY, "the function's allocator returned 0 (out of memory)");
+    if (ptr == 0) {
+        result = Py_BuildValue("(is)", NO_MEMORY, "the function's allocator returned 0 (out of memory)");
+        goto done;
+    }
     uint8_t *base = api.memory_data(in->ctx, in->memory.of);
     uint64_t msize = api.memory_data_size(in->ctx, in->memory.of);
-    if (!in_range(ptr, (uint64_t)size, msize))
-        return Py_BuildValue("(is)", BAD_GUEST, "the allocator returned a buffer outside linear memory");
-    memcpy(base + ptr, payload, (size_t)size);
+    if (!in_range(ptr, r.total, msize)) {
+        result = Py_BuildValue("(is)", BAD_GUEST, "the allocator returned a buffer outside linear memory");
+        goto done;
+    }
+    write_request(&r, base + ptr);
 
     vals[0].i32 = (int32_t)ptr;
-    vals[1].i32 = (int32_t)size;
+    vals[1].i32 = (int32_t)r.total;
     vals[2].i32 = (int32_t)in->out;
     vals[3].i32 = (int32_t)(in->out + 4);
     error = call_wasm(in->ctx, in->handler.of, vals, 4, &trap);
-    if (error != NULL || trap != NULL)
-        return Py_BuildValue("(iKK)", WASM_ERROR, (unsigned long long)(uintptr_t)error,
-                             (unsigned long long)(uintptr_t)trap);
-    if (vals[0].i32 != 0)
-        return Py_BuildValue("(iI)", HANDLER_STATUS, (unsigned int)vals[0].i32);
+    if (error != NULL || trap != NULL) {
+        result = WASM_FAILURE(error, trap);
+        goto done;
+    }
+    if (vals[0].i32 != 0) {
+        result = Py_BuildValue("(iI)", HANDLER_STATUS, (unsigned int)vals[0].i32);
+        goto done;
+    }
 
     base = api.memory_data(in->ctx, in->memory.of); /* the handler may have grown it */
     msize = api.memory_data_size(in->ctx, in->memory.of);
-    if (!in_range(in->out, 8, msize))
-        return Py_BuildValue("(is)", BAD_GUEST, "the response slot is outside linear memory");
+    if (!in_range(in->out, 8, msize)) {
+        result = Py_BuildValue("(is)", BAD_GUEST, "the response slot is outside linear memory");
+        goto done;
+    }
     uint64_t resp = le32(base + in->out);
     uint64_t resp_len = le32(base + in->out + 4);
-    if (resp_len < 12)
-        return Py_BuildValue("(is)", BAD_GUEST, "the response is shorter than its 12-byte header");
-    if (!in_range(resp, resp_len, msize))
-        return Py_BuildValue("(is)", BAD_GUEST, "the response buffer is outside linear memory");
+    if (resp_len < 12) {
+        result = Py_BuildValue("(is)", BAD_GUEST, "the response is shorter than its 12-byte header");
+        goto done;
+    }
+    if (!in_range(resp, resp_len, msize)) {
+        result = Py_BuildValue("(is)", BAD_GUEST, "the response buffer is outside linear memory");
+        goto done;
+    }
     uint32_t status = le32(base + resp);
     uint64_t headers_len = le32(base + resp + 4);
     uint64_t body_len = le32(base + resp + 8);
-    if (12 + headers_len + body_len > resp_len)
-        return Py_BuildValue("(is)", BAD_GUEST, "response lengths exceed the response buffer");
-    const char *start = (const char *)base + resp + 12;
-    return Py_BuildValue("(iIy#y#)", OK, status, start, (Py_ssize_t)headers_len, start + headers_len,
-                         (Py_ssize_t)body_len);
+    if (12 + headers_len + body_len > resp_len) {
+        result = Py_BuildValue("(is)", BAD_GUEST, "response lengths exceed the response buffer");
+        goto done;
+    }
+    const uint8_t *start = base + resp + 12;
+    const char *malformed;
+    PyObject *headers = decode_headers(start, headers_len, &malformed);
+    if (headers == NULL) {
+        if (malformed != NULL)
+            result = Py_BuildValue("(is)", BAD_HEADERS, malformed);
+        goto done;
+    }
+    result = Py_BuildValue("(iINy#)", OK, status, headers, start + headers_len, (Py_ssize_t)body_len);
+done:
+    Py_XDECREF(r.headers);
+    return result;
 }
 
 /* addresses(handle) -> (context, alloc func, handler func, memory, out): for the Python side
@@ -345,7 +503,7 @@ static PyObject *delete(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS, "Give the module the wasmtime C API's function addresses."},
     {"instantiate", instantiate, METH_VARARGS, "Create a Store with one handler instance."},
-    {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL, "Run the handler on one encoded request."},
+    {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL, "Run the handler on one request."},
     {"addresses", addresses, METH_O, "Raw addresses of an instance's context and exports."},
     {"delete", delete, METH_O, "Delete an instance's Store."},
     {NULL, NULL, 0, NULL},

@@ -203,6 +203,7 @@ HANDLER_STATUS = 2
 HANDLER_NO_MEMORY = 3
 HANDLER_BAD_GUEST = 4
 HANDLER_MISSING = 5
+HANDLER_BAD_HEADERS = 6
 
 
 class MissingExport(Exception):
@@ -211,8 +212,8 @@ class MissingExport(Exception):
 
 class HandlerStore:
     """A Store with one instance of a handler-ABI module, made and called in one C call
-    each (host/_handler.c): ``call`` takes the encoded request and returns the response's
-    (status, encoded headers, body); traps and errors raise as wasmtime's own exceptions,
+    each (host/_handler.c): ``call`` takes the request's parts and returns the response's
+    (status, headers, body); traps and errors raise as wasmtime's own exceptions,
     a bad guest pointer as OutOfBounds, a failed allocation as MemoryError."""
 
     __slots__ = ("handle", "ctx", "key", "out", "alloc_addr", "handler_addr", "mem_addr")
@@ -250,8 +251,11 @@ class HandlerStore:
         addresses = _handler.addresses(self.handle)
         self.ctx, self.alloc_addr, self.handler_addr, self.mem_addr, self.out = addresses
 
-    def call(self, request: bytes) -> tuple[int, bytes, bytes]:
-        result = _handler.call(self.handle, request)
+    def call(
+        self, method: bytes, path: bytes, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Serve one request: the response's (status, headers, body)."""
+        result = _handler.call(self.handle, method, path, query, headers, body)
         if result[0] == HANDLER_OK:
             return result[1:]
         return _raise_result(result)
@@ -262,6 +266,10 @@ class HandlerStore:
             handle, self.handle = self.handle, 0
             _handler.delete(handle)
             self.ctx = None
+
+
+class MalformedHeaders(Exception):
+    """The response's headers map is malformed."""
 
 
 class HandlerStatus(Exception):
@@ -284,6 +292,8 @@ def _raise_result(result: tuple) -> Any:
         raise OutOfBounds(result[1])
     if kind == HANDLER_MISSING:
         raise MissingExport(result[1])
+    if kind == HANDLER_BAD_HEADERS:
+        raise MalformedHeaders(result[1])
     raise RuntimeError(f"unexpected result from the handler path: {result!r}")
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import wasmtime
 
-from layotto.abi.maps import decode_map, encode_map
+from layotto.abi.maps import encode_map
 from layotto.host.abi_host import (
     BUFFER_CALL_DATA,
     BUFFER_REQUEST_BODY,
@@ -48,6 +48,7 @@ from layotto.host.fastcall import (
     Func,
     HandlerStatus,
     HandlerStore,
+    MalformedHeaders,
     Memory,
     MissingExport,
     OutOfBounds,
@@ -265,28 +266,29 @@ class Instance(BaseInstance):
     def call(self, request: Request, ticks: int, kind: str) -> Response:
         """Run the handler on one request."""
         if self.abi is None:
-            return self._call(encode_request(request), ticks, kind)
+            return self._call(request, ticks, kind)
         with calling(self.abi):
-            return self._call(encode_request(request), ticks, kind)
+            return self._call(request, ticks, kind)
 
-    def _call(self, payload: bytes, ticks: int, kind: str) -> Response:
+    def _call(self, request: Request, ticks: int, kind: str) -> Response:
         self.calls += 1
         self._arm(ticks, kind)  # the budget covers the allocation too
         try:
-            code, headers, body = self.raw.call(payload)
+            code, headers, body = self.raw.call(
+                request.method, request.path, request.query, request.headers, request.body
+            )
         except wasmtime.WasmtimeError as exc:
             self._classify(exc)
             raise
         except HandlerStatus as exc:
             raise HandlerError(str(exc)) from None
+        except MalformedHeaders as exc:
+            raise HandlerError(f"malformed response headers: {exc}") from None
         if code == 0:
             code = 200
         elif not 100 <= code <= 599:
             raise HandlerError(f"invalid HTTP status {code}")
-        try:
-            return Response(code, decode_map(headers) if headers else [], body)
-        except ValueError as exc:
-            raise HandlerError(f"malformed response headers: {exc}") from exc
+        return Response(code, headers, body)
 
 
 class ProxyInstance(BaseInstance):

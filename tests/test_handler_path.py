@@ -8,7 +8,7 @@ import pytest
 import wasmtime
 
 from layotto.host.errors import ModuleError
-from layotto.host.function import Function, Request
+from layotto.host.function import Function, Request, encode_request
 from layotto.host.runtime import NodeRuntime
 
 # A bump allocator, and a handler whose body each case fills in. The handler's response
@@ -142,6 +142,15 @@ def test_a_good_response_and_its_status_default(runtime: NodeRuntime, fresh: boo
             b"out of memory",
         ),
         (
+            "a malformed headers map",
+            "(i32.store (i32.const 512) (i32.const 200)) (i32.store (i32.const 516) (i32.const 4))"
+            " (i32.store (i32.const 520) (i32.const 0)) (i32.store (i32.const 524) (i32.const 5))"
+            " (i32.store (local.get $op) (i32.const 512)) (i32.store (local.get $ol) (i32.const 16))"
+            " (i32.const 0)",
+            BUMP,
+            b"malformed response headers: map count exceeds its size",
+        ),
+        (
             "a trap",
             "(unreachable)",
             BUMP,
@@ -183,5 +192,30 @@ def test_malloc_serves_as_the_allocator(runtime: NodeRuntime) -> None:
     fn = function(runtime, alloc_name="malloc")
     try:
         assert call(fn) == (200, b"ok")
+    finally:
+        fn.stop()
+
+
+def test_response_headers_and_request_parts_cross_the_boundary_intact(runtime: NodeRuntime) -> None:
+    # The handler answers with one header, ("abc", "de"), and echoes the request it was
+    # given (as the host laid it out) as the body.
+    handle = (
+        "(i32.store (i32.const 600) (i32.const 0)) (i32.store (i32.const 604) (i32.const 19))"
+        " (i32.store (i32.const 608) (local.get $len))"
+        " (i32.store (i32.const 612) (i32.const 1)) (i32.store (i32.const 616) (i32.const 3))"
+        " (i32.store (i32.const 620) (i32.const 2)) (i32.store (i32.const 624) (i32.const 0x00636261))"
+        " (i32.store (i32.const 628) (i32.const 0x00006564))"
+        " (memory.copy (i32.const 631) (local.get $req) (local.get $len))"
+        " (i32.store (local.get $op) (i32.const 600))"
+        " (i32.store (local.get $ol) (i32.add (i32.const 31) (local.get $len)))"
+        " (i32.const 0)"
+    )
+    fn = function(runtime, handle=handle)
+    try:
+        request = Request(b"PUT", b"/p", b"q=1", [(b"a", b"bc"), (b"x-long", b"v" * 300)], b"body!")
+        response = fn.call_inline(request)
+        assert response is not None and response.status == 200, response
+        assert response.headers == [(b"abc", b"de")]
+        assert response.body == encode_request(request)
     finally:
         fn.stop()
