@@ -269,7 +269,7 @@ static inline uint32_t le32(const uint8_t *p) {
 typedef struct {
     const char *method, *path, *query, *body;
     Py_ssize_t method_len, path_len, query_len, body_len;
-    PyObject *headers; /* a list or tuple of (bytes, bytes) */
+    PyObject *headers; /* a tuple of (bytes, bytes) */
     Py_ssize_t count;
     uint64_t headers_len;
     uint64_t total;
@@ -289,11 +289,13 @@ static int measure_request(PyObject *const *args, request_layout *r) {
     if (bytes_of(args[1], &r->method, &r->method_len) < 0 || bytes_of(args[2], &r->path, &r->path_len) < 0 ||
         bytes_of(args[3], &r->query, &r->query_len) < 0 || bytes_of(args[5], &r->body, &r->body_len) < 0)
         return -1;
-    r->headers = PySequence_Fast(args[4], "headers must be a sequence of (name, value) pairs");
+    /* A tuple of the pairs: nothing can change them while wasm runs without the GIL
+     * between measuring the request here and writing it out. */
+    r->headers = PySequence_Tuple(args[4]);
     if (r->headers == NULL)
         return -1;
-    r->count = PySequence_Fast_GET_SIZE(r->headers);
-    PyObject **pairs = PySequence_Fast_ITEMS(r->headers);
+    r->count = PyTuple_GET_SIZE(r->headers);
+    PyObject **pairs = &PyTuple_GET_ITEM(r->headers, 0);
     r->headers_len = 4 + 8 * (uint64_t)r->count;
     for (Py_ssize_t i = 0; i < r->count; i++) {
         PyObject *pair = pairs[i];
@@ -330,7 +332,7 @@ static void write_request(const request_layout *r, uint8_t *at) {
     at = put(at, r->method, r->method_len);
     at = put(at, r->path, r->path_len);
     at = put(at, r->query, r->query_len);
-    PyObject **pairs = PySequence_Fast_ITEMS(r->headers);
+    PyObject **pairs = &PyTuple_GET_ITEM(r->headers, 0);
     at = put32(at, r->count);
     for (Py_ssize_t i = 0; i < r->count; i++) {
         at = put32(at, PyBytes_GET_SIZE(PyTuple_GET_ITEM(pairs[i], 0)));
