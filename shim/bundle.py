@@ -7,7 +7,6 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from layotto.host.errors import ModuleError
 from layotto.shim.mounts import unmount_rootfs
@@ -65,7 +64,6 @@ class BundleSpec:
     memory_limit: int | None
     cpu_quota_us: int | None
     cpu_period_us: int
-    raw: dict[str, Any]
 
     @classmethod
     def load(cls, bundle: Path) -> BundleSpec:
@@ -96,7 +94,6 @@ class BundleSpec:
             memory_limit=int(memory_limit) if memory_limit and int(memory_limit) > 0 else None,
             cpu_quota_us=int(quota) if quota and int(quota) > 0 else None,
             cpu_period_us=int(period),
-            raw=raw,
         )
 
 
