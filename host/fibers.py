@@ -199,6 +199,7 @@ class FiberScheduler:
         self._ready: deque[FiberTask] = deque()
         self._timers: list[tuple[float, int, FiberTask]] = []
         self._parked: dict[int, int] = {}  # id(fiber) -> its timer's sequence number
+        self._stale = 0  # timers of fibers woken early (a kill): dropped in batches
         self._seq = itertools.count()
         self._threads: list[threading.Thread] = []
         self.fibers = 0  # fibers submitted and not finished
@@ -218,6 +219,13 @@ class FiberScheduler:
         with self._cond:
             if self._parked.pop(id(fiber), None) is not None:
                 self._ready.append(fiber)
+                self._stale += 1
+                if self._stale > 64 and self._stale * 2 > len(self._timers):
+                    # A killed sleeper's timer may lie an hour ahead: do not keep the
+                    # nanoprocess alive that long.
+                    self._timers = [t for t in self._timers if self._parked.get(id(t[2])) == t[1]]
+                    heapq.heapify(self._timers)
+                    self._stale = 0
                 self._cond.notify()
 
     def _next(self) -> FiberTask:
@@ -230,6 +238,8 @@ class FiberScheduler:
                     if self._parked.get(id(fiber)) == seq:
                         del self._parked[id(fiber)]
                         self._ready.append(fiber)
+                    else:
+                        self._stale = max(0, self._stale - 1)
                 if self._ready:
                     return self._ready.popleft()
                 self._cond.wait(timers[0][0] - now if timers else None)

@@ -4,10 +4,12 @@ stdin readers), with exit codes, output, kills, CPU quotas and memory limits."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -261,3 +263,21 @@ def test_finished_fibers_drop_their_store(host: Host) -> None:
     for proc in procs:
         assert proc.exit is not None and proc.exit.status == 0
         assert proc._store is None and proc.memory_bytes() == 0
+
+
+def test_killed_sleepers_are_not_kept_alive_by_their_timers(host: Host) -> None:
+    def start_and_kill(n: int) -> list[weakref.ref[Nanoprocess]]:
+        procs = [host.spawn("sleeper", "3600") for _ in range(n)]
+        for proc in procs:
+            assert proc.start().wait(10)
+        wait_for(lambda: all("sleeping" in host.output(p) for p in procs))
+        for proc in procs:
+            proc.kill(9)
+        for proc in procs:
+            assert wait_exit(proc, 10).status == 137
+        host.procs.clear()
+        return [weakref.ref(p) for p in procs]
+
+    refs = start_and_kill(100)
+    # Their timers (an hour ahead) are dropped in batches: most are gone at once.
+    wait_for(lambda: gc.collect() >= 0 and sum(r() is not None for r in refs) <= 64, 5)
