@@ -16,7 +16,7 @@
    c. N sleeper command modules (each a nanoprocess blocked in a WASI sleep);
    d. all of them deleted: what the host keeps afterwards; then the same cycle again
       (a second rise tells a leak from memory the allocator keeps for reuse);
-   and the growth split by kind of mapping (/proc/<pid>/smaps): thread stacks, wasm
+   and the growth split by kind of mapping (/proc/<pid>/smaps): thread stacks, fiber stacks, wasm
    memory images, other anonymous memory, files;
 4. runc: M busybox ``sleep`` containers (``ctr run -d``), then the memory of every
    ``containerd-shim-runc-v2`` (one per container) and of the containers' own processes;
@@ -85,27 +85,43 @@ def call_each(c: Containerd, ids: Sequence[str], name: str = "density") -> float
 
 
 THREAD_STACK_KB = 8192  # glibc's default pthread stack (RLIMIT_STACK), one mapping each
+FIBER_STACK_KB = 2048  # wasmtime's default async stack: one per command module run as a fiber
 
 
 def rss_breakdown(pid: int) -> dict[str, int]:
     """RSS by kind of mapping (bytes), from /proc/<pid>/smaps: thread stacks (anonymous
-    rw mappings of exactly the default stack size), wasmtime's copy-on-write memory images
+    rw mappings of exactly the default stack size), fiber stacks (anonymous rw mappings of
+    exactly wasmtime's async stack size right above their one-page guard: a large malloc
+    can be a 2 MiB mapping too, but has no guard), wasmtime's copy-on-write memory images
     (memfd:wasm-memory-image), other anonymous memory (the heaps, wasm linear memories,
     wasmtime's stores) and file-backed mappings (code, libraries)."""
-    out = {"rss_thread_stacks": 0, "rss_wasm_images": 0, "rss_anon_other": 0, "rss_files": 0}
+    out = {
+        "rss_thread_stacks": 0,
+        "rss_fiber_stacks": 0,
+        "rss_wasm_images": 0,
+        "rss_anon_other": 0,
+        "rss_files": 0,
+    }
     key = "rss_anon_other"
+    guard_end = -1  # where the last one-page inaccessible mapping ended
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             head = line.split(None, 5)
             if head and not head[0].endswith(":") and "-" in head[0]:
                 lo, hi = (int(x, 16) for x in head[0].split("-"))
                 path = head[5].strip() if len(head) > 5 else ""
+                guarded, guard_end = (
+                    guard_end == lo,
+                    hi if (hi - lo == 4096 and head[1].startswith("---")) else -1,
+                )
                 if path.startswith("/memfd:wasm-memory-image"):
                     key = "rss_wasm_images"
                 elif path and not path.startswith("["):
                     key = "rss_files"
                 elif not path and (hi - lo) == THREAD_STACK_KB * 1024 and head[1].startswith("rw"):
                     key = "rss_thread_stacks"
+                elif not path and guarded and (hi - lo) == FIBER_STACK_KB * 1024 and head[1].startswith("rw"):
+                    key = "rss_fiber_stacks"
                 else:
                     key = "rss_anon_other"
             elif head and head[0] == "Rss:":
@@ -273,7 +289,7 @@ def report(results: dict[str, Any]) -> str:
         lines.append(line)
     lines.append("")
     lines.append(
-        f"  {'host RSS growth by mapping, KiB per container':<44}{'stacks':>9}{'wasm img':>9}"
+        f"  {'host RSS growth by mapping, KiB per container':<44}{'stacks':>9}{'fibers':>9}{'wasm img':>9}"
         f"{'anon':>9}{'files':>9}"
     )
     for key, label in (
@@ -284,12 +300,13 @@ def report(results: dict[str, Any]) -> str:
         p = per[key]
         if "rss_anon_other" in p:
             lines.append(
-                f"  {label:<44}{_kib(p['rss_thread_stacks'])}{_kib(p['rss_wasm_images'])}"
-                f"{_kib(p['rss_anon_other'])}{_kib(p['rss_files'])}"
+                f"  {label:<44}{_kib(p['rss_thread_stacks'])}{_kib(p.get('rss_fiber_stacks', 0))}"
+                f"{_kib(p['rss_wasm_images'])}{_kib(p['rss_anon_other'])}{_kib(p['rss_files'])}"
             )
     lines.append(
-        "  (stacks: 8 MiB thread-stack mappings; wasm img: wasmtime's memfd memory images; anon: heaps,"
-        "\n   wasm linear memories, stores; files: code and libraries)"
+        "  (stacks: 8 MiB thread-stack mappings; fibers: 2 MiB wasmtime fiber stacks of command modules;"
+        "\n   wasm img: wasmtime's memfd memory images; anon: heaps, wasm linear memories, stores;"
+        "\n   files: code and libraries)"
     )
     kept = results["host_kept_after_delete"]
     leak = (kept["second"] - kept["first"]) / (2 * n)
