@@ -483,15 +483,17 @@ done:
     return result;
 }
 
-/* addresses(handle) -> (context, alloc func, handler func, memory, out): for the Python side
- * (the Runtime ABI's view of memory, diagnostics). Valid until delete(handle). */
+/* addresses(handle) -> (context, alloc func, handler func, memory, out, instance): for the
+ * Python side (the Runtime ABI's view of memory, other exports, diagnostics). Valid until
+ * delete(handle). */
 static PyObject *addresses(PyObject *self, PyObject *arg) {
     handler_instance *in = instance_arg(arg);
     if (in == NULL)
         return NULL;
-    return Py_BuildValue("(KKKKI)", (unsigned long long)(uintptr_t)in->ctx,
+    return Py_BuildValue("(KKKKIK)", (unsigned long long)(uintptr_t)in->ctx,
                          (unsigned long long)(uintptr_t)in->alloc.of, (unsigned long long)(uintptr_t)in->handler.of,
-                         (unsigned long long)(uintptr_t)in->memory.of, in->out);
+                         (unsigned long long)(uintptr_t)in->memory.of, in->out,
+                         (unsigned long long)(uintptr_t)&in->instance);
 }
 
 static PyObject *delete(PyObject *self, PyObject *arg) {

@@ -216,7 +216,17 @@ class HandlerStore:
     (status, headers, body); traps and errors raise as wasmtime's own exceptions,
     a bad guest pointer as OutOfBounds, a failed allocation as MemoryError."""
 
-    __slots__ = ("handle", "ctx", "key", "out", "alloc_addr", "handler_addr", "mem_addr")
+    __slots__ = (
+        "handle",
+        "ctx",
+        "key",
+        "out",
+        "alloc_addr",
+        "handler_addr",
+        "mem_addr",
+        "instance_addr",
+        "_externs",
+    )
 
     def __init__(
         self,
@@ -229,6 +239,7 @@ class HandlerStore:
         wasi: wasmtime.WasiConfig | None = None,
     ) -> None:
         self.handle = 0
+        self._externs: list[ffi.wasmtime_extern_t] = []
         self.key = next(_next_key)
         _deadline_handlers[self.key] = on_deadline
         result = _handler.instantiate(
@@ -249,7 +260,7 @@ class HandlerStore:
             _raise_result(result)
         self.handle = result[1]
         addresses = _handler.addresses(self.handle)
-        self.ctx, self.alloc_addr, self.handler_addr, self.mem_addr, self.out = addresses
+        self.ctx, self.alloc_addr, self.handler_addr, self.mem_addr, self.out, self.instance_addr = addresses
 
     def call(
         self, method: bytes, path: bytes, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes
@@ -259,6 +270,16 @@ class HandlerStore:
         if result[0] == HANDLER_OK:
             return result[1:]
         return _raise_result(result)
+
+    def export(self, name: bytes, kind: int) -> int | None:
+        """The address of any other export ``name`` (see :meth:`RawStore.export`), or None."""
+        ext = ffi.wasmtime_extern_t()
+        if not _export_get(self.ctx, self.instance_addr, name, len(name), ctypes.addressof(ext)):
+            return None
+        if ext.kind != kind:
+            return None
+        self._externs.append(ext)  # the address stays valid while we hold it
+        return ctypes.addressof(ext.of)
 
     def delete(self) -> None:
         if self.handle:
