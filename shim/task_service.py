@@ -194,16 +194,24 @@ class TaskService:
                 "a terminal (tty) is not supported by the layotto runtime: run without -t",
             )
         mounts = [oci.Mount(m.type, m.source, list(m.options)) for m in req.rootfs]
-        try:
-            rootfs = await asyncio.to_thread(oci.mount_rootfs, bundle, mounts) if mounts else spec.root_path
-        except OSError as exc:
-            raise TtrpcError(Code.INTERNAL, f"mounting the rootfs of {req.id}: {exc}") from exc
-        try:
-            compiled, module_path, entry = await self._load_module(spec, rootfs, namespace, req.id)
-        except BaseException:
-            if mounts:
-                await asyncio.to_thread(oci.unmount_rootfs, bundle)
-            raise
+        # A function module is served without its rootfs mounted (see oci.find_in_layers).
+        loaded = await self._load_function_unmounted(spec, mounts) if mounts else None
+        if loaded is not None:
+            compiled, module_path, entry = loaded
+            rootfs, mounts = spec.root_path, []
+        else:
+            rootfs = spec.root_path
+            try:
+                if mounts:
+                    rootfs = await asyncio.to_thread(oci.mount_rootfs, bundle, mounts)
+            except OSError as exc:
+                raise TtrpcError(Code.INTERNAL, f"mounting the rootfs of {req.id}: {exc}") from exc
+            try:
+                compiled, module_path, entry = await self._load_module(spec, rootfs, namespace, req.id)
+            except BaseException:
+                if mounts:
+                    await asyncio.to_thread(oci.unmount_rootfs, bundle)
+                raise
         task = Task(
             id=req.id,
             namespace=namespace,
@@ -242,6 +250,25 @@ class TaskService:
             ),
         )
         return task_pb2.CreateTaskResponse(pid=task.pid)
+
+    async def _load_function_unmounted(
+        self, spec: oci.BundleSpec, mounts: list[oci.Mount]
+    ) -> tuple[CompiledModule, str, str] | None:
+        """A function module read from the rootfs's layers, or None: not found plainly there,
+        a command module (it gets its filesystem), a pod sandbox, no ingress, or any error
+        (the mounted path then reports it)."""
+        if self.functions is None or spec.annotations.get(SANDBOX_ANNOTATION) == "sandbox":
+            return None
+        try:
+            ref = await asyncio.to_thread(oci.locate_module_in_layers, spec, mounts)
+            if ref is None:
+                return None
+            compiled = await asyncio.to_thread(self.runtime.load, ref.host_path, name=ref.image_path)
+        except (ModuleError, OSError):
+            return None
+        if ref.entry != "_start" or not is_function_module(compiled):
+            return None
+        return compiled, ref.image_path, ref.entry
 
     async def _load_module(
         self, spec: oci.BundleSpec, rootfs: Path, namespace: str, task_id: str

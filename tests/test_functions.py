@@ -35,13 +35,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from layotto.host.cli import admin_get
 from layotto.images import builder
 from tests.conftest import find_host_process
-from tests.containerd_env import Containerd
+from tests.containerd_env import Containerd, mounts_under
 
 pytestmark = pytest.mark.integration
 
 RUNTIME = "io.containerd.layotto.v1"
 IMAGE = "docker.io/library/layotto-fnmods:latest"
-MODULES = ("fn-hello", "fn_echo", "fn_misbehave", "fn_badresp")
+MODULES = ("fn-hello", "fn_echo", "fn_misbehave", "fn_badresp", "sleeper")  # sleeper: a command
 BODY_LIMIT = 4 << 20  # the host's default request body limit (host/ingress.py)
 
 _ids = itertools.count()
@@ -280,6 +280,25 @@ def test_function_serves_by_id_header_and_path_until_killed(node: Node) -> None:
     node.c.ctr("containers", "delete", task)
     assert node.task_status(task) == ""
     assert task not in node.tasks_info()
+
+
+def test_a_function_is_served_without_its_rootfs_mounted(node: Node) -> None:
+    # The module is read from the snapshot's layers; a command module (hello, in the same
+    # image) still gets its rootfs mounted, since its WASI preopens it.
+    task = node.start("fn-hello")
+    assert node.get("/?name=M", fid=task).body == b"Hello, M!\n"
+    bundle = node.c.state / "io.containerd.runtime.v2.task" / "default" / task
+    assert mounts_under(bundle) == []
+    assert not (bundle / ".layotto-mounted").exists()
+    command = new_id("cmd")
+    node.c.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, command, "/sleeper.wasm")
+    try:
+        assert mounts_under(node.c.state / "io.containerd.runtime.v2.task" / "default" / command)
+    finally:
+        node.c.ctr("tasks", "kill", "-s", "SIGKILL", command)
+        wait_for(lambda: node.task_status(command) == "STOPPED")
+        node.c.ctr("tasks", "delete", command)
+        node.c.ctr("containers", "delete", command)
 
 
 def test_task_without_function_id_annotation_serves_under_its_task_id(node: Node) -> None:
