@@ -22,6 +22,8 @@ deps:
 	[ -n "$$(ls /usr/lib/llvm-14/lib/clang/14.0.6/lib/wasi/libclang_rt.builtins-wasm32.a 2>/dev/null)" ] || missing="$$missing libclang-rt-14-dev-wasm32"; \
 	[ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/wasm32-wasi ] || missing="$$missing rustc libstd-rust-dev-wasm32"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
+	inc=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null); \
+	[ -e "$$inc/Python.h" ] || missing="$$missing python3.11-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
