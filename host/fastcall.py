@@ -41,11 +41,6 @@ class OutOfBounds(Exception):
     """A guest pointer or length outside its linear memory."""
 
 
-def check(view: memoryview, ptr: int, length: int) -> None:
-    if ptr < 0 or length < 0 or ptr + length > len(view):
-        raise OutOfBounds(f"range [{ptr:#x}, +{length}) is outside linear memory ({len(view)} bytes)")
-
-
 def set_epoch_deadline(store_ctx: int, ticks: int) -> None:
     """Interrupt the store's wasm ``ticks`` epochs from now (its callback decides)."""
     _set_deadline(store_ctx, ticks)

@@ -115,6 +115,8 @@ class Killed(Exception):
 
 
 def encode_request(req: Request) -> bytes:
+    """The request as the handler ABI lays it out in linear memory (abi/http.md). The host's
+    own calls lay it out in C (host/_handler.c); this is the reference the tests hold it to."""
     headers = encode_map(req.headers)
     return (
         _HEADER.pack(len(req.method), len(req.path), len(req.query), len(headers), len(req.body))
