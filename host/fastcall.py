@@ -5,8 +5,13 @@ each call (about 15 µs); ``Memory.read``/``write`` add about 7 µs. A request t
 needs a handful of calls and copies, so the host keeps raw addresses per instance, calls
 ``wasmtime_func_call_unchecked`` through its own ctypes prototype (plain integers, no
 per-argument conversion) with a preallocated argument array, and reads and writes linear
-memory through a memoryview over it, rebuilt only when the memory grows or moves; every
-range is checked against the memory's current size.
+memory through a memoryview over it, rebuilt only when the memory grows; every range is
+checked against the memory's current size.
+
+Handler-ABI functions go one step further: :class:`HandlerStore` makes an instance and
+serves a request in one call each into ``host/_handler.c``, which does those same calls and
+checks in C. The ctypes paths here serve everything else: Layotto-style modules, the
+Runtime ABI's host side, command modules' stores.
 """
 
 from __future__ import annotations
