@@ -15,6 +15,7 @@ import os
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -71,6 +72,54 @@ class EpochTicker:
             time.sleep(self.interval)
             self.engine.increment_epoch()
             self.ticks += 1
+
+
+class ModuleFacts:
+    """What the host reads off a compiled module's imports and exports, once per module.
+
+    wasmtime-py builds a Python object per import, export and type on every access; a node
+    starting hundreds of containers of one image asks the same questions of one Module each
+    time. Also the module's InstancePre per linker (linking resolves every import)."""
+
+    __slots__ = ("export_names", "export_arity", "import_modules", "reads_stdin", "checked", "_pres", "_lock")
+
+    def __init__(self, module: wasmtime.Module) -> None:
+        self.export_names = frozenset(e.name for e in module.exports)
+        self.export_arity = {
+            e.name: len(e.type.params) for e in module.exports if isinstance(e.type, wasmtime.FuncType)
+        }
+        imports = list(module.imports)
+        self.import_modules = frozenset(imp.module for imp in imports)
+        self.reads_stdin = any(imp.name == "fd_read" for imp in imports)
+        self.checked = False  # check_imports has passed
+        self._pres: dict[int, tuple[wasmtime.Linker, wasmtime.InstancePre]] = {}
+        self._lock = threading.Lock()
+
+    def instance_pre(self, linker: wasmtime.Linker, module: wasmtime.Module) -> wasmtime.InstancePre:
+        """``linker.instantiate_pre(module)``, made once per linker."""
+        with self._lock:
+            found = self._pres.get(id(linker))
+            if found is not None and found[0] is linker:
+                return found[1]
+        pre = linker.instantiate_pre(module)
+        with self._lock:
+            self._pres[id(linker)] = (linker, pre)  # holds the linker: its id stays its own
+        return pre
+
+
+_facts: weakref.WeakKeyDictionary[wasmtime.Module, ModuleFacts] = weakref.WeakKeyDictionary()
+_facts_lock = threading.Lock()
+
+
+def module_facts(module: wasmtime.Module) -> ModuleFacts:
+    """The :class:`ModuleFacts` of ``module`` (computed on first use, kept while it lives)."""
+    with _facts_lock:
+        facts = _facts.get(module)
+    if facts is None:
+        facts = ModuleFacts(module)
+        with _facts_lock:
+            facts = _facts.setdefault(module, facts)
+    return facts
 
 
 @dataclass(frozen=True)
@@ -168,6 +217,18 @@ class WasmEngine:
             return None
         return self.cache_dir / f"{digest}-{self._fingerprint}.cwasm"
 
+    def loaded(self, digest: str, *, name: str) -> CompiledModule | None:
+        """The module with this sha256, when it is compiled in memory already (else None)."""
+        with self._lock:
+            module = self._modules.get(digest)
+        if module is None:
+            return None
+        facts = module_facts(module)
+        if not facts.checked:
+            return None  # let load() check its imports (and report them)
+        self.stats["memory_hits"] += 1
+        return CompiledModule(digest, module, facts.export_names, "memory", facts.reads_stdin)
+
     def load(self, wasm: bytes, *, name: str) -> CompiledModule:
         """Validate and compile ``wasm`` (named ``name`` in errors), using the caches."""
         if wasm[:4] != WASM_MAGIC:
@@ -181,10 +242,11 @@ class WasmEngine:
             with self._lock:
                 self._modules.setdefault(digest, module)
         self.stats[{"memory": "memory_hits", "disk": "disk_hits", "compiled": "compiles"}[source]] += 1
-        exports = frozenset(e.name for e in module.exports)
-        self.check_imports(module, name)
-        reads_stdin = any(imp.name == "fd_read" for imp in module.imports)
-        return CompiledModule(digest, module, exports, source, reads_stdin)
+        facts = module_facts(module)
+        if not facts.checked:
+            self.check_imports(module, name)
+            facts.checked = True
+        return CompiledModule(digest, module, facts.export_names, source, facts.reads_stdin)
 
     def _load_uncached(self, wasm: bytes, digest: str, name: str) -> tuple[wasmtime.Module, str]:
         path = self._cache_path(digest)

@@ -40,7 +40,7 @@ from layotto.host.abi_host import (
     AbiContext,
     calling,
 )
-from layotto.host.engine import TICK, WASI_MODULES, CompiledModule, WasmEngine
+from layotto.host.engine import TICK, WASI_MODULES, CompiledModule, WasmEngine, module_facts
 from layotto.host.errors import ModuleError, describe_error
 from layotto.host.fastcall import (
     EXTERN_FUNC,
@@ -557,19 +557,15 @@ class Function:
         self._lock = threading.Lock()
         self._workers: WorkerPool | None = None
         self._fast_streak = 0
+        facts = module_facts(compiled.module)
         try:
-            self.pre = linker.instantiate_pre(compiled.module)
+            self.pre = facts.instance_pre(linker, compiled.module)
         except wasmtime.WasmtimeError as exc:
             raise ModuleError(f"{name}: cannot link the function: {describe_error(exc)}") from exc
-        imports = list(compiled.module.imports)
-        self.needs_wasi = any(imp.module in WASI_MODULES for imp in imports)
-        self.uses_abi = any(imp.module in ("layotto", "env") for imp in imports)
+        self.needs_wasi = not facts.import_modules.isdisjoint(WASI_MODULES)
+        self.uses_abi = not facts.import_modules.isdisjoint(("layotto", "env"))
         self.proxy_style = HANDLER_EXPORT not in compiled.exports
-        self.export_arity = {
-            e.name: len(e.type.params)
-            for e in compiled.module.exports
-            if isinstance(e.type, wasmtime.FuncType)
-        }
+        self.export_arity = facts.export_arity
         self.instance_class: type[BaseInstance] = ProxyInstance if self.proxy_style else Instance
         # Calls into the Runtime ABI block on components (SQLite, Redis, other functions):
         # such functions run on worker threads from the start, never on the event loop.

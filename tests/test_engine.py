@@ -69,3 +69,44 @@ def test_a_corrupted_cache_entry_is_recompiled(tmp_path: Path, wasm_dir: Path) -
     entry.write_bytes(b"not a compiled module")
     reloaded = WasmEngine(cache).load(_wasm(wasm_dir, "hello"), name="x")
     assert reloaded.from_cache == "compiled"
+
+
+def test_a_file_already_read_is_not_read_again_until_it_changes(
+    tmp_path: Path, wasm_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from layotto.host.runtime import NodeRuntime
+
+    runtime = NodeRuntime(tmp_path)
+    module = tmp_path / "fn.wasm"
+    module.write_bytes(_wasm(wasm_dir, "hello"))
+    first = runtime.load(module, name="/fn.wasm")
+    reads: list[str] = []
+    real_load = runtime.engine.load
+
+    def counting_load(wasm: bytes, *, name: str):  # noqa: ANN202
+        reads.append(name)
+        return real_load(wasm, name=name)
+
+    monkeypatch.setattr(runtime.engine, "load", counting_load)
+    again = runtime.load(module, name="/fn.wasm")
+    assert (again.digest, again.from_cache, reads) == (first.digest, "memory", [])
+    # Rewritten (another module, same path): read, hashed and compiled anew.
+    module.write_bytes(_wasm(wasm_dir, "echoargs"))
+    changed = runtime.load(module, name="/fn.wasm")
+    assert reads == ["/fn.wasm"] and changed.digest != first.digest
+    assert "_start" in changed.exports
+
+
+def test_module_facts_and_instance_pre_are_computed_once_per_module(wasm_dir: Path) -> None:
+    from layotto.host.engine import module_facts
+    from layotto.host.nanoprocess import build_linker
+
+    engine = WasmEngine(None)
+    compiled = engine.load(_wasm(wasm_dir, "hello"), name="/hello.wasm")
+    facts = module_facts(compiled.module)
+    assert module_facts(engine.load(_wasm(wasm_dir, "hello"), name="x").module) is facts
+    assert "wasi_snapshot_preview1" in facts.import_modules and "_start" in facts.export_names
+    linker, other = build_linker(engine), build_linker(engine)
+    pre = facts.instance_pre(linker, compiled.module)
+    assert facts.instance_pre(linker, compiled.module) is pre
+    assert facts.instance_pre(other, compiled.module) is not pre
