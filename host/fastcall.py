@@ -17,6 +17,9 @@ Runtime ABI's host side, command modules' stores.
 from __future__ import annotations
 
 import ctypes
+import inspect
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import wasmtime
@@ -88,13 +91,23 @@ EXTERN_FUNC = 0
 EXTERN_MEMORY = 3
 
 DeadlineHandler = "Callable[[], str | None]"
-_deadline_handlers: dict[int, object] = {}
+# Store key -> a reference to its deadline handler: weak for a bound method, so that a
+# store's owner (an instance) is not kept alive by this table; dropped without close(), it
+# is collected and its store freed with it (HandlerStore.__del__).
+_deadline_handlers: dict[int, Callable[[], object]] = {}
 _next_key = iter(range(1, 1 << 62))
+
+
+def _handler_ref(on_deadline: object) -> Callable[[], object]:
+    if inspect.ismethod(on_deadline):
+        return weakref.WeakMethod(on_deadline)
+    return lambda: on_deadline
 
 
 @ctypes.CFUNCTYPE(ctypes.c_size_t, _vp, _vp, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint8))
 def _on_epoch_deadline(_ctx, env, delta, kind):  # noqa: ANN001, ANN202
-    handler = _deadline_handlers.get(env or 0)
+    ref = _deadline_handlers.get(env or 0)
+    handler = ref() if ref is not None else None
     verdict = handler() if handler is not None else "killed"  # type: ignore[operator]
     if isinstance(verdict, str):
         return _error_new(f"layotto: {verdict}".encode()) or 0
@@ -133,7 +146,7 @@ class RawStore:
         self.ctx = _store_context(self.store)
         self.key = next(_next_key)
         self._externs: list[ffi.wasmtime_extern_t] = []
-        _deadline_handlers[self.key] = on_deadline
+        _deadline_handlers[self.key] = _handler_ref(on_deadline)
         try:
             _store_limiter(self.store, memory_limit, TABLE_ELEMENTS, INSTANCES, TABLES, MEMORIES)
             _store_epoch_callback(self.store, _EPOCH_CALLBACK_ADDR, self.key, None)
@@ -160,6 +173,12 @@ class RawStore:
             return None
         self._externs.append(ext)  # the address stays valid while we hold it
         return ctypes.addressof(ext.of)
+
+    def __del__(self) -> None:  # a store nobody closed is freed with its last reference
+        try:
+            self.delete()
+        except Exception:  # interpreter shutdown: the module may be half torn down
+            pass
 
     def delete(self) -> None:
         if self.store:
@@ -241,7 +260,7 @@ class HandlerStore:
         self.handle = 0
         self._externs: list[ffi.wasmtime_extern_t] = []
         self.key = next(_next_key)
-        _deadline_handlers[self.key] = on_deadline
+        _deadline_handlers[self.key] = _handler_ref(on_deadline)
         result = _handler.instantiate(
             _address(engine.ptr()),
             _address(pre.ptr()),
@@ -280,6 +299,12 @@ class HandlerStore:
             return None
         self._externs.append(ext)  # the address stays valid while we hold it
         return ctypes.addressof(ext.of)
+
+    def __del__(self) -> None:  # a store nobody closed is freed with its last reference
+        try:
+            self.delete()
+        except Exception:  # interpreter shutdown: the module may be half torn down
+            pass
 
     def delete(self) -> None:
         if self.handle:

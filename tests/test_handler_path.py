@@ -219,3 +219,18 @@ def test_response_headers_and_request_parts_cross_the_boundary_intact(runtime: N
         assert response.body == encode_request(request)
     finally:
         fn.stop()
+
+
+def test_an_instance_dropped_without_close_frees_its_store(runtime: NodeRuntime) -> None:
+    from layotto.host import fastcall
+
+    fn = function(runtime)
+    try:
+        before = len(fastcall._deadline_handlers)
+        for _ in range(200):
+            instance = fn._new_instance()
+            assert len(fastcall._deadline_handlers) == before + 1
+            del instance  # never closed: the store goes with its last reference
+        assert len(fastcall._deadline_handlers) == before
+    finally:
+        fn.stop()
