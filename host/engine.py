@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 WASM_MAGIC = b"\0asm"
 WASI_MODULES = frozenset({"wasi_snapshot_preview1", "wasi_unstable"})
+ABI_MODULES = frozenset({"layotto", "env"})  # the Runtime ABI, ours and Layotto's
 
 MAX_WASM_STACK = 512 << 10  # bytes of native stack wasm may use (deeper recursion traps)
 ENGINE_SETTINGS = f"epoch_interruption=1;cranelift_opt_level=speed;max_wasm_stack={MAX_WASM_STACK}"
@@ -81,7 +82,16 @@ class ModuleFacts:
     starting hundreds of containers of one image asks the same questions of one Module each
     time. Also the module's InstancePre per linker (linking resolves every import)."""
 
-    __slots__ = ("export_names", "export_arity", "import_modules", "reads_stdin", "checked", "_pres", "_lock")
+    __slots__ = (
+        "export_names",
+        "export_arity",
+        "import_modules",
+        "uses_abi",
+        "reads_stdin",
+        "checked",
+        "_pres",
+        "_lock",
+    )
 
     def __init__(self, module: wasmtime.Module) -> None:
         self.export_names = frozenset(e.name for e in module.exports)
@@ -90,6 +100,7 @@ class ModuleFacts:
         }
         imports = list(module.imports)
         self.import_modules = frozenset(imp.module for imp in imports)
+        self.uses_abi = not self.import_modules.isdisjoint(ABI_MODULES)
         self.reads_stdin = any(imp.name == "fd_read" for imp in imports)
         self.checked = False  # check_imports has passed
         self._pres: dict[int, tuple[wasmtime.Linker, wasmtime.InstancePre]] = {}
@@ -217,7 +228,7 @@ class WasmEngine:
             return None
         return self.cache_dir / f"{digest}-{self._fingerprint}.cwasm"
 
-    def loaded(self, digest: str, *, name: str) -> CompiledModule | None:
+    def loaded(self, digest: str) -> CompiledModule | None:
         """The module with this sha256, when it is compiled in memory already (else None)."""
         with self._lock:
             module = self._modules.get(digest)

@@ -90,7 +90,6 @@ MEMORIES = 4
 EXTERN_FUNC = 0
 EXTERN_MEMORY = 3
 
-DeadlineHandler = "Callable[[], str | None]"
 # Store key -> a reference to its deadline handler: weak for a bound method, so that a
 # store's owner (an instance) is not kept alive by this table; dropped without close(), it
 # is collected and its store freed with it (HandlerStore.__del__).
@@ -128,10 +127,39 @@ def _raise_error(error: int | None, trap: ctypes.c_void_p) -> None:
         raise wasmtime.Trap._from_ptr(ctypes.cast(trap.value, ctypes.POINTER(ffi.wasm_trap_t)))
 
 
-class RawStore:
+class _Store:
+    """What both kinds of Store below share: export lookups, and freeing the store when
+    nobody closed it (``delete`` is theirs)."""
+
+    __slots__ = ()
+    ctx: int | None
+    instance_addr: int
+    _externs: list[ffi.wasmtime_extern_t]
+
+    def export(self, name: bytes, kind: int) -> int | None:
+        """The address of export ``name`` (a wasmtime_func_t or wasmtime_memory_t), or None."""
+        ext = ffi.wasmtime_extern_t()
+        if not _export_get(self.ctx, self.instance_addr, name, len(name), ctypes.addressof(ext)):
+            return None
+        if ext.kind != kind:
+            return None
+        self._externs.append(ext)  # the address stays valid while we hold it
+        return ctypes.addressof(ext.of)
+
+    def delete(self) -> None:
+        raise NotImplementedError
+
+    def __del__(self) -> None:  # a store nobody closed is freed with its last reference
+        try:
+            self.delete()
+        except Exception:  # interpreter shutdown: the module may be half torn down
+            pass
+
+
+class RawStore(_Store):
     """A Store, its context and one instance, created through the C API."""
 
-    __slots__ = ("store", "ctx", "key", "instance", "_externs")
+    __slots__ = ("store", "ctx", "key", "instance", "instance_addr", "_externs")
 
     def __init__(
         self,
@@ -155,6 +183,7 @@ class RawStore:
                 error = _set_wasi(self.ctx, _address(wasi._consume()))
                 _raise_error(error, ctypes.c_void_p())
             self.instance = ffi.wasmtime_instance_t()
+            self.instance_addr = ctypes.addressof(self.instance)
             trap = ctypes.c_void_p()
             error = _pre_instantiate(
                 _address(pre.ptr()), self.ctx, ctypes.addressof(self.instance), ctypes.addressof(trap)
@@ -163,22 +192,6 @@ class RawStore:
         except BaseException:
             self.delete()
             raise
-
-    def export(self, name: bytes, kind: int) -> int | None:
-        """The address of export ``name`` (a wasmtime_func_t or wasmtime_memory_t), or None."""
-        ext = ffi.wasmtime_extern_t()
-        if not _export_get(self.ctx, ctypes.addressof(self.instance), name, len(name), ctypes.addressof(ext)):
-            return None
-        if ext.kind != kind:
-            return None
-        self._externs.append(ext)  # the address stays valid while we hold it
-        return ctypes.addressof(ext.of)
-
-    def __del__(self) -> None:  # a store nobody closed is freed with its last reference
-        try:
-            self.delete()
-        except Exception:  # interpreter shutdown: the module may be half torn down
-            pass
 
     def delete(self) -> None:
         if self.store:
@@ -229,7 +242,7 @@ class MissingExport(Exception):
     """A function module lacks an export the handler ABI needs."""
 
 
-class HandlerStore:
+class HandlerStore(_Store):
     """A Store with one instance of a handler-ABI module, made and called in one C call
     each (host/_handler.c): ``call`` takes the request's parts and returns the response's
     (status, headers, body); traps and errors raise as wasmtime's own exceptions,
@@ -289,22 +302,6 @@ class HandlerStore:
         if result[0] == HANDLER_OK:
             return result[1:]
         return _raise_result(result)
-
-    def export(self, name: bytes, kind: int) -> int | None:
-        """The address of any other export ``name`` (see :meth:`RawStore.export`), or None."""
-        ext = ffi.wasmtime_extern_t()
-        if not _export_get(self.ctx, self.instance_addr, name, len(name), ctypes.addressof(ext)):
-            return None
-        if ext.kind != kind:
-            return None
-        self._externs.append(ext)  # the address stays valid while we hold it
-        return ctypes.addressof(ext.of)
-
-    def __del__(self) -> None:  # a store nobody closed is freed with its last reference
-        try:
-            self.delete()
-        except Exception:  # interpreter shutdown: the module may be half torn down
-            pass
 
     def delete(self) -> None:
         if self.handle:

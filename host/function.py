@@ -563,7 +563,7 @@ class Function:
         except wasmtime.WasmtimeError as exc:
             raise ModuleError(f"{name}: cannot link the function: {describe_error(exc)}") from exc
         self.needs_wasi = not facts.import_modules.isdisjoint(WASI_MODULES)
-        self.uses_abi = not facts.import_modules.isdisjoint(("layotto", "env"))
+        self.uses_abi = facts.uses_abi
         self.proxy_style = HANDLER_EXPORT not in compiled.exports
         self.export_arity = facts.export_arity
         self.instance_class: type[BaseInstance] = ProxyInstance if self.proxy_style else Instance

@@ -28,7 +28,7 @@ import wasmtime
 from wasmtime import _bindings as ffi
 
 from layotto.host.abi_host import AbiContext, WasmtimeMemory, calling, wasmtime_allocator
-from layotto.host.engine import CompiledModule, WasmEngine
+from layotto.host.engine import CompiledModule, WasmEngine, module_facts
 from layotto.host.errors import ModuleError, describe_error
 from layotto.host.fastcall import INSTANCES, MEMORIES, TABLE_ELEMENTS, TABLES
 from layotto.host.fibers import UPDATE_YIELD, AsyncPoll, CallFuture, FiberScheduler, watch_epoch
@@ -391,9 +391,8 @@ class Nanoprocess:
         self._epoch_cb: object = None
         self.throttle = Throttle()
         self.log = FunctionLog()
-        uses_abi = any(imp.module in ("layotto", "env") for imp in compiled.module.imports)
         blocking_stdin = bool(spec.stdin) and compiled.reads_stdin
-        self.fiber = FIBERS_ENABLED and not uses_abi and not blocking_stdin
+        self.fiber = FIBERS_ENABLED and not module_facts(compiled.module).uses_abi and not blocking_stdin
         # As a fiber: the future being polled, and when a parked fiber is due again.
         self.wake_at = 0.0
         self._future: CallFuture | None = None
@@ -675,7 +674,7 @@ class Nanoprocess:
             self._start_failed(exc, ready)
             return
         abi = None
-        if any(imp.module in ("layotto", "env") for imp in self.compiled.module.imports):
+        if module_facts(self.compiled.module).uses_abi:
             services = self.spec.services
             abi = AbiContext(
                 name=self.spec.name,

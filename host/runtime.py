@@ -51,7 +51,7 @@ class NodeRuntime:
             with self._digests_lock:
                 digest = self._digests.get(key)
             if digest is not None:
-                found = self.engine.loaded(digest, name=name)
+                found = self.engine.loaded(digest)
                 if found is not None:
                     return found
             data = f.read()

@@ -19,13 +19,16 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
+
+from google.protobuf.message import Message
 
 from layotto.shim.protocol import task_pb2
 from layotto.shim.ttrpc import Client
 
 SERVICE = "containerd.task.v2.Task"
+Call = Callable[[str, Message], Awaitable[None]]  # a Task API method on one connection
 NAMESPACE_KEY = "containerd-namespace"
 
 
@@ -72,81 +75,49 @@ class DirectTasks:
     def start(self, ids: Sequence[str], concurrency: int = 8) -> list[float]:
         """Create and start ``ids``; returns each one's Create + Start time in seconds."""
         bundles = {task_id: self._bundle(task_id) for task_id in ids}
-        return asyncio.run(self._start(bundles, concurrency))
-
-    async def _start(self, bundles: dict[str, Path], concurrency: int) -> list[float]:
-        client = await Client.connect(self.socket)
-        metadata = {NAMESPACE_KEY: self.namespace}
-        queue = list(bundles.items())
         times: list[float] = []
 
-        async def worker() -> None:
-            while queue:
-                task_id, bundle = queue.pop()
-                began = time.perf_counter()
-                await client.call(
-                    SERVICE,
-                    "Create",
-                    task_pb2.CreateTaskRequest(id=task_id, bundle=str(bundle)),
-                    task_pb2.CreateTaskResponse,
-                    metadata=metadata,
-                    timeout=60,
-                )
-                self.ids.append(task_id)
-                await client.call(
-                    SERVICE,
-                    "Start",
-                    task_pb2.StartRequest(id=task_id),
-                    task_pb2.StartResponse,
-                    metadata=metadata,
-                    timeout=60,
-                )
-                times.append(time.perf_counter() - began)
+        async def create_and_start(call: Call, task_id: str) -> None:
+            began = time.perf_counter()
+            await call("Create", task_pb2.CreateTaskRequest(id=task_id, bundle=str(bundles[task_id])))
+            self.ids.append(task_id)
+            await call("Start", task_pb2.StartRequest(id=task_id))
+            times.append(time.perf_counter() - began)
 
-        try:
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-        finally:
-            await client.close()
+        asyncio.run(self._each(list(ids), create_and_start, concurrency))
         return times
 
     def delete_all(self, concurrency: int = 8) -> int:
         """Kill and delete every task this created; returns how many were deleted."""
         ids, self.ids = self.ids, []
-        deleted = asyncio.run(self._delete(ids, concurrency))
-        shutil.rmtree(self.base / "bundles", ignore_errors=True)
-        return deleted
+        deleted: list[str] = []
 
-    async def _delete(self, ids: list[str], concurrency: int) -> int:
+        async def kill_and_delete(call: Call, task_id: str) -> None:
+            await call("Kill", task_pb2.KillRequest(id=task_id, signal=9, all=True))
+            await call("Wait", task_pb2.WaitRequest(id=task_id))
+            await call("Delete", task_pb2.DeleteRequest(id=task_id))
+            deleted.append(task_id)
+
+        asyncio.run(self._each(ids, kill_and_delete, concurrency))
+        shutil.rmtree(self.base / "bundles", ignore_errors=True)
+        return len(deleted)
+
+    async def _each(
+        self, ids: list[str], work: Callable[[Call, str], Awaitable[None]], concurrency: int
+    ) -> None:
+        """Run ``work`` on every id, ``concurrency`` at a time, over one ttrpc connection."""
         client = await Client.connect(self.socket)
         metadata = {NAMESPACE_KEY: self.namespace}
         queue = list(ids)
-        deleted = 0
+
+        async def call(method: str, request: Message) -> None:
+            await client.call(SERVICE, method, request, metadata=metadata, timeout=60)
 
         async def worker() -> None:
-            nonlocal deleted
             while queue:
-                task_id = queue.pop()
-                await client.call(
-                    SERVICE, "Kill", task_pb2.KillRequest(id=task_id, signal=9, all=True), metadata=metadata
-                )
-                await client.call(
-                    SERVICE,
-                    "Wait",
-                    task_pb2.WaitRequest(id=task_id),
-                    task_pb2.WaitResponse,
-                    metadata=metadata,
-                )
-                await client.call(
-                    SERVICE,
-                    "Delete",
-                    task_pb2.DeleteRequest(id=task_id),
-                    task_pb2.DeleteResponse,
-                    metadata=metadata,
-                )
-                deleted += 1
+                await work(call, queue.pop())
 
         try:
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         finally:
             await client.close()
-        return deleted
