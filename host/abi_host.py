@@ -80,6 +80,7 @@ class AbiContext:
     components: Any  # host.components.registry.Components (or None: every component call fails)
     invoker: Invoker | None = None
     logger: Callable[[str, str], None] | None = None
+    namespace: str | None = None  # the caller's namespace (None: not scoped, host-internal)
     buffers: dict[int, bytearray] = field(default_factory=dict)
     _view: memoryview | None = field(default=None, repr=False)
 
@@ -622,7 +623,9 @@ class HostInvoker:
         self.timeout = timeout
 
     def invoke(self, caller: AbiContext | None, target: str, method: str, data: bytes) -> bytes:
-        fn = self.functions.get(target) if self.functions is not None else None
+        # A function id belongs to one namespace: a caller reaches only its own namespace's.
+        namespace = caller.namespace if caller is not None else None
+        fn = self.functions.get(target, namespace) if self.functions is not None else None
         if fn is not None:
             from layotto.host.function import Request
 

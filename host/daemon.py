@@ -16,8 +16,9 @@ from layotto.host.abi_host import HostInvoker
 from layotto.host.components.registry import load_components
 from layotto.host.engine import DEFAULT_CACHE_LIMIT
 from layotto.host.function import HostServices
+from layotto.host.function_registry import FunctionRegistry
 from layotto.host.grpc_api import DEFAULT_ADDRESS, RuntimeApiServer
-from layotto.host.ingress import DEFAULT_BODY_LIMIT, DEFAULT_PORT, FunctionRegistry, Ingress
+from layotto.host.ingress import DEFAULT_BODY_LIMIT, DEFAULT_PORT, Ingress
 from layotto.host.observe import DEFAULT_METRICS_PORT, AdminServer, HostCollector, start_metrics
 from layotto.host.runtime import NodeRuntime
 from layotto.shim.content import ContainerdContent

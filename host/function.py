@@ -529,9 +529,11 @@ class Function:
         capabilities: frozenset[str] = frozenset(),
         app_id: str = "",
         services: HostServices | None = None,
+        namespace: str = "default",
     ) -> None:
         self.name = name
         self.id = function_id
+        self.namespace = namespace  # the Kubernetes/containerd namespace that owns the id
         self.capabilities = capabilities
         self.app_id = app_id or function_id
         self.services = services
@@ -615,6 +617,7 @@ class Function:
             components=services.components if services else None,
             invoker=services.invoker if services else None,
             logger=self.log.add,
+            namespace=self.namespace,
         )
 
     def _new_instance(self) -> Instance:

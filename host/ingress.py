@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import logging
 import socket
 from http import HTTPStatus
@@ -24,6 +23,7 @@ from http import HTTPStatus
 import httptools
 
 from layotto.host.function import Function, Request, Response
+from layotto.host.function_registry import FunctionRegistry
 
 log = logging.getLogger(__name__)
 
@@ -33,38 +33,6 @@ MAX_PIPELINED = 4  # requests read ahead on one connection while its function is
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 NOT_FOUND = Response(404, body=b"no function with this id\n")
-
-
-class FunctionRegistry:
-    """Function id → the running functions serving it (several: round robin)."""
-
-    def __init__(self) -> None:
-        self._by_id: dict[str, list[Function]] = {}
-        self._rr = itertools.count()
-
-    def add(self, fn: Function) -> None:
-        self._by_id.setdefault(fn.id, []).append(fn)
-
-    def remove(self, fn: Function) -> None:
-        group = self._by_id.get(fn.id)
-        if group and fn in group:
-            group.remove(fn)
-            if not group:
-                del self._by_id[fn.id]
-
-    def get(self, function_id: str) -> Function | None:
-        group = self._by_id.get(function_id)
-        if not group:
-            return None
-        if len(group) == 1:
-            return group[0]
-        return group[next(self._rr) % len(group)]
-
-    def all(self) -> list[Function]:
-        return [fn for group in self._by_id.values() for fn in group]
-
-    def __len__(self) -> int:
-        return sum(len(g) for g in self._by_id.values())
 
 
 def render(response: Response, keep_alive: bool) -> bytes:

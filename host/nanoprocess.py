@@ -73,6 +73,7 @@ class ProcessSpec:
     services: object = None  # host.function.HostServices (components, invoker)
     cpu_quota_us: int | None = None  # CFS-style quota per period, as in the OCI spec
     cpu_period_us: int = 100_000
+    namespace: str = "default"  # the tenant (Kubernetes/containerd namespace) it runs for
 
 
 @dataclass
@@ -685,6 +686,7 @@ class Nanoprocess:
                 components=getattr(services, "components", None),
                 invoker=getattr(services, "invoker", None),
                 logger=self.log.add,
+                namespace=self.spec.namespace,
             )
         ready.set()
         if self.spec.cpu_quota_us:

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from layotto.host.function import LATENCY_BUCKETS
-from layotto.host.ingress import FunctionRegistry
+from layotto.host.function_registry import FunctionRegistry
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from layotto.host.components import Message as PubSubMessage
 from layotto.host.engine import CompiledModule, PoolSettings
 from layotto.host.errors import ModuleError
 from layotto.host.function import DEFAULT_MEMORY_LIMIT, Function, Request, is_function_module
-from layotto.host.ingress import FunctionRegistry
+from layotto.host.function_registry import FunctionRegistry, IdTaken
 from layotto.host.nanoprocess import ExitInfo, Nanoprocess, Output, ProcessSpec
 from layotto.host.runtime import NodeRuntime
 from layotto.shim import bundle as oci
@@ -41,6 +41,7 @@ SANDBOX_ANNOTATION = "io.kubernetes.cri.container-type"
 CRI_IMAGE_ANNOTATION = "io.kubernetes.cri.image-name"
 WASM_IMAGE_ANNOTATION = "layotto.io/wasm-image"  # for `ctr run --rootfs`, which records no image
 CRI_CONTAINER_NAME_ANNOTATION = "io.kubernetes.cri.container-name"
+CRI_SANDBOX_NAMESPACE_ANNOTATION = "io.kubernetes.cri.sandbox-namespace"
 FUNCTION_ID_ANNOTATION = "layotto.io/function-id"
 INSTANCES_ANNOTATION = "layotto.io/instances"
 INSTANCE_MODE_ANNOTATION = "layotto.io/instance-mode"  # "reuse" (default) or "fresh"
@@ -375,6 +376,7 @@ class TaskService:
             services=self.runtime.services,
             cpu_quota_us=task.spec.cpu_quota_us,
             cpu_period_us=task.spec.cpu_period_us,
+            namespace=self._tenant_namespace(task),
         )
         loop = asyncio.get_running_loop()
         try:
@@ -435,6 +437,7 @@ class TaskService:
                 app_id=self._app_id(task),
                 services=self.runtime.services,
                 image=annotations.get(CRI_IMAGE_ANNOTATION, task.module_path),
+                namespace=self._tenant_namespace(task),
             )
         except ModuleError as exc:
             self._on_exit(task, ExitInfo(1, time.time(), str(exc)))
@@ -445,7 +448,12 @@ class TaskService:
         self._wire_output(task, fn)
         task.function = fn
         assert self.functions is not None
-        self.functions.add(fn)
+        try:
+            self.functions.add(fn)
+        except IdTaken as exc:
+            fn.stop()
+            self._on_exit(task, ExitInfo(1, time.time(), str(exc)))
+            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
         self._subscribe(task, fn)
         log.info(
             "function %s serving as id %r (%s)",
@@ -467,11 +475,17 @@ class TaskService:
         task.outputs = [out, err]
 
     @staticmethod
+    def _tenant_namespace(task: Task) -> str:
+        """The namespace a task belongs to: the pod's Kubernetes namespace (CRI names it),
+        else the containerd namespace."""
+        return task.spec.annotations.get(CRI_SANDBOX_NAMESPACE_ANNOTATION) or task.namespace
+
+    @staticmethod
     def _app_id(task: Task) -> str:
         """Who owns a function's state keys: ``<namespace>.<app>`` (annotation
         ``layotto.io/app-id`` names the app; else the container name or function id)."""
         annotations = task.spec.annotations
-        namespace = annotations.get("io.kubernetes.cri.sandbox-namespace") or task.namespace
+        namespace = TaskService._tenant_namespace(task)
         app = (
             annotations.get(APP_ID_ANNOTATION)
             or annotations.get(FUNCTION_ID_ANNOTATION)

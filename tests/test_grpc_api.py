@@ -24,8 +24,8 @@ from layotto.host.components import ConfigItem, Delivery
 from layotto.host.components import Message as PubSubMessage
 from layotto.host.components.registry import Components, load_components, parse_config
 from layotto.host.function import Function
+from layotto.host.function_registry import FunctionRegistry
 from layotto.host.grpc_api import METHODS, SERVICE, RuntimeApiServer, modified_key
-from layotto.host.ingress import FunctionRegistry
 from layotto.host.runtime import NodeRuntime
 from layotto.shim.protocol import runtime_api_pb2 as pb
 

@@ -401,7 +401,7 @@ def _in_process(workdir: Path, redis_address: str | None, budget: float, progres
     from layotto.host.engine import CompiledModule
     from layotto.host.fastcall import EXTERN_FUNC, Func, set_epoch_deadline
     from layotto.host.function import Function, HostServices, Request
-    from layotto.host.ingress import FunctionRegistry
+    from layotto.host.function_registry import FunctionRegistry
     from layotto.host.nanoprocess import build_linker
     from layotto.host.runtime import NodeRuntime
 

@@ -89,7 +89,8 @@ BARE_INGRESS = r"""
 import asyncio, sys
 from pathlib import Path
 from layotto.host.function import Response
-from layotto.host.ingress import FunctionRegistry, Ingress
+from layotto.host.function_registry import FunctionRegistry
+from layotto.host.ingress import Ingress
 
 class Stub:
     id = "fn"
