@@ -1,0 +1,1 @@
+"""Attacks on the node host as a tenant boundary, each asserting the safe outcome."""
