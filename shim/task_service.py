@@ -17,15 +17,16 @@ from pathlib import Path
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from layotto.host.abi_host import parse_capabilities
 from layotto.host.components import Delivery
 from layotto.host.components import Message as PubSubMessage
 from layotto.host.engine import CompiledModule, PoolSettings
 from layotto.host.errors import ModuleError
-from layotto.host.function import DEFAULT_MEMORY_LIMIT, Function, Request, is_function_module
+from layotto.host.function import Function, HostServices, Request, is_function_module
 from layotto.host.function_registry import FunctionRegistry, IdTaken
 from layotto.host.nanoprocess import ExitInfo, Nanoprocess, Output, ProcessSpec
+from layotto.host.policy import DEFAULT_POLICY, ComponentView, Policy, PolicyError
 from layotto.host.runtime import NodeRuntime
+from layotto.shim import admission as notes
 from layotto.shim import bundle as oci
 from layotto.shim.content import MAX_MODULE_BYTES, ContainerdContent
 from layotto.shim.events import Publisher, bare_any, timestamp
@@ -42,15 +43,6 @@ CRI_IMAGE_ANNOTATION = "io.kubernetes.cri.image-name"
 WASM_IMAGE_ANNOTATION = "layotto.io/wasm-image"  # for `ctr run --rootfs`, which records no image
 CRI_CONTAINER_NAME_ANNOTATION = "io.kubernetes.cri.container-name"
 CRI_SANDBOX_NAMESPACE_ANNOTATION = "io.kubernetes.cri.sandbox-namespace"
-FUNCTION_ID_ANNOTATION = "layotto.io/function-id"
-INSTANCES_ANNOTATION = "layotto.io/instances"
-INSTANCE_MODE_ANNOTATION = "layotto.io/instance-mode"  # "reuse" (default) or "fresh"
-TIMEOUT_ANNOTATION = "layotto.io/timeout"  # seconds per request
-QUEUE_ANNOTATION = "layotto.io/queue-limit"  # requests waiting for a busy function before 503
-CAPABILITIES_ANNOTATION = "layotto.io/capabilities"  # e.g. "state,invoke"; default log,time,random
-APP_ID_ANNOTATION = "layotto.io/app-id"  # the application that owns the function's state keys
-SUBSCRIPTIONS_ANNOTATION = "layotto.io/subscriptions"  # "<pubsub>/<topic>,..."
-CONFIG_SUBSCRIPTIONS_ANNOTATION = "layotto.io/config-subscriptions"  # "<store>/<key>+<key>,..."
 HOST_OVERHEAD_BYTES = 64 * 1024  # Store, instance and WASI context of one nanoprocess (measured order)
 
 Status = task_types_pb2.Status
@@ -70,6 +62,7 @@ class Task:
     terminal: bool
     pid: int
     compiled: CompiledModule | None = None  # None: a pod sandbox placeholder
+    admission: notes.Admission | None = None  # its annotations, checked against the policy
     module_path: str = ""
     entry: str = "_start"
     status: int = Status.CREATED
@@ -97,8 +90,10 @@ class TaskService:
         publisher: Publisher,
         content: ContainerdContent | None = None,
         functions: FunctionRegistry | None = None,
+        policy: Policy = DEFAULT_POLICY,
     ) -> None:
         self.runtime = runtime
+        self.policy = policy
         self.publisher = publisher
         self.content = content
         self.functions = functions
@@ -194,6 +189,14 @@ class TaskService:
                 Code.INVALID_ARGUMENT,
                 "a terminal (tty) is not supported by the layotto runtime: run without -t",
             )
+        admission = None
+        if spec.annotations.get(SANDBOX_ANNOTATION) != "sandbox":
+            try:
+                admission = notes.admit(
+                    spec.annotations, spec.memory_limit, _tenant_namespace(spec, namespace), self.policy
+                )
+            except PolicyError as exc:
+                raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from exc
         mounts = [oci.Mount(m.type, m.source, list(m.options)) for m in req.rootfs]
         # A function module is served without its rootfs mounted (see oci.find_in_layers).
         loaded = await self._load_function_unmounted(spec, mounts) if mounts else None
@@ -228,6 +231,7 @@ class TaskService:
             compiled=compiled,
             module_path=module_path,
             entry=entry,
+            admission=admission,
         )
         self.tasks[(namespace, req.id)] = task
         log.info(
@@ -299,10 +303,14 @@ class TaskService:
         """The module from the image's wasm layer, or None for an image without one."""
         if self.content is None:
             return None
-        image = spec.annotations.get(WASM_IMAGE_ANNOTATION) or spec.annotations.get(CRI_IMAGE_ANNOTATION)
+        # The container's own image; layotto.io/wasm-image only for a container that has
+        # none (`ctr run --rootfs`): never another image's module for an image's container.
+        image = spec.annotations.get(CRI_IMAGE_ANNOTATION)
         try:
             if not image:
                 image = await asyncio.to_thread(self.content.image_of_container, namespace, task_id)
+            if not image:
+                image = spec.annotations.get(WASM_IMAGE_ANNOTATION)
             if not image:
                 return None
             layers = await asyncio.to_thread(self.content.wasm_layers, namespace, image)
@@ -350,11 +358,8 @@ class TaskService:
         if is_function_module(task.compiled) and self.functions is not None:
             await self._start_function(task)
             return task_pb2.StartResponse(pid=task.pid)
-        try:
-            capabilities = parse_capabilities(task.spec.annotations.get(CAPABILITIES_ANNOTATION))
-        except ValueError as exc:
-            self._on_exit(task, ExitInfo(1, time.time(), str(exc)))
-            raise TtrpcError(Code.INVALID_ARGUMENT, f"bad layotto.io/capabilities annotation: {exc}") from exc
+        admission = task.admission
+        assert admission is not None
         args = list(task.spec.process.args)
         if task.module_path.startswith("/"):  # from the rootfs: argv[0] is its path in the image
             args[0] = task.module_path
@@ -370,13 +375,13 @@ class TaskService:
             stdin=task.stdin,
             stdout=task.stdout,
             stderr=task.stderr,
-            memory_limit=task.spec.memory_limit,
-            capabilities=capabilities,
+            memory_limit=admission.memory_limit,
+            capabilities=admission.capabilities,
             app_id=self._app_id(task) or f"{task.namespace}.{task.id}",
-            services=self.runtime.services,
+            services=self._services(admission),
             cpu_quota_us=task.spec.cpu_quota_us,
             cpu_period_us=task.spec.cpu_period_us,
-            namespace=self._tenant_namespace(task),
+            namespace=admission.namespace,
         )
         loop = asyncio.get_running_loop()
         try:
@@ -398,23 +403,16 @@ class TaskService:
     async def _start_function(self, task: Task) -> None:
         """Instantiate a function module and register it with the ingress."""
         annotations = task.spec.annotations
+        admission = task.admission
+        assert admission is not None
         # The id: the annotation, else what a Layotto-style module calls itself
         # (proxy_get_id), else the container's name, else the task id.
-        function_id = annotations.get(FUNCTION_ID_ANNOTATION, "")
+        function_id = annotations.get(notes.FUNCTION_ID, "")
         fallback_id = annotations.get(CRI_CONTAINER_NAME_ANNOTATION) or task.id
-        try:
-            pool = int(annotations.get(INSTANCES_ANNOTATION, "0")) or None
-            timeout = float(annotations.get(TIMEOUT_ANNOTATION, "10"))
-            queue_limit = int(annotations.get(QUEUE_ANNOTATION, "1024"))
-            capabilities = parse_capabilities(annotations.get(CAPABILITIES_ANNOTATION))
-        except ValueError as exc:
-            self._on_exit(task, ExitInfo(1, time.time(), str(exc)))
-            raise TtrpcError(Code.INVALID_ARGUMENT, f"bad layotto.io annotation: {exc}") from exc
         env = [tuple(e.split("=", 1)) if "=" in e else (e, "") for e in task.spec.process.env]
-        fresh = annotations.get(INSTANCE_MODE_ANNOTATION) == "fresh"
+        fresh = admission.fresh
         engine, linker, compiled = self.runtime.engine, self.runtime.linker, task.compiled
-        limit = task.spec.memory_limit or DEFAULT_MEMORY_LIMIT
-        if fresh and limit <= PoolSettings.max_memory_size:
+        if fresh and admission.memory_limit <= PoolSettings.max_memory_size:
             # A Store per request: take it from the pooling allocator's slots.
             engine, linker = await asyncio.to_thread(self.runtime.pooled)
             compiled = await asyncio.to_thread(self.runtime.engine.to_pooled, task.compiled)
@@ -428,16 +426,16 @@ class TaskService:
                 compiled=compiled,
                 argv=[task.module_path, *task.spec.process.args[1:]],
                 env=env,
-                memory_limit=task.spec.memory_limit,
-                pool_size=pool,
+                memory_limit=admission.memory_limit,
+                pool_size=admission.pool_size,
                 fresh_instances=fresh,
-                timeout=timeout,
-                queue_limit=queue_limit,
-                capabilities=capabilities,
+                timeout=admission.timeout,
+                queue_limit=admission.queue_limit,
+                capabilities=admission.capabilities,
                 app_id=self._app_id(task),
-                services=self.runtime.services,
+                services=self._services(admission),
                 image=annotations.get(CRI_IMAGE_ANNOTATION, task.module_path),
-                namespace=self._tenant_namespace(task),
+                namespace=admission.namespace,
             )
         except ModuleError as exc:
             self._on_exit(task, ExitInfo(1, time.time(), str(exc)))
@@ -474,21 +472,23 @@ class TaskService:
         fn.log.sinks = {"stdout": out.write, "stderr": err.write}
         task.outputs = [out, err]
 
-    @staticmethod
-    def _tenant_namespace(task: Task) -> str:
-        """The namespace a task belongs to: the pod's Kubernetes namespace (CRI names it),
-        else the containerd namespace."""
-        return task.spec.annotations.get(CRI_SANDBOX_NAMESPACE_ANNOTATION) or task.namespace
+    def _services(self, admission: notes.Admission) -> HostServices:
+        """The components and invoker as one namespace's pods may reach them."""
+        services = self.runtime.services
+        components = services.components
+        if components is not None:
+            components = ComponentView(components, admission.rules, admission.namespace)
+        return HostServices(components, services.invoker)
 
     @staticmethod
     def _app_id(task: Task) -> str:
         """Who owns a function's state keys: ``<namespace>.<app>`` (annotation
         ``layotto.io/app-id`` names the app; else the container name or function id)."""
         annotations = task.spec.annotations
-        namespace = TaskService._tenant_namespace(task)
+        namespace = _tenant_namespace(task.spec, task.namespace)
         app = (
-            annotations.get(APP_ID_ANNOTATION)
-            or annotations.get(FUNCTION_ID_ANNOTATION)
+            annotations.get(notes.APP_ID)
+            or annotations.get(notes.FUNCTION_ID)
             or annotations.get(CRI_CONTAINER_NAME_ANNOTATION)
             or ""
         )
@@ -498,18 +498,15 @@ class TaskService:
         """Deliver the pub/sub topics the pod subscribes to (annotation
         ``layotto.io/subscriptions: <pubsub>/<topic>,...``) to the function as
         ``POST /<topic>`` requests: 2xx acknowledges, 404 drops, anything else retries."""
-        spec = task.spec.annotations.get(SUBSCRIPTIONS_ANNOTATION, "")
-        services = self.runtime.services
-        if not spec or services is None or services.components is None:
+        admission = task.admission
+        components = fn.services.components if fn.services is not None else None
+        if admission is None or components is None:
             return
         cancels = []
-        for item in filter(None, (x.strip() for x in spec.split(","))):
-            pubsub_name, _, topic = item.partition("/")
-            if not topic:
-                log.warning("%s: bad subscription %r (want <pubsub>/<topic>)", fn.name, item)
-                continue
+        for pubsub_name, topic in admission.subscriptions:
+            item = f"{pubsub_name}/{topic}"
             try:
-                pubsub = services.components.pubsub(pubsub_name)
+                pubsub = components.pubsub(pubsub_name)
             except Exception as exc:
                 log.warning("%s: cannot subscribe to %s: %s", fn.name, item, exc)
                 fn.log.add("host", f"cannot subscribe to {item}: {exc}")
@@ -523,21 +520,19 @@ class TaskService:
         ``layotto.io/config-subscriptions: <store>/<key>[+<key>...],...``): each change is a
         ``POST /_layotto/config/<store>`` request whose body is a JSON list of the changed
         items (key, content, group, label; deleted items have ``"deleted": true``)."""
-        spec = task.spec.annotations.get(CONFIG_SUBSCRIPTIONS_ANNOTATION, "")
-        services = self.runtime.services
-        if not spec or services is None or services.components is None:
+        admission = task.admission
+        components = fn.services.components if fn.services is not None else None
+        if admission is None or components is None:
             return []
         cancels = []
-        for item in filter(None, (x.strip() for x in spec.split(","))):
-            store_name, _, keys = item.partition("/")
+        for store_name, keys in admission.config_subscriptions:
+            item = f"{store_name}/{'+'.join(keys)}"
             try:
-                store = services.components.configuration(store_name)
+                store = components.configuration(store_name)
             except Exception as exc:
                 fn.log.add("host", f"cannot watch configuration {item}: {exc}")
                 continue
-            cancels.append(
-                store.subscribe([k for k in keys.split("+") if k], _config_notifier(fn, store_name))
-            )
+            cancels.append(store.subscribe(list(keys), _config_notifier(fn, store_name)))
             fn.log.add("host", f"watching configuration {item}")
         return cancels
 
@@ -739,6 +734,12 @@ class TaskService:
             if task.mounted:
                 await asyncio.to_thread(oci.unmount_rootfs, task.bundle)
                 task.mounted = False
+
+
+def _tenant_namespace(spec: oci.BundleSpec, containerd_namespace: str) -> str:
+    """The namespace a container belongs to: its pod's Kubernetes namespace (CRI names it),
+    else its containerd namespace."""
+    return spec.annotations.get(CRI_SANDBOX_NAMESPACE_ANNOTATION) or containerd_namespace
 
 
 def _deliverer(fn: Function, topic: str):  # noqa: ANN202
