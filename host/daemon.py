@@ -12,14 +12,17 @@ import signal
 import socket
 from pathlib import Path
 
-from layotto.host.abi_host import HostInvoker
+from layotto.host.abi_host import KNOWN_CAPABILITIES, HostInvoker
 from layotto.host.components.registry import load_components
 from layotto.host.engine import DEFAULT_CACHE_LIMIT
 from layotto.host.function import HostServices
 from layotto.host.function_registry import FunctionRegistry
 from layotto.host.grpc_api import DEFAULT_ADDRESS, RuntimeApiServer
+from layotto.host.hostlog import DEFAULT_MAX_BYTES
+from layotto.host.hostlog import configure as configure_logging
 from layotto.host.ingress import DEFAULT_BODY_LIMIT, DEFAULT_PORT, Ingress
 from layotto.host.observe import DEFAULT_METRICS_PORT, AdminServer, HostCollector, start_metrics
+from layotto.host.policy import DEFAULT_POLICY_PATH, load_policy
 from layotto.host.runtime import NodeRuntime
 from layotto.shim.content import ContainerdContent
 from layotto.shim.events import Publisher
@@ -46,7 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("GRPC_ADDRESS", "/run/containerd/containerd.sock"),
         help="containerd's gRPC socket, to read modules shipped as OCI wasm layers",
     )
-    parser.add_argument("--http-host", default="0.0.0.0", help="address of the functions' HTTP ingress")
+    parser.add_argument(
+        "--http-host",
+        default=os.environ.get("LAYOTTO_HTTP_HOST", "0.0.0.0"),
+        help="address of the functions' HTTP ingress (Layotto's convention: every address)",
+    )
     parser.add_argument(
         "--http-port",
         type=int,
@@ -58,6 +65,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=int(os.environ.get("LAYOTTO_METRICS_PORT", DEFAULT_METRICS_PORT)),
         help="port of the Prometheus /metrics endpoint (-1: disabled)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=os.environ.get("LAYOTTO_METRICS_HOST", "127.0.0.1"),
+        help="address of /metrics (it names every tenant's functions: loopback by default)",
+    )
+    parser.add_argument(
+        "--policy",
+        type=Path,
+        default=os.environ.get("LAYOTTO_POLICY") or None,
+        help=f"the operator's policy file (default: {DEFAULT_POLICY_PATH} if it exists, else built in)",
+    )
+    parser.add_argument(
+        "--log-max-bytes",
+        type=int,
+        default=int(os.environ.get("LAYOTTO_LOG_MAX_BYTES", DEFAULT_MAX_BYTES)),
+        help="host.log is rotated past this size (2 old files kept; 0: never)",
     )
     parser.add_argument(
         "--cache-limit",
@@ -86,8 +110,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--grpc-address",
-        default=os.environ.get("LAYOTTO_GRPC_ADDRESS", DEFAULT_ADDRESS),
-        help="host:port of the gRPC Runtime API for sidecar apps ('': unix socket only, '-': off)",
+        default=os.environ.get("LAYOTTO_GRPC_ADDRESS", ""),
+        help=(
+            "host:port where the gRPC Runtime API also listens, besides its unix socket (default: "
+            f"the policy's runtimeApi.tcp, else none; Layotto's is {DEFAULT_ADDRESS}; '-': API off)"
+        ),
     )
     parser.add_argument("--listen-fd", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--debug", action="store_true")
@@ -118,9 +145,19 @@ def _raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def _private(path: Path) -> None:
+    """``path`` (a directory of the host's) readable by root only."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
 async def serve(args: argparse.Namespace) -> None:
+    os.umask(0o077)  # every file the host writes (databases, ports, sockets) is root's only
     _raise_fd_limit()
+    policy = load_policy(args.policy, KNOWN_CAPABILITIES)
+    log.info("policy: %s", policy.source)
     paths = HostPaths(args.run_dir)
+    _private(args.state_dir)
     sock = _listener(args, paths)
     runtime = NodeRuntime(args.state_dir, args.cache_limit)
     publisher = Publisher(args.containerd_ttrpc)
@@ -135,15 +172,16 @@ async def serve(args: argparse.Namespace) -> None:
     if args.grpc_address != "-":
         runtime_api = RuntimeApiServer(components, runtime.services.invoker)
         api_socket = paths.run_dir / "runtime.sock"
+        tcp = args.grpc_address or str(policy.runtime_api.get("tcp") or "") or None
         try:
-            grpc_port = runtime_api.start(api_socket, args.grpc_address or None)
+            grpc_port = runtime_api.start(api_socket, tcp)
         except OSError as exc:
             log.error("%s; the gRPC Runtime API serves the unix socket only", exc)
             grpc_port = runtime_api.start(api_socket, None)
         if grpc_port:
             (paths.run_dir / "grpc.port").write_text(f"{grpc_port}\n")
         log.info("gRPC Runtime API on %s%s", api_socket, f" and port {grpc_port}" if grpc_port else "")
-    service = TaskService(runtime, publisher, content, functions)
+    service = TaskService(runtime, publisher, content, functions, policy)
     ingress = Ingress(functions, body_limit=args.body_limit)
     if args.http_port >= 0:
         try:
@@ -157,12 +195,14 @@ async def serve(args: argparse.Namespace) -> None:
     if args.metrics_port >= 0:
         try:
             mport = start_metrics(
-                args.metrics_port, args.http_host, HostCollector(functions, lambda: runtime.engine.stats)
+                args.metrics_port, args.metrics_host, HostCollector(functions, lambda: runtime.engine.stats)
             )
             (paths.run_dir / "metrics.port").write_text(f"{mport}\n")
-            log.info("metrics on %s:%d/metrics", args.http_host, mport)
+            log.info("metrics on %s:%d/metrics", args.metrics_host, mport)
         except OSError as exc:
-            log.error("metrics disabled: cannot listen on %s:%d: %s", args.http_host, args.metrics_port, exc)
+            log.error(
+                "metrics disabled: cannot listen on %s:%d: %s", args.metrics_host, args.metrics_port, exc
+            )
     admin = AdminServer(paths.run_dir / "admin.sock", service.describe, service.logs)
     await admin.start()
     server = Server()
@@ -209,9 +249,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    configure_logging(
+        logging.DEBUG if args.debug else logging.INFO, HostPaths(args.run_dir).log_file, args.log_max_bytes
     )
     try:
         import uvloop

@@ -66,6 +66,7 @@ def ensure_host(
 ) -> None:
     """Start the node host unless one already serves ``paths.socket``."""
     paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+    os.umask(0o077)  # the lock, the log and everything the host writes: for root only
     with open(paths.lock_file, "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _can_connect(paths.socket):
