@@ -30,8 +30,10 @@ import wasmtime
 
 from layotto.abi import spec as abi_spec
 from layotto.abi.maps import decode_map, encode_map
+from layotto.host import scoping
 from layotto.host.components import (
     ComponentError,
+    ConfigItem,
     ETagMismatch,
     NotFound,
     OpKind,
@@ -153,20 +155,36 @@ class AbiContext:
             raise AbiStatus("NOT_FOUND", f"no {kind} component named {name!r}") from exc
 
     def state_key(self, store: str, key: str, kind: str = "state") -> str:
-        """Keys are namespaced per application unless the store says ``keyPrefix: none``
-        (or ``name``: per store), as Layotto's key prefix strategies do."""
-        mode = "appid"
-        metadata = getattr(self.components, "metadata", None)
-        if callable(metadata):
-            try:
-                mode = str((metadata(kind, store) or {}).get("keyPrefix", "appid")).lower()
-            except Exception:
-                mode = "appid"
-        if mode == "none":
-            return key
-        if mode == "name":
-            return f"{store}||{key}"
-        return f"{self.app_id}||{key}"
+        """``key`` as stored: the shared rule of ``host.scoping.state_key`` (per app unless
+        the store says ``keyPrefix: name`` or ``none``)."""
+        try:
+            return scoping.state_key(self.components, kind, store, key, self.app_id, self.namespace)
+        except scoping.ScopeError as exc:
+            raise AbiStatus("BAD_ARGUMENT", str(exc)) from exc
+
+    def topic(self, pubsub_name: str, topic: str) -> str:
+        """The component topic for ``topic``: per namespace (``host.scoping.scoped_topic``)."""
+        try:
+            return scoping.scoped_topic(self.components, pubsub_name, self.namespace, topic)
+        except scoping.ScopeError as exc:
+            raise AbiStatus("BAD_ARGUMENT", str(exc)) from exc
+
+    def secret_name(self, store: str, name: str) -> str:
+        """The store's name for secret ``name``: per namespace (``host.scoping.scoped_secret``)."""
+        try:
+            return scoping.scoped_secret(self.components, store, self.namespace, name)
+        except scoping.ScopeError as exc:
+            raise AbiStatus("BAD_ARGUMENT", str(exc)) from exc
+
+    def configuration(self, store: str, keys: list[str], group: str, label: str) -> list[ConfigItem]:
+        """This app's configuration items (``host.scoping.get_configuration``)."""
+        self.component("configuration", store)  # NOT_FOUND for an unknown store
+        try:
+            return scoping.get_configuration(
+                self.components, store, self.namespace, self.app_id, keys, group=group, label=label
+            )
+        except scoping.ScopeError as exc:
+            raise AbiStatus("BAD_ARGUMENT", str(exc)) from exc
 
     def note(self, line: str) -> None:
         if self.logger is not None:
@@ -309,9 +327,10 @@ def _invoke(ctx: AbiContext, ip: int, il: int, mp: int, ml: int, dp: int, dl: in
 def _publish(ctx: AbiContext, pp: int, pl: int, tp: int, tl: int, dp: int, dl: int) -> str:
     pubsub_name, topic = ctx.read_str(pp, pl), ctx.read_str(tp, tl)
     data = ctx.read(dp, dl)
-    ctx.component("pubsub", pubsub_name).publish(
-        topic, data, "application/octet-stream", {"source": ctx.app_id}
-    )
+    if not topic:
+        return "BAD_ARGUMENT"
+    pubsub = ctx.component("pubsub", pubsub_name)
+    pubsub.publish(ctx.topic(pubsub_name, topic), data, "application/octet-stream", {"source": ctx.app_id})
     return "OK"
 
 
@@ -336,7 +355,7 @@ def _config_get(
     )
     ctx.check_writable(vpp, 4)
     ctx.check_writable(vlp, 4)
-    items = ctx.component("configuration", store_name).get([key], group=group, label=label)
+    items = ctx.configuration(store_name, [key], group, label)
     item = next((i for i in items if i.key == key), None)
     if item is None:
         return "NOT_FOUND"
@@ -381,7 +400,7 @@ def _get_secret(ctx: AbiContext, sp: int, sl: int, np_: int, nl: int, rpp: int, 
     ctx.check_writable(rpp, 4)
     ctx.check_writable(rlp, 4)
     try:
-        secret = ctx.component("secrets", store_name).get(name)
+        secret = ctx.component("secrets", store_name).get(ctx.secret_name(store_name, name))
     except NotFound:
         return "NOT_FOUND"
     ctx.give(rpp, rlp, encode_map([(k.encode(), v.encode()) for k, v in secret.items()]))
