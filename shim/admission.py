@@ -70,9 +70,13 @@ class _Caps:
         if value > cap:
             where = self.policy.where(self.rules, key)
             raise PolicyError(
-                f"policy: namespace {self.namespace!r} may not ask for {what} {value:g}{unit} "
-                f"(at most {cap:g}{unit}; {where})"
+                f"policy: namespace {self.namespace!r} may not ask for {what} {_show(value)}{unit} "
+                f"(at most {_show(cap)}{unit}; {where})"
             )
+
+
+def _show(value: float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _subscriptions(annotations: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
