@@ -245,7 +245,7 @@ class RuntimeApi:
 
     # --- helpers ---------------------------------------------------------------------
 
-    def authenticate(self, context: grpc.ServicerContext, who: AppIdentity) -> AppIdentity:
+    def authenticate(self, context: grpc.ServicerContext) -> AppIdentity:
         """The caller's identity, from its bearer token (UNAUTHENTICATED without a valid one).
         A ``layotto-app-id`` naming another app is PERMISSION_DENIED."""
         token = claimed = None

@@ -2,7 +2,9 @@
 client, over the unix socket and the TCP port, against the registry's real components
 (the default embedded SQLite + environment configuration in a temporary state
 directory, and the same component names on a real redis-server) and, for InvokeService,
-a real function (fn_echo.wasm) behind the host's invoker."""
+a real function (fn_echo.wasm) behind the host's invoker. Every call carries the bearer
+token provisioned for app ``default.app1`` (``default.app2`` where a second app is needed);
+tests/security/test_runtime_api.py pins the token checks themselves."""
 
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ from layotto.host.components import Message as PubSubMessage
 from layotto.host.components.registry import Components, load_components, parse_config
 from layotto.host.function import Function
 from layotto.host.function_registry import FunctionRegistry
-from layotto.host.grpc_api import METHODS, SERVICE, RuntimeApiServer, modified_key
+from layotto.host.grpc_api import METHODS, SERVICE, AppIdentity, RuntimeApiServer, modified_key
 from layotto.host.runtime import NodeRuntime
+from layotto.host.scoping import scoped_topic
 from layotto.shim.protocol import runtime_api_pb2 as pb
 
 STATE = "state_demo"
@@ -36,6 +39,11 @@ LOCK = "lock_demo"
 SEQ = "sequencer_demo"
 SECRETS = "secret_demo"
 ECHO_ID = "echo"
+TOKEN1 = "token-of-app1-" + uuid.uuid4().hex
+TOKEN2 = "token-of-app2-" + uuid.uuid4().hex
+APP1 = AppIdentity("default", "app1")  # fn_echo runs in namespace "default" too
+APP2 = AppIdentity("default", "app2")
+IDENTITIES = {TOKEN1: APP1, TOKEN2: APP2}
 
 
 class Client:
@@ -46,15 +54,27 @@ class Client:
         self.channel = grpc.insecure_channel(target)
         grpc.channel_ready_future(self.channel).result(timeout=10)
 
-    def call(self, name: str, request: Message, *, app_id: str | None = None, timeout: float = 10) -> Any:
+    def call(
+        self,
+        name: str,
+        request: Message,
+        *,
+        token: str | None = TOKEN1,
+        app_id: str | None = None,
+        timeout: float = 10,
+    ) -> Any:
         response_type = METHODS[name][1] if name in METHODS else empty_pb2.Empty
         rpc = self.channel.unary_unary(
             f"/{SERVICE}/{name}",
             request_serializer=type(request).SerializeToString,
             response_deserializer=response_type.FromString,
         )
-        metadata = (("layotto-app-id", app_id),) if app_id is not None else None
-        return rpc(request, metadata=metadata, timeout=timeout)
+        metadata = []
+        if token is not None:
+            metadata.append(("authorization", f"Bearer {token}"))
+        if app_id is not None:
+            metadata.append(("layotto-app-id", app_id))
+        return rpc(request, metadata=metadata or None, timeout=timeout)
 
     def error(self, name: str, request: Message, **kw: Any) -> grpc.RpcError:
         with pytest.raises(grpc.RpcError) as info:
@@ -97,7 +117,7 @@ def components(
     """The registry's components under Layotto's demo names: the default configuration
     (embedded SQLite, secrets from the environment), or the same names on a real
     redis-server (the ``redis_server`` fixture), each test under its own key prefix."""
-    monkeypatch.setenv("LAYOTTO_SECRET_db_password", "s3cret")
+    monkeypatch.setenv("LAYOTTO_SECRET_default__db_password", "s3cret")  # namespace default's
     path = None
     if request.param == "redis":
         meta = {
@@ -125,7 +145,7 @@ def components(
 def server(tmp_path: Path, components: Components, echo_function: Function) -> Iterator[tuple[Path, int]]:
     functions = FunctionRegistry()
     functions.add(echo_function)
-    api = RuntimeApiServer(components, HostInvoker(functions))
+    api = RuntimeApiServer(components, HostInvoker(functions), identities=IDENTITIES)
     sock = tmp_path / "run" / "runtime.sock"
     port = api.start(sock, "127.0.0.1:0")
     try:
@@ -321,44 +341,31 @@ def test_state_transaction(client: Client) -> None:
 
 
 def test_state_keys_are_namespaced_per_app(client: Client, components: Components) -> None:
+    """Keys are prefixed with the token's app id (``default.app1``), whatever the caller
+    says about itself."""
     store = components.state(STATE)
     save = pb.SaveStateRequest(store_name=STATE, states=[item("cart", b"app1's")])
-    client.call("SaveState", save, app_id="app1")
-    assert store.get("app1||cart").value == b"app1's"
+    client.call("SaveState", save)
+    assert store.get("default.app1||cart").value == b"app1's"
     assert store.get("cart") is None
 
-    # Another app (or none) does not see it; the same app does.
-    assert (
-        client.call("GetState", pb.GetStateRequest(store_name=STATE, key="cart"), app_id="app2").data == b""
-    )
-    assert client.call("GetState", pb.GetStateRequest(store_name=STATE, key="cart")).data == b""
-    assert (
-        client.call("GetState", pb.GetStateRequest(store_name=STATE, key="cart"), app_id="app1").data
-        == b"app1's"
-    )
-
-    # No app id: the key as given (Layotto's rule for an empty app id).
-    client.call("SaveState", pb.SaveStateRequest(store_name=STATE, states=[item("cart", b"shared")]))
-    assert store.get("cart").value == b"shared"
+    # Another app does not see it; the same app does (also naming itself, as Layotto's SDKs do).
+    get = pb.GetStateRequest(store_name=STATE, key="cart")
+    assert client.call("GetState", get, token=TOKEN2).data == b""
+    assert client.call("GetState", get).data == b"app1's"
+    assert client.call("GetState", get, app_id="default.app1").data == b"app1's"
+    # Naming another app is refused, not obeyed.
+    err = client.error("GetState", get, token=TOKEN2, app_id="default.app1")
+    assert code(err) == grpc.StatusCode.PERMISSION_DENIED
 
     # Locks and sequences are namespaced the same way.
     lock = pb.TryLockRequest(store_name=LOCK, resource_id="res", lock_owner="o", expire=30)
-    assert client.call("TryLock", lock, app_id="app1").success
-    assert client.call("TryLock", lock, app_id="app2").success
-    assert not client.call("TryLock", lock, app_id="app1").success
+    assert client.call("TryLock", lock).success
+    assert client.call("TryLock", lock, token=TOKEN2).success
+    assert not client.call("TryLock", lock).success
 
     err = client.error("GetState", pb.GetStateRequest(store_name=STATE, key="a||b"))
     assert code(err) == grpc.StatusCode.INVALID_ARGUMENT
-
-
-class _ComponentsWithMetadata(Components):
-    """The registry plus the ``metadata(kind, name)`` lookup AbiContext.state_key uses."""
-
-    def metadata(self, kind: str, name: str) -> dict[str, object]:
-        for spec in self.specs:
-            if spec.kind == kind and spec.name == name:
-                return dict(spec.metadata)
-        return {}
 
 
 def test_key_prefix_modes(tmp_path: Path) -> None:
@@ -369,24 +376,22 @@ def test_key_prefix_modes(tmp_path: Path) -> None:
             "apps": {"type": "sqlite"},
         }
     }
-    with _ComponentsWithMetadata(parse_config(doc, "test"), tmp_path, tmp_path) as c:
+    with Components(parse_config(doc, "test"), tmp_path, tmp_path) as c:
         assert modified_key(c, "state", "plain", "k", "app1") == "k"
         assert modified_key(c, "state", "named", "k", "app1") == "named||k"
         assert modified_key(c, "state", "apps", "k", "app1") == "app1||k"
         assert modified_key(c, "state", "apps", "k", "") == "k"
 
-        api = RuntimeApiServer(c, None)
+        api = RuntimeApiServer(c, None, identities=IDENTITIES)
         port = api.start(tmp_path / "api.sock", "127.0.0.1:0")
         client = Client(f"127.0.0.1:{port}")
         try:
-            client.call(
-                "SaveState", pb.SaveStateRequest(store_name="plain", states=[item("k", b"1")]), app_id="a"
-            )
-            client.call(
-                "SaveState", pb.SaveStateRequest(store_name="named", states=[item("k", b"2")]), app_id="a"
-            )
+            client.call("SaveState", pb.SaveStateRequest(store_name="plain", states=[item("k", b"1")]))
+            client.call("SaveState", pb.SaveStateRequest(store_name="named", states=[item("k", b"2")]))
+            client.call("SaveState", pb.SaveStateRequest(store_name="apps", states=[item("k", b"3")]))
             assert c.state("plain").get("k").value == b"1"
             assert c.state("named").get("named||k").value == b"2"
+            assert c.state("apps").get("default.app1||k").value == b"3"
             # Without an invoker, InvokeService is not offered.
             err = client.error("InvokeService", pb.InvokeServiceRequest(id="x"))
             assert code(err) == grpc.StatusCode.UNIMPLEMENTED
@@ -405,7 +410,10 @@ def test_publish_event_reaches_a_subscriber(client: Client, components: Componen
         received.put(message)
         return Delivery.SUCCESS
 
-    cancel = components.pubsub(PUBSUB).subscribe("orders", handler)
+    # Topics are per namespace: app1 (namespace default) publishes to "default||orders".
+    topic = scoped_topic(components, PUBSUB, "default", "orders")
+    assert topic == "default||orders"
+    cancel = components.pubsub(PUBSUB).subscribe(topic, handler)
     try:
         client.call(
             "PublishEvent",
@@ -414,9 +422,8 @@ def test_publish_event_reaches_a_subscriber(client: Client, components: Componen
                 topic="orders",
                 data=b'{"id": 1}',
                 data_content_type="application/json",
-                metadata={"key": "order-1"},
+                metadata={"key": "order-1", "source": "forged"},
             ),
-            app_id="shop",
         )
         client.call(
             "PublishEvent", pb.PublishEventRequest(pubsub_name=PUBSUB, topic="orders", data=b"\x00raw")
@@ -425,8 +432,8 @@ def test_publish_event_reaches_a_subscriber(client: Client, components: Componen
         second = received.get(timeout=10)
     finally:
         cancel()
-    assert (first.topic, first.data, first.content_type) == ("orders", b'{"id": 1}', "application/json")
-    assert dict(first.metadata) == {"key": "order-1", "source": "shop"}
+    assert (first.topic, first.data, first.content_type) == (topic, b'{"id": 1}', "application/json")
+    assert dict(first.metadata) == {"key": "order-1", "source": "default.app1"}
     assert (second.data, second.content_type) == (b"\x00raw", "application/octet-stream")
 
     err = client.error("PublishEvent", pb.PublishEventRequest(pubsub_name=PUBSUB, topic=""))
@@ -434,12 +441,15 @@ def test_publish_event_reaches_a_subscriber(client: Client, components: Componen
 
 
 def test_get_configuration(client: Client, components: Components) -> None:
+    """Configuration items are per app: app1's item ``k`` is the store's ``default.app1||k``."""
     store = components.configuration(CONFIG)
     store.set(  # type: ignore[attr-defined]  # the SQLite store's admin method
         [
-            ConfigItem("greeting", "hello", tags={"owner": "ops"}),
-            ConfigItem("db_url", "postgres://prod", group="backend", label="prod"),
-            ConfigItem("db_url", "postgres://dev", group="backend", label="dev"),
+            ConfigItem("default.app1||greeting", "hello", tags={"owner": "ops"}),
+            ConfigItem("default.app1||db_url", "postgres://prod", group="backend", label="prod"),
+            ConfigItem("default.app1||db_url", "postgres://dev", group="backend", label="dev"),
+            ConfigItem("default.app2||greeting", "app2's"),
+            ConfigItem("greeting", "unscoped"),
         ]
     )
     got = client.call(
@@ -460,6 +470,8 @@ def test_get_configuration(client: Client, components: Components) -> None:
         ("db_url", "postgres://prod"),
         ("greeting", "hello"),
     ]
+    app2 = client.call("GetConfiguration", pb.GetConfigurationRequest(store_name=CONFIG), token=TOKEN2)
+    assert [(i.key, i.content) for i in app2.items] == [("greeting", "app2's")]
 
 
 def test_lock_owner_checks(client: Client) -> None:
@@ -564,7 +576,7 @@ def test_unknown_store_is_invalid_argument(server: tuple[Path, int], method: str
 
 def test_default_store_for_an_empty_name(client: Client, components: Components) -> None:
     client.call("SaveState", pb.SaveStateRequest(store_name="", states=[item("dflt", b"1")]))
-    assert components.state(STATE).get("dflt").value == b"1"
+    assert components.state(STATE).get("default.app1||dflt").value == b"1"
 
 
 def test_unserved_layotto_rpcs_are_unimplemented(client: Client) -> None:
@@ -576,7 +588,7 @@ def test_unserved_layotto_rpcs_are_unimplemented(client: Client) -> None:
 def test_start_replaces_a_stale_socket_and_stop_removes_it(tmp_path: Path, components: Components) -> None:
     sock = tmp_path / "runtime.sock"
     sock.write_text("left over by a crashed host")
-    api = RuntimeApiServer(components, None)
+    api = RuntimeApiServer(components, None, identities=IDENTITIES)
     assert api.start(sock, None) == 0
     try:
         client = Client(f"unix:{sock}")
@@ -595,7 +607,7 @@ def test_tcp_port_in_use_is_an_error(
 ) -> None:
     """A taken TCP port fails start() cleanly: the same server can then start on its unix
     socket alone (what the daemon falls back to)."""
-    api = RuntimeApiServer(components, None)
+    api = RuntimeApiServer(components, None, identities=IDENTITIES)
     with pytest.raises(OSError, match="cannot listen"):
         api.start(tmp_path / "other.sock", f"127.0.0.1:{server[1]}")
     try:

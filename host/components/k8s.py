@@ -3,7 +3,10 @@
 Metadata:
 
 - ``namespace``: where the Secrets are (default: the pod's own namespace in a cluster,
-  else the kubeconfig context's, else ``default``).
+  else the kubeconfig context's, else ``default``). A namespace's secret ``N/S`` (the
+  name ``host.scoping`` gives secret ``S`` asked from namespace ``N``, unless the store
+  says ``secretPrefix: none``) is Secret ``S`` of Kubernetes namespace ``N`` instead: the
+  node host's service account then needs to read Secrets in the tenants' namespaces.
 - ``kubeconfigPath``: a kubeconfig file to use (with optional ``context``). Without it,
   the in-cluster service account is used when ``KUBERNETES_SERVICE_HOST`` is set, and the
   default kubeconfig (``$KUBECONFIG``, ``~/.kube/config``) otherwise.
@@ -87,13 +90,23 @@ class KubernetesSecretStore:
         self._api_client = client.ApiClient(configuration=cfg)
         self._api = client.CoreV1Api(self._api_client)
 
+    def locate(self, name: str) -> tuple[str, str]:
+        """(Kubernetes namespace, Secret name) of secret ``name``: ``N/S`` (a namespace's
+        secret, ``host.scoping``) is Secret ``S`` in namespace ``N``; a plain name is in the
+        store's ``namespace``."""
+        namespace, sep, secret = name.partition("/")
+        return (namespace, secret) if sep else (self.namespace, name)
+
     def get(self, name: str) -> dict[str, str]:
+        namespace, secret_name = self.locate(name)
+        if not namespace or not secret_name:
+            raise NotFound(f"secret store {self.name!r}: no Secret {name!r}")
         try:
-            secret = self._api.read_namespaced_secret(name, self.namespace, _request_timeout=self._timeout)
+            secret = self._api.read_namespaced_secret(secret_name, namespace, _request_timeout=self._timeout)
         except ApiException as e:
             if e.status == 404:
                 raise NotFound(
-                    f"secret store {self.name!r}: no Secret {name!r} in namespace {self.namespace!r}"
+                    f"secret store {self.name!r}: no Secret {secret_name!r} in namespace {namespace!r}"
                 ) from None
             raise ComponentError(f"secret store {self.name!r}: {e.status} {e.reason}") from e
         except Exception as e:  # urllib3 connection errors and the like

@@ -26,9 +26,14 @@ polled as the file is.
 **Secret file**: a mapping of secret name to a mapping of key to value (``db: {user: app,
 password: s3cret}``); a scalar makes a one-key secret named after itself (``token: abc``
 is ``{"token": "abc"}``), as Dapr's local.file store does. Read again when it changes.
+A namespace's secrets (``host.scoping``: secret ``S`` asked from namespace ``N`` is the
+store's ``N/S``) are the names ``"N/S"`` (``shop/db: {...}``); the one-key secret of a
+scalar ``"shop/token": abc`` is ``{"token": "abc"}``.
 
 **Secrets from the environment**: secret ``NAME`` is the variable ``<prefix>NAME``, as
-the one-key secret ``{"NAME": value}`` (as Dapr's local.env store does).
+the one-key secret ``{"NAME": value}`` (as Dapr's local.env store does). A namespace's
+secret ``N/NAME`` is the variable ``<prefix>N__NAME`` (``/`` is written ``__``: variable
+names cannot hold a ``/`` in most tools), still the one-key secret ``{"NAME": value}``.
 """
 
 from __future__ import annotations
@@ -225,7 +230,7 @@ def parse_secrets(doc: object, source: str) -> dict[str, dict[str, str]]:
         elif isinstance(value, list):
             raise ComponentError(f"{source}: secret {name!r} must be a mapping or a scalar")
         else:
-            secrets[name] = {name: _scalar(value)}
+            secrets[name] = {name.rpartition("/")[2]: _scalar(value)}
     return secrets
 
 
@@ -263,11 +268,16 @@ class EnvSecretStore:
         self.name = name
         self.prefix = prefix
 
+    def variable(self, name: str) -> str:
+        """The environment variable of secret ``name`` (``N/S`` is ``<prefix>N__S``)."""
+        return self.prefix + name.replace("/", "__")
+
     def get(self, name: str) -> dict[str, str]:
-        value = os.environ.get(self.prefix + name) if name else None
+        variable = self.variable(name)
+        value = os.environ.get(variable) if name.rpartition("/")[2] else None
         if value is None:
-            raise NotFound(f"secret store {self.name!r} has no secret {name!r} (no ${self.prefix}{name})")
-        return {name: value}
+            raise NotFound(f"secret store {self.name!r} has no secret {name!r} (no ${variable})")
+        return {name.rpartition("/")[2]: value}
 
     def bulk(self) -> dict[str, dict[str, str]]:
         n = len(self.prefix)

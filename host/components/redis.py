@@ -66,6 +66,8 @@ from layotto.host.components.base import (
 log = logging.getLogger("layotto.components.redis")
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+DEFAULT_MAX_LEN = 10000  # entries a pub/sub stream keeps (approximately)
+DEFAULT_MAX_SUBSCRIPTIONS = 128  # subscriptions (delivery threads) per pub/sub component
 _ETAG_MISMATCH = "ETAG_MISMATCH"
 
 
@@ -452,7 +454,10 @@ class RedisPubSub(_RedisComponent):
 
     Extra metadata: ``processingTimeout`` (seconds), ``retryDelay`` (seconds between
     redeliveries, default 0.1), ``pollInterval`` (seconds a read blocks, default 0.2),
-    ``maxLenApprox`` (trim streams to about this many entries; default: never trim).
+    ``maxLenApprox`` (trim streams to about this many entries, default 10000, so a slow or
+    absent group cannot make a stream grow without bound; 0: never trim), and
+    ``maxSubscriptions`` (each subscription is a delivery thread; default 128, one more is
+    a ComponentError).
     """
 
     def __init__(self, metadata: Metadata | None = None, *, name: str = "default") -> None:
@@ -461,7 +466,10 @@ class RedisPubSub(_RedisComponent):
         self._idle_ms = int(meta_float(metadata, "processingTimeout", 60.0) * 1000)
         self._retry_delay = meta_float(metadata, "retryDelay", 0.1)
         self._block_ms = max(1, int(meta_float(metadata, "pollInterval", 0.2) * 1000))
-        self._maxlen = meta_int(metadata, "maxLenApprox", 0) or None
+        self._maxlen = meta_int(metadata, "maxLenApprox", DEFAULT_MAX_LEN) or None
+        self._max_subscriptions = meta_int(metadata, "maxSubscriptions", DEFAULT_MAX_SUBSCRIPTIONS)
+        if self._max_subscriptions < 1:
+            raise ComponentError(f"pubsub {name!r}: maxSubscriptions must be at least 1")
         self._subs: set[_Subscription] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -501,6 +509,11 @@ class RedisPubSub(_RedisComponent):
         with self._lock:
             if self._closed:
                 raise ComponentError(f"pubsub {self.name!r} is closed")
+            if len(self._subs) >= self._max_subscriptions:
+                raise ComponentError(
+                    f"pubsub {self.name!r} has {len(self._subs)} subscriptions, its limit "
+                    "(metadata maxSubscriptions; each is a delivery thread)"
+                )
             with _errors(f"pubsub {self.name!r}"):
                 try:
                     self._client.xgroup_create(self._stream(topic), sub.group, id="$", mkstream=True)

@@ -30,11 +30,16 @@ secrets        file, env, kubernetes
 Metadata per type:
 
 - ``sqlite``: ``path`` of the database (default ``components.db``; relative paths are in
-  the host's state directory); pubsub also ``pollInterval`` and ``retryDelay`` (seconds).
+  the host's state directory); pubsub also ``pollInterval`` and ``retryDelay`` (seconds),
+  ``maxBacklog`` (undelivered messages a topic keeps, default 10000) and
+  ``maxSubscriptions`` (default 128).
   Each component keeps its rows apart under its own name.
 - ``redis``: see ``layotto.host.components.redis`` (``redisHost``, ``redisPassword``,
   ``redisKeyPrefix``, ...); every type also takes ``keyPrefix``: ``appid`` (default),
   ``name`` or ``none``, how the Runtime ABI and API namespace the keys apps use.
+- every pubsub component takes ``topicPrefix: none`` (topics shared by every namespace
+  instead of per namespace), every secret store ``secretPrefix: none`` (secrets shared
+  by every namespace); see ``layotto.host.scoping``.
 - ``file``: ``path`` (relative paths are beside the YAML file), ``pollInterval``.
 - ``env``: ``prefix``; configuration also ``pollInterval``.
 - ``kubernetes``: see ``layotto.host.components.k8s`` (``namespace``, ``kubeconfigPath``).
@@ -67,7 +72,7 @@ from layotto.host.components import (
     Sequencer,
     StateStore,
 )
-from layotto.host.components.base import meta_float, meta_str
+from layotto.host.components.base import meta_float, meta_int, meta_str
 
 log = logging.getLogger("layotto.components")
 
@@ -135,13 +140,19 @@ def _sqlite_state(spec: ComponentSpec, ctx: _Context) -> object:
 
 
 def _sqlite_pubsub(spec: ComponentSpec, ctx: _Context) -> object:
-    from layotto.host.components.sqlite import SqlitePubSub
+    from layotto.host.components.sqlite import (
+        DEFAULT_MAX_BACKLOG,
+        DEFAULT_MAX_SUBSCRIPTIONS,
+        SqlitePubSub,
+    )
 
     return SqlitePubSub(
         _db(spec, ctx),
         name=spec.name,
         poll_interval=meta_float(spec.metadata, "pollInterval", 0.5),
         retry_delay=meta_float(spec.metadata, "retryDelay", 0.1),
+        max_backlog=meta_int(spec.metadata, "maxBacklog", DEFAULT_MAX_BACKLOG),
+        max_subscriptions=meta_int(spec.metadata, "maxSubscriptions", DEFAULT_MAX_SUBSCRIPTIONS),
     )
 
 

@@ -61,6 +61,8 @@ from layotto.host.components.base import (
 log = logging.getLogger("layotto.components.sqlite")
 
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
+DEFAULT_MAX_BACKLOG = 10000  # undelivered messages a pub/sub topic keeps
+DEFAULT_MAX_SUBSCRIPTIONS = 128  # subscriptions (delivery threads) per pub/sub component
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS counters (
@@ -415,6 +417,13 @@ class SqlitePubSub:
     - Messages are on disk once ``publish`` returns. A message whose delivery a crash or
       a cancel interrupted goes, in its group, before the next new one.
 
+    - **Bounds.** A slow, stuck or absent subscriber cannot make the store hold messages
+      without limit: a topic keeps at most ``max_backlog`` undelivered messages (metadata
+      ``maxBacklog``, default 10000); publishing beyond that drops the oldest ones for the
+      groups that lag (logged), as a capped stream does. Each subscription is one
+      delivery thread, so the component takes at most ``max_subscriptions`` of them
+      (metadata ``maxSubscriptions``, default 128); one more is a ComponentError.
+
     One instance owns a store name in a database file at a time (a lock file beside the
     database enforces it), so that opening it can reclaim what a crashed host left.
     """
@@ -426,10 +435,19 @@ class SqlitePubSub:
         name: str = "default",
         poll_interval: float = 0.5,
         retry_delay: float = 0.1,
+        max_backlog: int = DEFAULT_MAX_BACKLOG,
+        max_subscriptions: int = DEFAULT_MAX_SUBSCRIPTIONS,
     ) -> None:
+        if max_backlog < 1 or max_subscriptions < 1:
+            raise ComponentError(
+                f"pubsub {name!r}: maxBacklog and maxSubscriptions must be at least 1 "
+                f"(not {max_backlog}, {max_subscriptions})"
+            )
         self.name = name
         self._poll_interval = poll_interval
         self._retry_delay = retry_delay
+        self._max_backlog = max_backlog
+        self._max_subscriptions = max_subscriptions
         digest = hashlib.sha256(name.encode()).hexdigest()[:16]
         self._owner_path = Path(f"{path}.pubsub-{digest}.lock")
         self._owner_fd = self._take_ownership(self._owner_path, name)
@@ -517,8 +535,38 @@ class SqlitePubSub:
                     json.dumps(dict(metadata or {})),
                 ),
             )
+            self._bound(conn, topic)
         self._poke()
         return message_id
+
+    def _bound(self, conn: sqlite3.Connection, topic: str) -> None:
+        """Keep at most ``max_backlog`` messages of ``topic``: the groups still behind the
+        newest ``max_backlog`` skip the older ones (a delivery in progress finishes)."""
+        row = conn.execute(
+            "SELECT seq FROM pubsub_messages WHERE store = ? AND topic = ? ORDER BY seq DESC "
+            "LIMIT 1 OFFSET ?",
+            (self.name, topic, self._max_backlog),
+        ).fetchone()
+        if row is None:
+            return
+        upto = row[0]
+        lagging = conn.execute(
+            "UPDATE pubsub_groups SET cursor = ? WHERE store = ? AND topic = ? AND cursor < ?",
+            (upto, self.name, topic, upto),
+        ).rowcount
+        conn.execute(
+            "DELETE FROM pubsub_pending WHERE store = ? AND topic = ? AND seq <= ? AND owner = ''",
+            (self.name, topic, upto),
+        )
+        self._collect(conn, topic)
+        log.warning(
+            "pubsub %s: topic %s holds more than %d undelivered messages: dropped the oldest "
+            "for %d lagging subscription group(s)",
+            self.name,
+            topic,
+            self._max_backlog,
+            lagging,
+        )
 
     def _poke(self) -> None:
         with self._wake:
@@ -538,6 +586,11 @@ class SqlitePubSub:
         with self._subs_lock:
             if self._closed:
                 raise ComponentError(f"pubsub {self.name!r} is closed")
+            if len(self._subs) >= self._max_subscriptions:
+                raise ComponentError(
+                    f"pubsub {self.name!r} has {len(self._subs)} subscriptions, its limit "
+                    "(metadata maxSubscriptions; each is a delivery thread)"
+                )
             with self._db.write() as conn:
                 row = conn.execute(
                     "SELECT seq FROM sqlite_sequence WHERE name = 'pubsub_messages'"
