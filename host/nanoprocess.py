@@ -16,6 +16,7 @@ import ctypes
 import errno
 import logging
 import os
+import posixpath
 import struct
 import threading
 import time
@@ -32,7 +33,8 @@ from layotto.host.engine import CompiledModule, WasmEngine, module_facts
 from layotto.host.errors import ModuleError, describe_error
 from layotto.host.fastcall import INSTANCES, MEMORIES, TABLE_ELEMENTS, TABLES
 from layotto.host.fibers import UPDATE_YIELD, AsyncPoll, CallFuture, FiberScheduler, watch_epoch
-from layotto.host.function import FunctionLog
+from layotto.host.function import DEFAULT_MEMORY_LIMIT, FunctionLog
+from layotto.host.rootpath import DirMount, fd_path, open_host_dir, open_in_root, open_root
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,10 @@ _EpochCallback = ctypes.CFUNCTYPE(
 _NO_FINALIZER = ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
 _UPDATE_CONTINUE = 0
 
+#: The linear-memory cap (bytes) of a command module whose container sets no memory
+#: limit: the operator's default, the same as a function instance's. Read at each start.
+COMMAND_MEMORY_LIMIT = DEFAULT_MEMORY_LIMIT
+
 
 @dataclass
 class ProcessSpec:
@@ -67,13 +73,100 @@ class ProcessSpec:
     stdin: str = ""
     stdout: str = ""
     stderr: str = ""
-    memory_limit: int | None = None
+    memory_limit: int | None = None  # None: COMMAND_MEMORY_LIMIT
     capabilities: frozenset[str] = frozenset()
     app_id: str = ""
     services: object = None  # host.function.HostServices (components, invoker)
     cpu_quota_us: int | None = None  # CFS-style quota per period, as in the OCI spec
     cpu_period_us: int = 100_000
     namespace: str = "default"  # the tenant (Kubernetes/containerd namespace) it runs for
+    readonly: bool = False  # root.readonly: the rootfs, and a cwd in it, are preopened read-only
+    mounts: tuple[DirMount, ...] = ()  # host directories bind-mounted into the container
+
+    @property
+    def memory_cap(self) -> int:
+        """The memory limit in force: the container's, else COMMAND_MEMORY_LIMIT."""
+        return self.memory_limit or COMMAND_MEMORY_LIMIT
+
+
+@dataclass
+class Preopen:
+    """A directory the module sees at ``guest``: an open O_PATH descriptor of it."""
+
+    fd: int
+    guest: str
+    writable: bool
+
+
+def _mount_for(cwd: str, mounts: tuple[DirMount, ...]) -> tuple[DirMount, str] | None:
+    """The mount the working directory is in (the last of the deepest), and the rest of
+    the path under it; None for a cwd in the rootfs. Decided on the path's lexical form."""
+    normal = "/" + posixpath.normpath("/" + cwd).lstrip("/")
+    found: tuple[DirMount, str] | None = None
+    for mount in mounts:
+        dest = mount.destination
+        if normal == dest or normal.startswith(dest + "/"):
+            if found is None or len(dest) >= len(found[0].destination):
+                found = (mount, normal[len(dest) :])
+    return found
+
+
+def open_preopens(spec: ProcessSpec) -> list[Preopen]:
+    """Open the directories a command module's WASI context gives it, in order: the
+    rootfs at ``/``, each bind mount at its destination, and the working directory at
+    ``.`` (when not ``/``).
+
+    Nothing the container names is followed on the host: the working directory is
+    resolved inside the rootfs (or inside the mount it is in) with openat2's
+    RESOLVE_IN_ROOT, so ``..`` and symlinks stay inside (host/rootpath.py); a mount source
+    must be a directory and not a symlink. A working directory that does not resolve to a
+    directory is an error naming it; runc would create a missing one, but the rootfs may
+    be read-only and a typo is better reported than papered over. Raises ModuleError;
+    the caller closes the descriptors (close_preopens).
+    """
+    opened: list[Preopen] = []
+    try:
+        try:
+            root = open_root(spec.rootfs)
+        except OSError as exc:
+            raise ModuleError(f"cannot open the container's rootfs {spec.rootfs}: {exc.strerror}") from None
+        opened.append(Preopen(root, "/", not spec.readonly))
+        mount_fds: dict[DirMount, int] = {}
+        for mount in spec.mounts:
+            try:
+                fd = open_host_dir(mount.source)
+            except OSError as exc:
+                raise ModuleError(
+                    f"bind mount at {mount.destination}: source {mount.source}: {exc.strerror}"
+                ) from None
+            opened.append(Preopen(fd, mount.destination, not mount.readonly))
+            mount_fds[mount] = fd
+        if spec.cwd not in ("", "/"):
+            inside = _mount_for(spec.cwd, spec.mounts)
+            base, rest, writable = root, spec.cwd, not spec.readonly
+            if inside is not None:
+                mount, rest = inside
+                base, writable = mount_fds[mount], not mount.readonly
+            try:
+                cwd = open_in_root(base, rest, directory=True)
+            except OSError as exc:
+                why = {
+                    errno.ENOENT: "does not exist in the container",
+                    errno.ENOTDIR: "is not a directory in the container",
+                    errno.ELOOP: "goes through a symbolic link loop (or a magic link)",
+                }.get(exc.errno or 0, exc.strerror)
+                raise ModuleError(f"working directory {spec.cwd!r} {why}") from None
+            opened.append(Preopen(cwd, ".", writable))
+    except BaseException:
+        close_preopens(opened)
+        raise
+    return opened
+
+
+def close_preopens(preopens: list[Preopen]) -> None:
+    for preopen in preopens:
+        os.close(preopen.fd)
+    preopens.clear()
 
 
 @dataclass
@@ -358,7 +451,7 @@ class Nanoprocess:
         "started_at", "start_error", "stdout", "stderr", "throttle", "log", "fiber", "wake_at",
         "_thread", "_thread_id", "_cpu_seconds", "_exit_callbacks", "_exit_lock", "_store",
         "_memory", "_outputs", "_stdin", "_epoch_cb", "_future", "_instance_raw", "_ready",
-        "_slice_start", "__weakref__",
+        "_slice_start", "_preopens", "__weakref__",
     )  # fmt: skip
 
     def __init__(
@@ -400,6 +493,7 @@ class Nanoprocess:
         self._instance_raw: ffi.wasmtime_instance_t | None = None
         self._ready: threading.Event | None = None
         self._slice_start = 0.0  # the scheduler thread's CPU clock when this slice began
+        self._preopens: list[Preopen] = []  # opened by start(), handed to WASI by _configure()
 
     # --- lifecycle -----------------------------------------------------------------
 
@@ -411,7 +505,10 @@ class Nanoprocess:
         callback(self.exit)
 
     def start(self) -> threading.Event:
-        """Start the module; the returned event is set once it is instantiated."""
+        """Start the module; the returned event is set once it is instantiated.
+
+        Raises ModuleError when its filesystem cannot be set up (see open_preopens)."""
+        self._preopens = open_preopens(self.spec)
         self.stdout = Output(self.spec.stdout)
         self.stderr = Output(self.spec.stderr) if self.spec.stderr != self.spec.stdout else self.stdout
         self._outputs = [self.stdout, self.stderr]
@@ -479,7 +576,7 @@ class Nanoprocess:
         spec = self.spec
         store = wasmtime.Store(self.engine.engine)
         store.set_limits(
-            memory_size=spec.memory_limit or -1,
+            memory_size=spec.memory_cap,
             table_elements=TABLE_ELEMENTS,
             instances=INSTANCES,
             tables=TABLES,
@@ -494,16 +591,20 @@ class Nanoprocess:
         wasi = wasmtime.WasiConfig()
         wasi.argv = list(spec.args)
         wasi.env = [tuple(e.split("=", 1)) if "=" in e else (e, "") for e in spec.env]
-        wasi.preopen_dir(str(spec.rootfs), "/")
-        cwd = spec.rootfs / spec.cwd.lstrip("/")
-        if spec.cwd not in ("", "/") and cwd.is_dir():
-            wasi.preopen_dir(str(cwd), ".")
-        if spec.stdin and self.compiled.reads_stdin:
-            self._stdin = StdinPump(spec.stdin.removeprefix("file://"))
-            wasi.stdin_file = self._stdin.path
-        wasi.stdout_custom = self._tee(self.stdout, "stdout")
-        wasi.stderr_custom = self._tee(self.stderr, "stderr")
-        store.set_wasi(wasi)
+        preopens, self._preopens = self._preopens, []
+        try:
+            # wasmtime opens each directory by path; /proc/self/fd/<n> is exactly the one
+            # resolved, with no path walk left to race. Its descriptors are wasmtime's own.
+            for preopen in preopens:
+                wasi.preopen_dir(fd_path(preopen.fd), preopen.guest, preopen.writable)
+            if spec.stdin and self.compiled.reads_stdin:
+                self._stdin = StdinPump(spec.stdin.removeprefix("file://"))
+                wasi.stdin_file = self._stdin.path
+            wasi.stdout_custom = self._tee(self.stdout, "stdout")
+            wasi.stderr_custom = self._tee(self.stderr, "stderr")
+            store.set_wasi(wasi)
+        finally:
+            close_preopens(preopens)
         return store
 
     def _tee(self, out: Output, stream: str) -> Callable[[bytes], None]:
@@ -719,6 +820,8 @@ class Nanoprocess:
             callbacks, self._exit_callbacks = self._exit_callbacks, []
         for out in self._outputs:
             out.close()
+        preopens, self._preopens = self._preopens, []  # never configured: killed first
+        close_preopens(preopens)
         if self._stdin is not None:
             self._stdin.close()
         for callback in callbacks:
@@ -735,8 +838,8 @@ class Nanoprocess:
         one allocation step (the larger of 1 MiB and 1/16 of the cap) of the cap is taken
         to have failed for lack of memory.
         """
-        limit = self.spec.memory_limit
-        if not limit or self._memory is None or self._store is None:
+        limit = self.spec.memory_cap
+        if self._memory is None or self._store is None:
             return False
         try:
             size = self._memory.data_len(self._store)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
+import logging
 import os
+import posixpath
 import stat
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from layotto.host import rootpath
 from layotto.host.errors import ModuleError
+from layotto.host.rootpath import DirMount
 from layotto.shim.mounts import unmount_rootfs
 from layotto.shim.paths import MOUNT_MARKER
 
@@ -38,6 +44,8 @@ _FLAGS: dict[str, tuple[int, int]] = {
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Mount:
@@ -65,6 +73,8 @@ class BundleSpec:
     memory_limit: int | None
     cpu_quota_us: int | None
     cpu_period_us: int
+    readonly: bool = False  # root.readonly: the module may not write its rootfs
+    mounts: list[DirMount] = field(default_factory=list)  # the directory bind mounts
 
     @classmethod
     def load(cls, bundle: Path) -> BundleSpec:
@@ -82,6 +92,7 @@ class BundleSpec:
         cpu = resources.get("cpu") or {}
         quota = cpu.get("quota")
         period = cpu.get("period") or 100_000
+        mounts = dir_mounts(raw.get("mounts") or [])
         return cls(
             path=bundle,
             process=OciProcess(
@@ -95,7 +106,64 @@ class BundleSpec:
             memory_limit=int(memory_limit) if memory_limit and int(memory_limit) > 0 else None,
             cpu_quota_us=int(quota) if quota and int(quota) > 0 else None,
             cpu_period_us=int(period),
+            readonly=bool((raw.get("root") or {}).get("readonly")),
+            mounts=mounts,
         )
+
+
+#: Mounts every runtime adds for a Linux process (procfs, sysfs, devices, cgroups): the
+#: module has no use for them (WASI has no /proc, /sys or device files), so any mount at
+#: or under these destinations is left out.
+RUNTIME_MOUNT_ROOTS = ("/proc", "/sys", "/dev")
+
+
+def _destination(raw: object) -> str:
+    """A mount's destination, normalised; ModuleError unless absolute and free of ``..``."""
+    if not isinstance(raw, str) or not raw.startswith("/") or "\0" in raw:
+        raise ModuleError(f"mount destination {raw!r} is not an absolute path")
+    if ".." in raw.split("/"):
+        raise ModuleError(f"mount destination {raw!r} contains '..'")
+    normal = posixpath.normpath(raw)
+    return "/" + normal.lstrip("/")  # normpath keeps a leading "//"
+
+
+def dir_mounts(mounts: list[dict[str, object]]) -> list[DirMount]:
+    """The OCI spec's ``mounts`` the module sees: bind mounts of host *directories*.
+
+    A bind mount (type ``bind``, or a ``bind``/``rbind`` option) is kept with its
+    destination normalised (absolute, no ``..``: ModuleError otherwise) and read-only when
+    its options say ``ro``. Left out, since WASI preopens are directories and WASI has no
+    kernel filesystems: mounts of any other type (proc, sysfs, tmpfs, mqueue, ...), the
+    runtime's mounts under /proc, /sys and /dev, and bind mounts of a file (the kubelet's
+    /etc/hosts, /etc/resolv.conf, /etc/hostname, /dev/termination-log). A bind mount of the
+    root itself is refused. The source is only looked at here (lstat); it is opened safely,
+    without following a symlink, when the module starts (rootpath.open_host_dir).
+    """
+    found: list[DirMount] = []
+    for m in mounts:
+        if not isinstance(m, dict):
+            continue
+        options = [str(o) for o in (m.get("options") or [])]
+        if m.get("type") != "bind" and "bind" not in options and "rbind" not in options:
+            continue
+        destination = _destination(m.get("destination"))
+        if any(destination == r or destination.startswith(r + "/") for r in RUNTIME_MOUNT_ROOTS):
+            continue
+        if destination == "/":
+            raise ModuleError("a bind mount over the container's root (destination /) is not supported")
+        source = m.get("source")
+        if not isinstance(source, str) or not source:
+            raise ModuleError(f"bind mount at {destination} has no source")
+        try:
+            mode = os.lstat(source).st_mode
+        except OSError:
+            mode = 0  # missing: reported when the module starts
+        if mode and not stat.S_ISDIR(mode) and not stat.S_ISLNK(mode):
+            log.debug("bind mount of the file %s at %s left out (not a directory)", source, destination)
+            continue
+        access = [o for o in options if o in ("ro", "rw")]
+        found.append(DirMount(destination, source, readonly=access[-1:] == ["ro"]))  # the last one wins
+    return found
 
 
 def parse_options(options: list[str]) -> tuple[int, str]:
@@ -139,38 +207,51 @@ def mount_rootfs(bundle: Path, mounts: list[Mount]) -> Path:
 
 @dataclass
 class ModuleRef:
-    """Where the module is: its path inside the image and the export to call."""
+    """Where the module is: its path inside the image and the export to call.
+
+    ``host_path`` names the file for ``open()``. For a module found in the rootfs it is
+    ``/proc/self/fd/<n>``, a descriptor of the file resolved inside the rootfs: the
+    descriptor stays open as long as this object lives (close it sooner with close())."""
 
     image_path: str
     host_path: Path
     entry: str
+    _closer: weakref.finalize | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def holding(cls, image_path: str, fd: int, entry: str) -> ModuleRef:
+        """A ref whose host path is the open descriptor ``fd`` (now owned by the ref)."""
+        ref = cls(image_path, Path(rootpath.fd_path(fd)), entry)
+        ref._closer = weakref.finalize(ref, os.close, fd)
+        return ref
+
+    def close(self) -> None:
+        if self._closer is not None:
+            self._closer()
 
 
-def resolve_in_rootfs(rootfs: Path, image_path: str) -> Path:
-    """Resolve a path of the image inside ``rootfs``; symlinks are followed but never escape it."""
-    pending = list(PurePosixPath("/" + image_path.lstrip("/")).parts[1:])
-    resolved: list[str] = []
-    hops = 0
-    while pending:
-        part = pending.pop(0)
-        if part in ("", "."):
-            continue
-        if part == "..":
-            if resolved:
-                resolved.pop()
-            continue
-        candidate = rootfs.joinpath(*resolved, part)
-        if candidate.is_symlink():
-            hops += 1
-            if hops > 40:
-                raise ModuleError(f"{image_path}: too many levels of symbolic links")
-            link = os.readlink(candidate)
-            if link.startswith("/"):
-                resolved = []
-            pending = [p for p in PurePosixPath(link).parts if p != "/"] + pending
-            continue
-        resolved.append(part)
-    return rootfs.joinpath(*resolved)
+def open_in_rootfs(rootfs: Path, image_path: str, *, directory: bool = False) -> int:
+    """An O_PATH descriptor of the image path ``image_path`` resolved inside ``rootfs``:
+    ``..`` and symlinks never leave it (see host/rootpath.py). Raises OSError."""
+    root_fd = rootpath.open_root(rootfs)
+    try:
+        return rootpath.open_in_root(root_fd, image_path, directory=directory)
+    finally:
+        os.close(root_fd)
+
+
+def _open_regular(rootfs: Path, image_path: str) -> int | None:
+    """A descriptor of the regular file ``image_path`` names inside ``rootfs``, or None."""
+    try:
+        fd = open_in_rootfs(rootfs, image_path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.EACCES):
+            return None
+        raise
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    os.close(fd)
+    return None
 
 
 def _module_candidates(spec: BundleSpec) -> tuple[str, str, list[str]]:
@@ -193,9 +274,9 @@ def locate_module(spec: BundleSpec, rootfs: Path) -> ModuleRef:
     """Find the module named by ``process.args[0]`` in the (mounted) rootfs."""
     image_path, entry, candidates = _module_candidates(spec)
     for candidate in candidates:
-        host_path = resolve_in_rootfs(rootfs, candidate)
-        if host_path.is_file():
-            return ModuleRef(candidate, host_path, entry)
+        fd = _open_regular(rootfs, candidate)
+        if fd is not None:
+            return ModuleRef.holding(candidate, fd, entry)
     raise ModuleError(f"{image_path}: no such file in the container image")
 
 
@@ -272,6 +353,21 @@ def locate_module_in_layers(spec: BundleSpec, mounts: list[Mount]) -> ModuleRef 
     _image_path, entry, candidates = _module_candidates(spec)
     for candidate in candidates:
         host_path = find_in_layers(layers, candidate)
-        if host_path is not None:
-            return ModuleRef(candidate, host_path, entry)
+        if host_path is None:
+            continue
+        # Open what was checked without following anything, so the file read is the one
+        # find_in_layers saw, even if a layer changed since.
+        layer = next(layer for layer in layers if host_path.is_relative_to(layer))
+        try:
+            layer_fd = rootpath.open_root(layer)
+            try:
+                fd = rootpath.open_beneath(layer_fd, str(host_path.relative_to(layer)))
+            finally:
+                os.close(layer_fd)
+        except OSError:
+            return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            return None
+        return ModuleRef.holding(candidate, fd, entry)
     return None

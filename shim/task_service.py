@@ -382,6 +382,8 @@ class TaskService:
             cpu_quota_us=task.spec.cpu_quota_us,
             cpu_period_us=task.spec.cpu_period_us,
             namespace=admission.namespace,
+            readonly=task.spec.readonly,
+            mounts=tuple(task.spec.mounts),
         )
         loop = asyncio.get_running_loop()
         try:
