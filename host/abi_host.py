@@ -52,6 +52,13 @@ KNOWN_CAPABILITIES = frozenset(SPEC.capabilities)
 BUFFER_REQUEST_BODY = 0
 BUFFER_RESPONSE_BODY = 1
 BUFFER_CALL_DATA = 8
+# Of proxy-wasm's BufferType values, the ones this host serves (layotto_abi.yaml); any
+# other type is BAD_ARGUMENT, never a new host-side buffer.
+BUFFER_TYPES = frozenset({BUFFER_REQUEST_BODY, BUFFER_RESPONSE_BODY, BUFFER_CALL_DATA})
+# All the buffers of one instance together hold at most this much (a largest request body
+# and a largest response); a write past it is LIMIT_EXCEEDED. The host empties them after
+# every request.
+BUFFER_LIMIT = 2 * MAX_VALUE
 
 
 class AbiStatus(Exception):
@@ -83,7 +90,8 @@ class AbiContext:
     invoker: Invoker | None = None
     logger: Callable[[str, str], None] | None = None
     namespace: str | None = None  # the caller's namespace (None: not scoped, host-internal)
-    buffers: dict[int, bytearray] = field(default_factory=dict)
+    buffers: dict[int, bytearray] = field(default_factory=dict)  # proxy-wasm's, per request
+    buffer_limit: int = BUFFER_LIMIT  # what ``buffers`` may hold in all
     _view: memoryview | None = field(default=None, repr=False)
 
     # --- guest memory, checked --------------------------------------------------------
@@ -424,6 +432,8 @@ def _proxy_get_state(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, vpp: i
 def _proxy_get_buffer_bytes(
     ctx: AbiContext, btype: int, start: int, max_size: int, dpp: int, dlp: int
 ) -> str:
+    if btype not in BUFFER_TYPES:
+        return "BAD_ARGUMENT"
     ctx.check_writable(dpp, 4)
     ctx.check_writable(dlp, 4)
     buf = ctx.buffers.get(btype)
@@ -436,17 +446,26 @@ def _proxy_get_buffer_bytes(
 
 
 def _proxy_set_buffer_bytes(ctx: AbiContext, btype: int, start: int, size: int, dp: int, dl: int) -> str:
-    data = ctx.read(dp, dl)
-    if start < 0 or size < 0:
+    if btype not in BUFFER_TYPES or start < 0 or size < 0:
         return "BAD_ARGUMENT"
-    buf = ctx.buffers.setdefault(btype, bytearray())
-    if start >= len(buf):
-        buf += data  # append
+    buffers = ctx.buffers
+    buf = buffers.get(btype)
+    length = len(buf) if buf is not None else 0
+    # The sizes after the write, checked before anything is read or kept: a refused write
+    # changes nothing (start >= length appends, else `size` bytes at `start` are replaced).
+    new_length = length + dl if start >= length else length - min(size, length - start) + dl
+    if new_length > MAX_VALUE:
+        return "LIMIT_EXCEEDED"
+    if sum(map(len, buffers.values())) - length + new_length > ctx.buffer_limit:
+        ctx.note(f"proxy_set_buffer_bytes: the instance's buffers would exceed {ctx.buffer_limit} bytes")
+        return "LIMIT_EXCEEDED"
+    data = ctx.read(dp, dl)
+    if buf is None:
+        buf = buffers[btype] = bytearray()
+    if start >= length:
+        buf += data
     else:
         buf[start : start + size] = data
-    if len(buf) > MAX_VALUE:
-        del buf[MAX_VALUE:]
-        return "LIMIT_EXCEEDED"
     return "OK"
 
 

@@ -14,6 +14,18 @@ limits). Calls run in one of two places:
   requests queue (bounded: 503 past it) and each has a deadline (504, instance replaced).
 
 A trap answers 500 and replaces the instance; the function stays usable.
+
+Bounds a function cannot get past:
+
+- at most ``pool_size`` instances exist at once, whoever calls (worker threads, in-process
+  invocations, pub/sub deliveries, configuration notifications); callers beyond that wait
+  for a free instance (at most ``queue_limit`` of them, each up to the function's timeout)
+  or get 503;
+- a call's deadline callback runs at least every :data:`CHECK_TICKS` ticks, so stopping a
+  function interrupts its calls in flight within about 50 ms, and the function keeps the
+  epoch ticker until its last call has ended;
+- its log holds at most 500 lines of at most :data:`LOG_LINE_LIMIT` bytes each, however
+  the guest writes.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import wasmtime
 from layotto.abi.maps import encode_map
 from layotto.host.abi_host import (
     BUFFER_CALL_DATA,
+    BUFFER_LIMIT,
     BUFFER_REQUEST_BODY,
     BUFFER_RESPONSE_BODY,
     AbiContext,
@@ -65,6 +78,10 @@ INLINE_BUDGET_TICKS = 2  # first look after 5-10 ms ...
 INLINE_BUDGET = 0.010  # ... an inline call may run 10 ms before its function moves to threads
 BACK_INLINE_AFTER = 2000  # consecutive fast calls on threads before a function returns inline
 FAST_CALL = 0.001
+# A call's deadline callback runs at least every CHECK_TICKS ticks (50 ms), whatever its
+# timeout: that is how soon a stopped function's calls in flight are interrupted.
+CHECK_TICKS = 10
+LOG_LINE_LIMIT = 16 << 10  # a longer line (or output without a newline) is cut into lines this long
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 _HEADER = struct.Struct("<5I")
@@ -114,6 +131,18 @@ class Killed(Exception):
     """The function was stopped while the call ran."""
 
 
+class Unavailable(Exception):
+    """No instance for this call: the function is stopped, or its pool is full and stays so."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.body.decode(errors="replace").strip())
+        self.response = response
+
+
+def _stopped() -> Response:
+    return Response(503, body=b"function stopped\n")
+
+
 def encode_request(req: Request) -> bytes:
     """The request as the handler ABI lays it out in linear memory (abi/http.md). The host's
     own calls lay it out in C (host/_handler.c); this is the reference the tests hold it to."""
@@ -134,20 +163,38 @@ _STDOUT_STREAMS = frozenset({"stdout", "trace", "debug", "info", "warn"})
 class FunctionLog:
     """The last lines a function wrote (stdout, stderr, traps), for `layotto logs`."""
 
-    def __init__(self, limit: int = 500) -> None:
+    def __init__(self, limit: int = 500, line_limit: int = LOG_LINE_LIMIT) -> None:
         self.lines: collections.deque[str] = collections.deque(maxlen=limit)
+        self.line_limit = line_limit
         self._partial = {"stdout": b"", "stderr": b""}
+        self._write_lock = threading.Lock()  # instances on several threads share a stream
         # The container's own stdout/stderr (containerd's fifos, so `kubectl logs` and
         # `ctr` see the function's output too); set by the Task service.
         self.sinks: dict[str, Callable[[bytes], None]] = {}
 
     def writer(self, stream: str) -> Callable[[bytes], None]:
+        """A WASI output callback: complete lines go to the log; an unfinished line is kept
+        until its newline, but never more than ``line_limit`` bytes of it (a longer one is
+        logged in pieces of that size), so the host holds a bounded amount per stream."""
+
         def write(data: bytes) -> None:
-            buf = self._partial[stream] + data
-            *complete, rest = buf.split(b"\n")
-            for line in complete:
-                self.add(stream, line.decode(errors="replace"))
-            self._partial[stream] = rest[-65536:]
+            limit = self.line_limit
+            with self._write_lock:
+                pending = self._partial[stream]
+                start, size = 0, len(data)
+                while start < size:
+                    newline = data.find(b"\n", start)
+                    end = size if newline < 0 else newline
+                    while len(pending) + (end - start) > limit:
+                        take = limit - len(pending)
+                        self.add(stream, (pending + data[start : start + take]).decode(errors="replace"))
+                        pending, start = b"", start + take
+                    if newline < 0:
+                        pending += data[start:end]
+                        break
+                    self.add(stream, (pending + data[start:end]).decode(errors="replace"))
+                    pending, start = b"", newline + 1
+                self._partial[stream] = pending
 
         return write
 
@@ -182,7 +229,11 @@ class BaseInstance:
         elapsed = time.perf_counter() - self._started
         if self.deadline_kind == "inline":
             return "inline budget" if elapsed >= INLINE_BUDGET else 1
-        return "deadline" if elapsed >= self.fn.timeout else 1
+        left = self.fn.timeout - elapsed
+        if left <= 0:
+            return "deadline"
+        # Look again at the deadline, or sooner: a kill must not wait for the deadline.
+        return min(CHECK_TICKS, int(left / TICK) + 1)
 
     def close(self) -> None:
         """Free the Store (its linear memory) now rather than at garbage collection."""
@@ -191,12 +242,13 @@ class BaseInstance:
     def _arm(self, ticks: int, kind: str) -> None:
         self._started = time.perf_counter()
         # Resetting the deadline is needed only once the ticker has moved on since the
-        # last reset (it ticks far less often than requests arrive).
+        # last reset (it ticks far less often than requests arrive). The first look comes
+        # after at most CHECK_TICKS ticks; the callback then decides (it reads the clock).
         now = self.ticker.ticks
         if now != self._deadline_at or kind != self.deadline_kind:
             self.deadline_kind = kind
             self._deadline_at = now
-            set_epoch_deadline(self.ctx, ticks)
+            set_epoch_deadline(self.ctx, ticks if ticks < CHECK_TICKS else CHECK_TICKS)
 
     @staticmethod
     def _classify(exc: wasmtime.WasmtimeError) -> None:
@@ -267,10 +319,15 @@ class Instance(BaseInstance):
 
     def call(self, request: Request, ticks: int, kind: str) -> Response:
         """Run the handler on one request."""
-        if self.abi is None:
+        abi = self.abi
+        if abi is None:
             return self._call(request, ticks, kind)
-        with calling(self.abi):
-            return self._call(request, ticks, kind)
+        with calling(abi):
+            try:
+                return self._call(request, ticks, kind)
+            finally:
+                if abi.buffers:  # what the guest left in Layotto's buffers lives one request
+                    abi.buffers = {}
 
     def _call(self, request: Request, ticks: int, kind: str) -> Response:
         self.calls += 1
@@ -365,6 +422,7 @@ class ProxyInstance(BaseInstance):
                 self._callback("proxy_on_context_create", self.ROOT, 0)
                 self._callback("proxy_on_vm_start", self.ROOT, 0)
                 self._callback("proxy_on_configure", self.ROOT, 0)
+                self.abi.buffers = {}
         except BaseException:
             self.raw.delete()
             raise
@@ -390,11 +448,12 @@ class ProxyInstance(BaseInstance):
                     self._callback("proxy_on_request_body", context, len(body), 1)
                 self._callback("proxy_on_done", context)
                 self._callback("proxy_on_delete", context)
+                body_out = bytes(self.abi.buffers.get(BUFFER_RESPONSE_BODY, b""))
             except wasmtime.WasmtimeError as exc:
                 self._classify(exc)
                 raise
-            body_out = bytes(self.abi.buffers.get(BUFFER_RESPONSE_BODY, b""))
-            self.abi.buffers = {}
+            finally:
+                self.abi.buffers = {}  # the buffers live one request, whatever happened
         return Response(200, [(b"content-type", b"text/plain; charset=utf-8")], body_out)
 
 
@@ -449,9 +508,11 @@ class WorkerPool:
                     return  # stopped and drained
                 request, ticks, future = self.queue.popleft()
             if self.stopped:
-                response = Response(503, body=b"function stopped\n")
+                response = _stopped()
             else:
-                response = self.fn._threaded_call(request, ticks)
+                # Admitted by the queue already: waits for an instance without a limit on
+                # waiters (there are at most pool_size workers), up to the timeout.
+                response = self.fn._threaded_call(request, ticks, limit_waiters=False)
             self._answer(future, response)
 
     def _answer(self, future: asyncio.Future[Response], response: Response) -> None:
@@ -472,7 +533,8 @@ class WorkerPool:
                 future.set_result(response)
 
     def stop(self) -> None:
-        """Answer what is queued with 503 and let the workers end (calls in flight finish)."""
+        """Answer what is queued with 503 and let the workers end (the function's stop
+        interrupts their calls in flight)."""
         with self.cond:
             self.stopped = True
             queued = list(self.queue)
@@ -554,9 +616,13 @@ class Function:
         self.stopped = False
         self.threaded = False
         self.started_at = time.time()
-        self._idle: list[Instance] = []
-        self._live = 0
+        self._idle: list[BaseInstance] = []
+        self._live = 0  # instances in existence: idle, on a call, or being made
+        self._busy = 0  # instances on a call or being made for one (at most pool_size)
+        self._waiting = 0  # callers waiting for an instance to come free
         self._lock = threading.Lock()
+        self._free = threading.Condition(self._lock)
+        self._ticker_held = False
         self._workers: WorkerPool | None = None
         self._fast_streak = 0
         facts = module_facts(compiled.module)
@@ -572,10 +638,18 @@ class Function:
         # Calls into the Runtime ABI block on components (SQLite, Redis, other functions):
         # such functions run on worker threads from the start, never on the event loop.
         self.threaded = self.uses_abi
-        self._idle.append(self._new_instance())  # fails Start on a broken module
+        # Held from before the first instance (a Layotto-style module runs its start-up
+        # code under a deadline) until the function is stopped and its last call has ended.
+        engine.ticker.acquire()
+        self._ticker_held = True
+        try:
+            self._idle.append(self._new_instance())  # fails Start on a broken module
+        except BaseException:
+            self._ticker_held = False
+            engine.ticker.release()
+            raise
         if not function_id and self.module_id:
             self.id = self.module_id
-        engine.ticker.acquire()
 
     # --- instances -------------------------------------------------------------------
 
@@ -618,34 +692,101 @@ class Function:
             invoker=services.invoker if services else None,
             logger=self.log.add,
             namespace=self.namespace,
+            # host memory the guest's buffers may take: never more than its own memory
+            buffer_limit=min(BUFFER_LIMIT, self.memory_limit),
         )
 
-    def _new_instance(self) -> Instance:
+    def _construct(self) -> BaseInstance:
         try:
-            instance = self.instance_class(self)
+            return self.instance_class(self)
         except ModuleError:
             raise
         except Exception as exc:
             raise ModuleError(f"{self.name}: cannot instantiate the function: {describe_error(exc)}") from exc
+
+    def _new_instance(self) -> BaseInstance:
+        """A new instance, counted as live (outside the pool's slots: start-up and tests)."""
+        instance = self._construct()
         with self._lock:
             self._live += 1
         return instance
 
-    def _take(self) -> Instance:
+    def _take(self, wait: float | None = None, *, limit_waiters: bool = True) -> BaseInstance | None:
+        """An instance for one call, holding one of the pool's ``pool_size`` slots until
+        :meth:`_give_back`. With the pool full: None at once when ``wait`` is None (the
+        inline path, which must not block), else wait up to ``wait`` seconds (among at most
+        ``queue_limit`` waiters when ``limit_waiters``). Raises :class:`Unavailable` when
+        the function is stopped, the waiters are too many or the wait ran out."""
         with self._lock:
+            if self.stopped:
+                raise Unavailable(_stopped())
+            if self._busy >= self.pool_size:
+                if wait is None:
+                    return None
+                self._wait_for_slot(wait, limit_waiters)
+            self._busy += 1
             if self._idle and not self.fresh:
                 return self._idle.pop()
-        return self._new_instance()
+            self._live += 1  # counted while being made: the ticker stays until it is gone
+        try:
+            return self._construct()
+        except BaseException:
+            self._release_slot()
+            raise
 
-    def _give_back(self, instance: Instance, healthy: bool) -> None:
+    def _wait_for_slot(self, wait: float, limit_waiters: bool) -> None:
+        # Called with self._lock held.
+        if limit_waiters and self._waiting >= self.queue_limit:
+            raise Unavailable(Response(503, body=b"function busy: too many calls waiting for an instance\n"))
+        deadline = time.monotonic() + wait
+        self._waiting += 1
+        try:
+            while self._busy >= self.pool_size and not self.stopped:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Unavailable(
+                        Response(503, body=b"function busy: no instance came free within its timeout\n")
+                    )
+                self._free.wait(left)
+        finally:
+            self._waiting -= 1
+        if self.stopped:
+            raise Unavailable(_stopped())
+
+    def _release_slot(self) -> None:
+        """Give up the slot of an instance that could not be made."""
         with self._lock:
+            self._busy -= 1
+            self._live -= 1
+            if self._waiting:
+                self._free.notify()
+            release = self._drop_ticker_locked()
+        if release:
+            self.engine.ticker.release()
+
+    def _drop_ticker_locked(self) -> bool:
+        """Whether to release the ticker now: stopped, and no instance left that could be
+        running (called with self._lock held; the caller releases outside it)."""
+        if self.stopped and self._live <= 0 and self._ticker_held:
+            self._ticker_held = False
+            return True
+        return False
+
+    def _give_back(self, instance: BaseInstance, healthy: bool) -> None:
+        with self._lock:
+            self._busy -= 1
+            if self._waiting:
+                self._free.notify()
             if healthy and not self.fresh and not self.stopped:
                 self._idle.append(instance)
                 return
             self._live -= 1
             if not healthy:
                 self.stats.replaced += 1
+            release = self._drop_ticker_locked()
         instance.close()
+        if release:
+            self.engine.ticker.release()
 
     @property
     def instances(self) -> int:
@@ -664,7 +805,7 @@ class Function:
 
     # --- invocation --------------------------------------------------------------------
 
-    def _run(self, instance: Instance, request: Request, ticks: int, kind: str) -> Response:
+    def _run(self, instance: BaseInstance, request: Request, ticks: int, kind: str) -> Response:
         # Inline calls run on the event loop thread, which does nothing else meanwhile:
         # wall time is their CPU time (and perf_counter is far cheaper than thread_time).
         clock = time.perf_counter if kind == "inline" else time.thread_time
@@ -691,6 +832,9 @@ class Function:
             self._give_back(instance, healthy=False)
             self.log.add("host", f"bad response: {exc}; instance replaced")
             return Response(500, body=f"function failed: {exc}\n".encode())
+        except BaseException:  # a host bug: the instance (and its slot) must not leak
+            self._give_back(instance, healthy=False)
+            raise
         finally:
             spent = clock() - cpu
             self.stats.cpu_seconds += spent
@@ -703,15 +847,20 @@ class Function:
         """Serve a request on the calling (event loop) thread, or return None when the
         function runs on worker threads: then ``await call_threaded(request)``."""
         if self.stopped:
-            return Response(503, body=b"function stopped\n")
+            return _stopped()
         if self.threaded:
             return None
         started = time.perf_counter()
         try:
-            response = self._run(self._take(), request, INLINE_BUDGET_TICKS, "inline")
+            instance = self._take()
+            if instance is None:  # every instance is busy elsewhere: queue on the workers
+                return None
+            response = self._run(instance, request, INLINE_BUDGET_TICKS, "inline")
         except BudgetExceeded:
             self._go_threaded()
             return None
+        except Unavailable as exc:
+            response = exc.response
         except ModuleError as exc:
             response = Response(500, body=f"{exc}\n".encode())
         self.stats.observe(response.status, time.perf_counter() - started)
@@ -744,11 +893,14 @@ class Function:
             self._workers = WorkerPool(self, asyncio.get_running_loop())
         return await self._workers.submit(request, max(1, int(self.timeout / TICK)))
 
-    def _threaded_call(self, request: Request, ticks: int) -> Response:
+    def _threaded_call(self, request: Request, ticks: int, *, limit_waiters: bool = True) -> Response:
         try:
-            instance = self._take()
+            instance = self._take(self.timeout, limit_waiters=limit_waiters)
+        except Unavailable as exc:
+            return exc.response
         except ModuleError as exc:
             return Response(500, body=f"{exc}\n".encode())
+        assert instance is not None  # _take waits (or raises) when given a wait
         try:
             return self._run(instance, request, ticks, "thread")
         except BudgetExceeded:  # not expected on a thread; treat like a deadline
@@ -756,24 +908,33 @@ class Function:
 
     def call_sync(self, request: Request) -> Response:
         """Serve a request on the calling thread, with the request deadline (used by
-        in-process invocation and pub/sub delivery, which run off the event loop)."""
+        in-process invocation, pub/sub delivery and configuration notifications, which run
+        off the event loop). Shares the function's ``pool_size`` instances with its worker
+        threads: with all of them busy it waits up to the function's timeout for one (then
+        the call has its own timeout), among at most ``queue_limit`` waiters; past either,
+        503 "function busy"."""
         if self.stopped:
-            return Response(503, body=b"function stopped\n")
+            return _stopped()
         started = time.perf_counter()
         response = self._threaded_call(request, max(1, int(self.timeout / TICK)))
         self.stats.observe(response.status, time.perf_counter() - started)
         return response
 
     def stop(self) -> None:
-        """Stop taking requests; calls in flight end at their deadline."""
-        if self.stopped:
-            return
-        self.stopped = True
+        """Stop taking requests and interrupt the calls in flight (503): each notices at
+        its next deadline check, within CHECK_TICKS ticks. The epoch ticker stays acquired
+        until the last of them has ended, or nothing would ever interrupt them."""
         with self._lock:
+            if self.stopped:
+                return
+            self.stopped = True
             self._live -= len(self._idle)
             idle, self._idle = self._idle, []
+            self._free.notify_all()  # waiters answer 503 at once
+            release = self._drop_ticker_locked()
         for instance in idle:
             instance.close()
-        self.engine.ticker.release()
+        if release:
+            self.engine.ticker.release()
         if self._workers is not None:
             self._workers.stop()

@@ -115,10 +115,12 @@ def test_configuration_changes_reach_a_subscribed_function(
 
     fn.call_sync = recording  # type: ignore[method-assign]
     with load_components(None, tmp_path) as components:
-        runtime.services = HostServices(components, None)
+        runtime.services = fn.services = HostServices(components, None)
         service = TaskService(runtime, publisher=None)  # type: ignore[arg-type]
         task = SimpleNamespace(
-            spec=SimpleNamespace(annotations={"layotto.io/config-subscriptions": "config_demo/feature"})
+            spec=SimpleNamespace(annotations={"layotto.io/config-subscriptions": "config_demo/feature"}),
+            # what admission (shim/admission.py) reads off that annotation at Create
+            admission=SimpleNamespace(config_subscriptions=(("config_demo", ("feature",)),)),
         )
         cancels = service._watch_configuration(task, fn)  # type: ignore[arg-type]
         assert len(cancels) == 1
