@@ -1,17 +1,27 @@
 """Compiling modules once: the wasmtime Engine, the WASI linker and the module cache.
 
-Compiled code is cached twice: in memory by the module's sha256, and on disk in the
-host's own state directory, keyed by sha256(wasm) + wasmtime version + the engine
-settings. The disk cache is written only by this host, in a directory only root can
-write; nothing that came from an image is ever deserialized (wasmtime would run it as
-native code).
+Compiled code is cached twice: in memory by the module's sha256 (least recently used
+modules dropped beyond a count and a size), and on disk in the host's own state
+directory, keyed by sha256(wasm) + wasmtime version + the engine settings. The disk cache
+is written only by this host, in a directory only root can write; nothing that came from
+an image is ever deserialized (wasmtime would run it as native code).
+
+Uncached modules are compiled in a child process bounded in CPU time, address space and
+wall time (host/compiler.py, run by :class:`ChildCompiler`): a module built to be costly
+to compile costs its own child, not the host serving every tenant.
 """
 
 from __future__ import annotations
 
+import collections
+import ctypes
 import hashlib
 import logging
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -22,7 +32,16 @@ from pathlib import Path
 
 import wasmtime
 from wasmtime import _bindings as ffi
+from wasmtime import _ffi
 
+from layotto.host import compiler as _compiler_program
+from layotto.host.compiler import (
+    DEFAULT_MAX_MODULE_BYTES,
+    ENGINE_SETTINGS,
+    MAX_WASM_STACK,  # noqa: F401 (re-exported)
+    OOM_MARKERS,
+    apply_engine_settings,
+)
 from layotto.host.errors import ModuleError
 
 log = logging.getLogger(__name__)
@@ -31,10 +50,15 @@ WASM_MAGIC = b"\0asm"
 WASI_MODULES = frozenset({"wasi_snapshot_preview1", "wasi_unstable"})
 ABI_MODULES = frozenset({"layotto", "env"})  # the Runtime ABI, ours and Layotto's
 
-MAX_WASM_STACK = 512 << 10  # bytes of native stack wasm may use (deeper recursion traps)
-ENGINE_SETTINGS = f"epoch_interruption=1;cranelift_opt_level=speed;max_wasm_stack={MAX_WASM_STACK}"
 TICK = 0.005  # seconds per epoch tick while the ticker runs
 DEFAULT_CACHE_LIMIT = 1 << 30  # bytes of compiled modules kept on disk
+DEFAULT_MEMORY_CACHE_MODULES = 256  # compiled modules kept in memory ...
+DEFAULT_MEMORY_CACHE_BYTES = 1 << 30  # ... and their total serialized size
+DEFAULT_COMPILE_CPU_SECONDS = 60.0  # CPU time of one compile (all compiler threads together)
+DEFAULT_COMPILE_MEMORY_BYTES = 4 << 30  # address space of one compiling child
+DEFAULT_COMPILE_TIMEOUT = 120.0  # wall-clock seconds of one compile (waiting for a slot excluded)
+DEFAULT_COMPILE_WORKERS = 2  # compiles running at once; more wait for a slot
+FAILURE_MEMO = 1024  # modules remembered as refused (invalid or over a limit)
 
 
 class EpochTicker:
@@ -159,11 +183,12 @@ class PoolSettings:
 
 
 def _config(pooling: PoolSettings | None) -> wasmtime.Config:
+    """The engine config: the settings every compiling child uses too (compiler.py)."""
     config = wasmtime.Config()
-    config.epoch_interruption = True
-    config.cranelift_opt_level = "speed"
-    config.max_wasm_stack = MAX_WASM_STACK
+    apply_engine_settings(ffi.dll, ctypes.cast(config.ptr(), ctypes.c_void_p).value or 0)
     if pooling is not None:
+        # The allocation strategy is no compile setting: code compiled for the plain engine
+        # deserializes into the pooled one (WasmEngine.to_pooled).
         pool = ffi.wasmtime_pooling_allocation_config_new()
         ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, pooling.instances)
         ffi.wasmtime_pooling_allocation_config_total_memories_set(pool, pooling.instances)
@@ -177,8 +202,168 @@ def _config(pooling: PoolSettings | None) -> wasmtime.Config:
     return config
 
 
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB" if size % (1 << 20) else f"{size >> 20} MiB"
+
+
+def module_too_large(name: str, size: int, limit: int, *, at_least: bool = False) -> ModuleError:
+    """The error for a module of ``size`` bytes (``at_least``: or more) over ``limit``."""
+    more = "more than " if at_least else ""
+    return ModuleError(
+        f"{name} is {more}{size} bytes ({more}{_mib(size)}), larger than the host's module size "
+        f"limit of {limit} bytes ({_mib(limit)})"
+    )
+
+
+def _cause(text: str) -> str:
+    """The innermost cause of a wasmtime error message, in one line."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if not lines:
+        return "unknown error"
+    if "Caused by:" in lines:
+        cause = lines[-1]
+        return cause.split(": ", 1)[1] if cause[:1].isdigit() and ": " in cause else cause
+    return lines[0]
+
+
+class CompileFailure(ModuleError):
+    """A compile that failed; ``lasting``: it would fail again (the module is invalid or
+    exceeds a limit), as opposed to a timeout on a busy host or a crash."""
+
+    def __init__(self, message: str, *, lasting: bool) -> None:
+        super().__init__(message)
+        self.lasting = lasting
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    """A compile the child finished: what it wrote and what it cost."""
+
+    size: int  # bytes of serialized code written
+    cpu_seconds: float  # the child's CPU time, all threads
+    max_rss: int  # the child's peak resident memory, bytes
+    seconds: float  # wall time, from starting the child to its exit
+
+
+class ChildCompiler:
+    """Compiles in child processes running host/compiler.py, at most ``workers`` at a time.
+
+    Limits per compile: ``cpu_seconds`` of CPU (RLIMIT_CPU), ``memory_bytes`` of address
+    space (RLIMIT_AS) and ``timeout`` wall-clock seconds (the child is killed). The child is
+    a fresh ``python -I -S`` (no site-packages, no environment) loading only libwasmtime:
+    starting it from a multi-threaded host is a plain fork+exec, and costs ~15 ms."""
+
+    def __init__(
+        self,
+        *,
+        cpu_seconds: float = DEFAULT_COMPILE_CPU_SECONDS,
+        memory_bytes: int = DEFAULT_COMPILE_MEMORY_BYTES,
+        timeout: float = DEFAULT_COMPILE_TIMEOUT,
+        workers: int = DEFAULT_COMPILE_WORKERS,
+    ) -> None:
+        self.cpu_seconds = cpu_seconds
+        self.memory_bytes = memory_bytes
+        self.timeout = timeout
+        self._slots = threading.BoundedSemaphore(max(1, workers))
+
+    def argv(self, output: Path) -> list[str]:
+        """The child's command line, writing to ``output``."""
+        return [
+            sys.executable,
+            "-I",
+            "-S",
+            str(Path(_compiler_program.__file__).resolve()),
+            str(_ffi.filename),
+            str(output),
+            repr(float(self.cpu_seconds)),
+            str(int(self.memory_bytes)),
+            str(max(int(self.memory_bytes), 1 << 20)),  # RLIMIT_FSIZE: no file larger than that
+        ]
+
+    def compile(self, wasm: bytes, output: Path, *, name: str) -> CompileReport:
+        """Compile ``wasm`` into the new file ``output``, or raise a ModuleError saying why."""
+        with self._slots:
+            started = time.perf_counter()
+            child = subprocess.Popen(
+                self.argv(output),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={"MALLOC_ARENA_MAX": "2", "LC_ALL": "C"},  # few malloc arenas: less address space
+                cwd="/",
+                start_new_session=True,  # a terminal's ^C is for the host, not its compiles
+            )
+            try:
+                out, err = child.communicate(wasm, timeout=self.timeout)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.communicate()
+                raise CompileFailure(
+                    f"compiling {name} took more than {self.timeout:g} s (the host's wall-clock limit "
+                    "per compile)",
+                    lasting=False,
+                ) from None
+            except BaseException:
+                child.kill()
+                child.wait()
+                raise
+            seconds = time.perf_counter() - started
+        return self._outcome(name, child.returncode, out, err, seconds)
+
+    def _outcome(self, name: str, returncode: int, out: bytes, err: bytes, seconds: float) -> CompileReport:
+        head, _, detail_bytes = out.partition(b"\n")
+        fields = head.decode(errors="replace").split()
+        detail = detail_bytes.decode(errors="replace")
+        stderr = err.decode(errors="replace").strip()
+        kind = fields[1] if fields[:1] == ["error"] and len(fields) > 1 else ""
+        if fields[:1] == ["ok"] and returncode == 0 and len(fields) == 4:
+            return CompileReport(int(fields[1]), float(fields[2]), int(fields[3]), seconds)
+        if returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not kind:
+            kind = "cpu"  # SIGXCPU at the soft limit (SIGKILL at the hard one)
+        elif not kind and any(marker in stderr for marker in OOM_MARKERS):
+            kind = "memory"
+        cpu = f"{self.cpu_seconds:g} s"
+        if kind == "cpu":
+            message = f"compiling {name} took more than {cpu} of CPU (limit {cpu} per compile)"
+            raise CompileFailure(message, lasting=True)
+        if kind == "memory":
+            memory = _mib(self.memory_bytes)
+            message = (
+                f"compiling {name} needed more than {memory} (limit {memory} of address space per compile)"
+            )
+            raise CompileFailure(message, lasting=True)
+        if kind == "invalid":
+            if "multiple memories" in detail:
+                message = (
+                    f"{name} declares more than one linear memory: multi-memory modules are not allowed "
+                    "on this host"
+                )
+            else:
+                message = f"{name} is not a valid WebAssembly module: {_cause(detail)}"
+            raise CompileFailure(message, lasting=True)
+        if kind:
+            raise CompileFailure(f"compiling {name} failed: {_cause(detail)}", lasting=False)
+        if returncode < 0:
+            try:
+                how = f"killed by {signal.Signals(-returncode).name}"
+            except ValueError:
+                how = f"killed by signal {-returncode}"
+        else:
+            how = f"exit status {returncode}"
+        last = stderr.splitlines()[-1] if stderr else ""
+        raise CompileFailure(
+            f"compiling {name} failed: the compiler {how}{': ' + last if last else ''}", lasting=False
+        )
+
+
 class WasmEngine:
-    """One wasmtime Engine for the whole node host (plus a pooled sibling, on demand)."""
+    """One wasmtime Engine for the whole node host (plus a pooled sibling, on demand).
+
+    ``max_module_bytes``: the largest module ``load`` accepts. ``compile_*``: the limits of
+    one compile (see :class:`ChildCompiler`). ``memory_cache_modules`` and
+    ``memory_cache_bytes`` (total serialized size): the compiled modules kept in memory,
+    least recently used dropped first (running functions keep their own reference; the
+    newest module is always kept). ``cache_limit``: bytes of compiled code kept on disk."""
 
     def __init__(
         self,
@@ -186,11 +371,18 @@ class WasmEngine:
         cache_limit: int = DEFAULT_CACHE_LIMIT,
         *,
         pooling: PoolSettings | None = None,
+        max_module_bytes: int = DEFAULT_MAX_MODULE_BYTES,
+        compile_cpu_seconds: float = DEFAULT_COMPILE_CPU_SECONDS,
+        compile_memory_bytes: int = DEFAULT_COMPILE_MEMORY_BYTES,
+        compile_timeout: float = DEFAULT_COMPILE_TIMEOUT,
+        compile_workers: int = DEFAULT_COMPILE_WORKERS,
+        memory_cache_modules: int = DEFAULT_MEMORY_CACHE_MODULES,
+        memory_cache_bytes: int = DEFAULT_MEMORY_CACHE_BYTES,
     ) -> None:
         self.pooling = pooling
         self.engine = wasmtime.Engine(_config(pooling))
         self._pooled: WasmEngine | None = None
-        self._pooled_modules: dict[str, CompiledModule] = {}
+        self._pooled_modules: collections.OrderedDict[str, CompiledModule] = collections.OrderedDict()
         self.ticker = EpochTicker(self.engine)
         self.cache_dir = cache_dir
         self.cache_limit = cache_limit
@@ -200,9 +392,23 @@ class WasmEngine:
         self._fingerprint = hashlib.sha256(
             f"wasmtime-py {package_version('wasmtime')};{ENGINE_SETTINGS}".encode()
         ).hexdigest()[:16]
-        self._modules: dict[str, wasmtime.Module] = {}
+        self.max_module_bytes = max_module_bytes
+        self.compiler = ChildCompiler(
+            cpu_seconds=compile_cpu_seconds,
+            memory_bytes=compile_memory_bytes,
+            timeout=compile_timeout,
+            workers=compile_workers,
+        )
+        self.memory_cache_modules = memory_cache_modules
+        self.memory_cache_bytes = memory_cache_bytes
+        # digest -> (module, its serialized size), least recently used first
+        self._modules: collections.OrderedDict[str, tuple[wasmtime.Module, int]] = collections.OrderedDict()
+        self._module_bytes = 0
+        self._refused: collections.OrderedDict[str, str] = collections.OrderedDict()  # digest -> error
+        self._compiling: dict[str, threading.Lock] = {}
+        self._scratch: str | None = None  # a private directory for compiles without a cache dir
         self._lock = threading.Lock()
-        self.stats = {"memory_hits": 0, "disk_hits": 0, "compiles": 0}
+        self.stats = {"memory_hits": 0, "disk_hits": 0, "compiles": 0, "memory_evictions": 0, "refused": 0}
 
     def pooled(self) -> WasmEngine:
         """The sibling engine with the pooling allocator (created on first use)."""
@@ -216,11 +422,15 @@ class WasmEngine:
         pooled = self.pooled()
         with self._lock:
             found = self._pooled_modules.get(compiled.digest)
+            if found is not None:
+                self._pooled_modules.move_to_end(compiled.digest)
         if found is None:
             module = wasmtime.Module.deserialize(pooled.engine, compiled.module.serialize())
             found = CompiledModule(compiled.digest, module, compiled.exports, "memory", compiled.reads_stdin)
             with self._lock:
-                self._pooled_modules.setdefault(compiled.digest, found)
+                found = self._pooled_modules.setdefault(compiled.digest, found)
+                while len(self._pooled_modules) > max(1, self.memory_cache_modules):
+                    self._pooled_modules.popitem(last=False)
         return found
 
     def _cache_path(self, digest: str) -> Path | None:
@@ -228,10 +438,34 @@ class WasmEngine:
             return None
         return self.cache_dir / f"{digest}-{self._fingerprint}.cwasm"
 
+    def _cached(self, digest: str) -> wasmtime.Module | None:
+        with self._lock:
+            found = self._modules.get(digest)
+            if found is None:
+                return None
+            self._modules.move_to_end(digest)
+            return found[0]
+
+    def _remember(self, digest: str, module: wasmtime.Module, size: int) -> wasmtime.Module:
+        """Keep ``module`` in memory, dropping the least recently used beyond the limits."""
+        with self._lock:
+            found = self._modules.get(digest)
+            if found is not None:
+                self._modules.move_to_end(digest)
+                return found[0]
+            self._modules[digest] = (module, size)
+            self._module_bytes += size
+            while len(self._modules) > 1 and (
+                len(self._modules) > self.memory_cache_modules or self._module_bytes > self.memory_cache_bytes
+            ):
+                _, (_, dropped) = self._modules.popitem(last=False)
+                self._module_bytes -= dropped
+                self.stats["memory_evictions"] += 1
+        return module
+
     def loaded(self, digest: str) -> CompiledModule | None:
         """The module with this sha256, when it is compiled in memory already (else None)."""
-        with self._lock:
-            module = self._modules.get(digest)
+        module = self._cached(digest)
         if module is None:
             return None
         facts = module_facts(module)
@@ -242,16 +476,15 @@ class WasmEngine:
 
     def load(self, wasm: bytes, *, name: str) -> CompiledModule:
         """Validate and compile ``wasm`` (named ``name`` in errors), using the caches."""
+        if len(wasm) > self.max_module_bytes:
+            raise module_too_large(name, len(wasm), self.max_module_bytes)
         if wasm[:4] != WASM_MAGIC:
             raise ModuleError(f"{name} is not a WebAssembly module (it does not start with \\0asm)")
         digest = hashlib.sha256(wasm).hexdigest()
-        with self._lock:
-            module = self._modules.get(digest)
+        module = self._cached(digest)
         source = "memory"
         if module is None:
-            module, source = self._load_uncached(wasm, digest, name)
-            with self._lock:
-                self._modules.setdefault(digest, module)
+            module, source = self._load_once(wasm, digest, name)
         self.stats[{"memory": "memory_hits", "disk": "disk_hits", "compiled": "compiles"}[source]] += 1
         facts = module_facts(module)
         if not facts.checked:
@@ -259,30 +492,82 @@ class WasmEngine:
             facts.checked = True
         return CompiledModule(digest, module, facts.export_names, source, facts.reads_stdin)
 
-    def _load_uncached(self, wasm: bytes, digest: str, name: str) -> tuple[wasmtime.Module, str]:
+    def _load_once(self, wasm: bytes, digest: str, name: str) -> tuple[wasmtime.Module, str]:
+        """Load an uncached module; concurrent loads of one module wait for the first."""
+        with self._lock:
+            gate = self._compiling.setdefault(digest, threading.Lock())
+        try:
+            with gate:
+                module = self._cached(digest)
+                if module is not None:
+                    return module, "memory"
+                with self._lock:
+                    refused = self._refused.get(digest)
+                if refused is not None:
+                    self.stats["refused"] += 1
+                    raise ModuleError(f"{name} was refused before (same sha256): {refused}")
+                module, source, size = self._load_uncached(wasm, digest, name)
+                return self._remember(digest, module, size), source
+        finally:
+            with self._lock:
+                if self._compiling.get(digest) is gate and not gate.locked():
+                    del self._compiling[digest]
+
+    def _load_uncached(self, wasm: bytes, digest: str, name: str) -> tuple[wasmtime.Module, str, int]:
         path = self._cache_path(digest)
         if path is not None and path.exists():
             try:
                 module = wasmtime.Module.deserialize_file(self.engine, str(path))
                 os.utime(path)  # recently used: last to be evicted
-                return module, "disk"
-            except wasmtime.WasmtimeError as exc:
+                return module, "disk", path.stat().st_size
+            except (wasmtime.WasmtimeError, OSError) as exc:
                 log.warning("dropping unusable cache entry %s: %s", path, exc)
                 path.unlink(missing_ok=True)
+        # The child creates this name exclusively, in a directory only the host can write;
+        # it is deserialized only once that child has exited with success.
+        scratch = path.parent if path is not None else Path(self._scratch_dir())
+        tmp = scratch / f".tmp-{digest[:16]}-{os.getpid()}-{os.urandom(6).hex()}"
         try:
-            module = wasmtime.Module(self.engine, wasm)
-        except wasmtime.WasmtimeError as exc:
-            raise ModuleError(f"{name} is not a valid WebAssembly module: {_first_line(exc)}") from exc
-        if path is not None:
             try:
-                fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-                with os.fdopen(fd, "wb") as out:
-                    out.write(module.serialize())
-                os.replace(tmp, path)
-                self.evict()
-            except OSError as exc:
-                log.warning("cannot write module cache %s: %s", path, exc)
-        return module, "compiled"
+                report = self.compiler.compile(wasm, tmp, name=name)
+            except CompileFailure as exc:
+                if exc.lasting:  # the same again would fail the same way: refuse it at once
+                    self._refuse(digest, str(exc))
+                raise
+            try:
+                module = wasmtime.Module.deserialize_file(self.engine, str(tmp))
+            except wasmtime.WasmtimeError as exc:
+                raise ModuleError(f"compiling {name} failed: {_cause(str(exc))}") from exc
+            log.info(
+                "compiled %s (%s) in a child: %.2f s, %.2f s CPU, peak %s",
+                name,
+                _mib(len(wasm)),
+                report.seconds,
+                report.cpu_seconds,
+                _mib(report.max_rss),
+            )
+            if path is not None:
+                try:
+                    os.replace(tmp, path)
+                    self.evict()
+                except OSError as exc:
+                    log.warning("cannot write module cache %s: %s", path, exc)
+            return module, "compiled", report.size
+        finally:
+            tmp.unlink(missing_ok=True)  # a loaded module keeps its own mapping
+
+    def _refuse(self, digest: str, message: str) -> None:
+        with self._lock:
+            self._refused[digest] = message
+            while len(self._refused) > FAILURE_MEMO:
+                self._refused.popitem(last=False)
+
+    def _scratch_dir(self) -> str:
+        with self._lock:
+            if self._scratch is None:
+                self._scratch = tempfile.mkdtemp(prefix="layotto-compile-")  # mode 0700
+                weakref.finalize(self, shutil.rmtree, self._scratch, True)
+            return self._scratch
 
     def evict(self) -> int:
         """Drop the least recently used compiled modules until the cache fits its limit."""
