@@ -170,7 +170,8 @@ def validate_manifest(doc: Any) -> list[str]:
     return [f"{kind} {(doc.get('metadata') or {}).get('name')!r}: {e}" for e in errors]
 
 
-MANIFESTS = sorted(DEPLOY.rglob("*.yaml"))
+POLICY = DEPLOY / "policy.yaml"  # the node host's operator policy, not a Kubernetes manifest
+MANIFESTS = sorted(p for p in DEPLOY.rglob("*.yaml") if p != POLICY)
 
 
 def all_documents() -> list[tuple[Path, dict]]:
@@ -181,6 +182,20 @@ def find(kind: str, name: str) -> dict:
     found = [doc for _, doc in all_documents() if doc.get("kind") == kind and doc["metadata"]["name"] == name]
     assert len(found) == 1, f"expected one {kind} named {name!r} under deploy/, found {len(found)}"
     return found[0]
+
+
+def test_the_shipped_policy_is_the_built_in_default():
+    """deploy/policy.yaml (what the installer puts on a node) says exactly what the node host
+    applies without a policy file."""
+    import yaml
+
+    from layotto.host.abi_host import KNOWN_CAPABILITIES
+    from layotto.host.policy import DEFAULT_POLICY, parse_policy
+
+    shipped = parse_policy(yaml.safe_load(POLICY.read_text()), str(POLICY), KNOWN_CAPABILITIES)
+    assert shipped.default == DEFAULT_POLICY.default
+    assert dict(shipped.namespaces) == {}
+    assert shipped.runtime_api == {"tcp": "", "socketGroup": "", "apps": []}
 
 
 def test_the_manifests_are_there():
@@ -393,7 +408,14 @@ def payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = tmp_path_factory.mktemp("payload") / "layotto"
     subprocess.run([str(interpreter()), "-m", "venv", "--without-pip", str(venv)], check=True)
     shutil.copy2(SHIM_SCRIPT, venv / "bin" / SHIM)
+    ship_policy(venv)
     return venv
+
+
+def ship_policy(venv: Path) -> None:
+    """The default policy where deploy/installer/Containerfile puts it in the payload."""
+    (venv / "share" / "layotto").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO_ROOT / "deploy" / "policy.yaml", venv / "share" / "layotto" / "policy.yaml")
 
 
 class FakeNode:
@@ -523,6 +545,10 @@ def test_install_twice_then_uninstall(node: FakeNode, original: str, containerd_
         "version=0.1.0\nprefix=/opt/layotto\nshim=/usr/local/bin/containerd-shim-layotto-v1\n"
         f"runtime_type={RUNTIME_TYPE}\ncontainerd_config=/etc/containerd/config.toml\n"
     )
+
+    policy = node.path("/etc/layotto/policy.yaml")
+    assert policy.read_text() == (REPO_ROOT / "deploy" / "policy.yaml").read_text()
+    assert stat.S_IMODE(policy.stat().st_mode) == 0o600
 
     after_first = node.files()
     second = node.run()
@@ -702,6 +728,7 @@ def built_payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert r.returncode == 0, f"pip install of the payload failed:\n{r.stdout}{r.stderr}"
     assert os.access(venv / "bin" / SHIM, os.X_OK)
+    ship_policy(venv)
     return venv
 
 
@@ -779,3 +806,15 @@ def test_containerd_runs_a_function_pod_from_the_installed_config(
         c.stop(remove_base=False)
         subprocess.run([str(INSTALLER), "--uninstall"], env=node_env, capture_output=True, timeout=60)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_edited_policy_is_never_overwritten_or_removed(node: FakeNode):
+    node.run()
+    policy = node.path("/etc/layotto/policy.yaml")
+    policy.write_text("namespaces: {}\n")
+    second = node.run()
+    assert "policy.yaml exists; leaving it as it is" in second.stdout
+    assert policy.read_text() == "namespaces: {}\n"
+    gone = node.run("--uninstall")
+    assert "kept /etc/layotto/policy.yaml: it was edited" in gone.stdout
+    assert policy.read_text() == "namespaces: {}\n"

@@ -36,7 +36,11 @@
 #    nsenter into PID 1: the pod needs hostPID and privileged). Running containers survive
 #    a containerd restart. If the restart fails the installer fails, and retries the
 #    restart on its next run.
-# 5. Writes /etc/layotto/installed (version, paths), the sign that the node is done.
+# 5. Puts the operator policy /etc/layotto/policy.yaml (mode 0600) when the node has none:
+#    the payload's share/layotto/policy.yaml, the node host's built-in rules written out to
+#    edit. An existing policy is never overwritten; --uninstall removes it only when it is
+#    still the shipped one.
+# 6. Writes /etc/layotto/installed (version, paths), the sign that the node is done.
 #
 # Environment (node paths unless said otherwise):
 #   HOST_ROOT          where the node's / is mounted (default /host; / on the node itself)
@@ -48,7 +52,7 @@
 #                      (default /usr/local/bin)
 #   CONTAINERD_CONFIG  containerd's config (default /etc/containerd/config.toml)
 #   CONTAINERD_SERVICE the systemd unit to restart (default containerd)
-#   LAYOTTO_STATE_DIR  the installer's own records (default /etc/layotto)
+#   LAYOTTO_STATE_DIR  the installer's own records and the policy (default /etc/layotto)
 #   SKIP_RESTART=1     do not restart containerd (restart it yourself); for tests too
 #   PYTHON             a Python >= 3.11 in this container, to check the new config
 #                      (default python3)
@@ -271,6 +275,22 @@ install_payload() {
   fi
 }
 
+# The shipped default policy, unless the node already has one (the operator's edits stay).
+install_policy() {
+  shipped=$PAYLOAD/share/layotto/policy.yaml
+  dest=$HOST_ROOT$STATE_DIR/policy.yaml
+  if [ -e "$dest" ]; then
+    log "$STATE_DIR/policy.yaml exists; leaving it as it is"
+    return 0
+  fi
+  [ -f "$shipped" ] || die "no default policy in the payload ($shipped is missing)"
+  mkdir -p "$HOST_ROOT$STATE_DIR"
+  (umask 077 && cp "$shipped" "$dest.layotto-new")
+  chmod 600 "$dest.layotto-new"
+  mv -f "$dest.layotto-new" "$dest"
+  log "installed the default policy as $STATE_DIR/policy.yaml"
+}
+
 install_wrapper() {
   put_file "$HOST_ROOT$SHIM_DIR/$SHIM" "#!/bin/sh
 $WRAPPER_TAG
@@ -356,6 +376,7 @@ install() {
   plan_config
   install_payload
   install_wrapper
+  install_policy
   apply_config
   restart_containerd
   put_file "$HOST_ROOT$STATE_DIR/installed" "version=$VERSION
@@ -410,6 +431,14 @@ uninstall() {
       log "removed ${dir#"$HOST_ROOT"}"
     fi
   done
+  policy=$HOST_ROOT$STATE_DIR/policy.yaml
+  if [ -e "$policy" ]; then
+    if cmp -s "$PAYLOAD/share/layotto/policy.yaml" "$policy"; then
+      rm -f "$policy"
+    else
+      log "kept $STATE_DIR/policy.yaml: it was edited"
+    fi
+  fi
   rm -f "$HOST_ROOT$STATE_DIR/installed" "$HOST_ROOT$STATE_DIR/restart-pending"
   rmdir "$HOST_ROOT$STATE_DIR" 2>/dev/null || true
   log "layotto is uninstalled from this node"
