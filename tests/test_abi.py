@@ -249,3 +249,48 @@ def test_calls_from_wasm_go_through_the_raw_import_table(components) -> None:
     assert ("info", "hello from wasm") in logged
     # Without a caller context (no ABI caller pushed) the host answers, it does not crash.
     assert exports["log_ok"](store) == STATUS["INTERNAL_FAILURE"]
+
+
+def test_secrets_configuration_and_keys_are_scoped_to_the_caller(components, monkeypatch) -> None:
+    """The Runtime ABI applies host.scoping as the gRPC API does: secrets per namespace,
+    configuration items and keys per app, and an app id naming another namespace's app is
+    scoped under the caller's own namespace."""
+    from layotto.abi.maps import decode_map
+    from layotto.host.components import ConfigItem
+
+    monkeypatch.setenv("LAYOTTO_SECRET_tenant-a__pw", "a's")
+    monkeypatch.setenv("LAYOTTO_SECRET_pw", "node-wide")
+    components.configuration("config_demo").set([ConfigItem("tenant-a.app||color", "red")])
+
+    def guest(namespace: str, app_id: str) -> Guest:
+        g = Guest(components, parse_capabilities("secrets,configuration,state"))
+        g.ctx.namespace, g.ctx.app_id = namespace, app_id
+        return g
+
+    def secret(g: Guest, name: bytes) -> tuple[int, dict[bytes, bytes]]:
+        rc = g.call("layotto_get_secret", *g.put(100, b"secret_demo"), *g.put(200, name), 1000, 1004)
+        found = dict(decode_map(g.get(g.u32(1000), g.u32(1004)))) if rc == STATUS["OK"] else {}
+        return rc, found
+
+    def color(g: Guest) -> tuple[int, bytes]:
+        store, key = g.put(100, b"config_demo"), g.put(200, b"color")
+        rc = g.call("layotto_config_get", *store, 0, 0, 0, 0, *key, 1000, 1004)
+        return rc, g.get(g.u32(1000), g.u32(1004)) if rc == STATUS["OK"] else b""
+
+    a, b = guest("tenant-a", "tenant-a.app"), guest("tenant-b", "tenant-b.app")
+    assert secret(a, b"pw") == (STATUS["OK"], {b"pw": b"a's"})
+    assert secret(b, b"pw")[0] == STATUS["NOT_FOUND"]  # neither a's nor the unscoped one
+    assert secret(b, b"tenant-a/pw")[0] == STATUS["BAD_ARGUMENT"]
+    assert color(a) == (STATUS["OK"], b"red")
+    assert color(b)[0] == STATUS["NOT_FOUND"]
+    # An app id that names another namespace's app (a module choosing its own id) stays
+    # inside the caller's namespace.
+    impostor = guest("tenant-b", "tenant-a.app")
+    assert color(impostor)[0] == STATUS["NOT_FOUND"]
+    store, key, value = impostor.put(100, b"state_demo"), impostor.put(200, b"k"), impostor.put(300, b"v")
+    assert impostor.call("layotto_state_save", *store, *key, *value, 0, 0, 1000, 1004) == STATUS["OK"]
+    assert components.state("state_demo").get("tenant-b.tenant-a.app||k").value == b"v"
+    assert components.state("state_demo").get("tenant-a.app||k") is None
+    # A key naming another app's prefix is refused.
+    bad = impostor.put(200, b"tenant-a.app||k")
+    assert impostor.call("layotto_state_get", *store, *bad, 1000, 1004, 1008, 1012) == STATUS["BAD_ARGUMENT"]

@@ -627,6 +627,65 @@ def test_sqlite_pubsub_forgets_unwanted_messages(tmp_path: Path) -> None:
         assert conn.execute("SELECT COUNT(*) FROM pubsub_pending").fetchone() == (0,)
 
 
+def test_sqlite_pubsub_backlog_is_bounded(tmp_path: Path) -> None:
+    """A group that does not keep up cannot make the store hold more than maxBacklog
+    messages of a topic: the oldest are dropped for it."""
+    import sqlite3
+
+    bus = SqlitePubSub(tmp_path / "c.db", name="bus", poll_interval=0.05, max_backlog=5)
+    try:
+        bus.subscribe("t", Inbox(), group="slow")()  # a durable group, nobody running
+        for i in range(20):
+            bus.publish("t", str(i).encode())
+        with sqlite3.connect(tmp_path / "c.db") as conn:
+            (held,) = conn.execute("SELECT COUNT(*) FROM pubsub_messages WHERE store = 'bus'").fetchone()
+        assert held <= 5
+        inbox = Inbox()
+        cancel = bus.subscribe("t", inbox, group="slow")
+        inbox.wait(5)
+        time.sleep(0.3)
+        cancel()
+        assert inbox.data() == [str(i).encode() for i in range(15, 20)]
+    finally:
+        bus.close()
+    with pytest.raises(ComponentError, match="at least 1"):
+        SqlitePubSub(tmp_path / "d.db", name="bus", max_backlog=0)
+
+
+def test_pubsub_subscriptions_are_limited(backend: Backend, tmp_path: Path) -> None:
+    """Each subscription is a delivery thread: a component takes at most maxSubscriptions."""
+    if backend.kind == "sqlite":
+        bus: Any = backend._keep(SqlitePubSub(tmp_path / "lim.db", name="lim", max_subscriptions=2))
+    else:
+        from layotto.host.components.redis import RedisPubSub
+
+        bus = backend._keep(RedisPubSub(backend._redis_meta(maxSubscriptions=2), name="lim"))
+    first = bus.subscribe("a", Inbox())
+    bus.subscribe("b", Inbox())
+    before = threading.active_count()
+    with pytest.raises(ComponentError, match="maxSubscriptions"):
+        bus.subscribe("c", Inbox())
+    assert threading.active_count() == before
+    first()
+    bus.subscribe("c", Inbox())  # a cancelled subscription frees its place
+
+
+def test_redis_pubsub_streams_are_capped(redis_server: str) -> None:
+    from layotto.host.components.redis import DEFAULT_MAX_LEN, RedisPubSub
+
+    prefix = f"cap{uuid.uuid4().hex}:"
+    default = RedisPubSub({"redisHost": redis_server, "redisKeyPrefix": prefix}, name="d")
+    assert default._maxlen == DEFAULT_MAX_LEN  # bounded unless the operator says 0
+    default.close()
+    bus = RedisPubSub({"redisHost": redis_server, "redisKeyPrefix": prefix, "maxLenApprox": 10}, name="c")
+    try:
+        for i in range(500):
+            bus.publish("t", str(i).encode())
+        assert bus._client.xlen(prefix + "t") < 250  # trimmed (approximately: whole nodes)
+    finally:
+        bus.close()
+
+
 # --- configuration ------------------------------------------------------------------------
 
 
@@ -831,6 +890,27 @@ def test_file_secrets_multi_key_and_formats(tmp_path: Path) -> None:
         FileSecretStore(bad)
     with pytest.raises(ComponentError, match="cannot read"):
         FileSecretStore(tmp_path / "absent.yaml")
+
+
+def test_namespaced_secret_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``N/S`` (host.scoping's name for secret S of namespace N): the env store's variable
+    ``<prefix>N__S``, the file store's key ``"N/S"``; either answers under the name S."""
+    monkeypatch.setenv("NSTEST_shop__db", "shop-pw")
+    monkeypatch.setenv("NSTEST_db", "node-pw")
+    env = EnvSecretStore("NSTEST_")
+    assert env.get("shop/db") == {"db": "shop-pw"}
+    assert env.get("db") == {"db": "node-pw"}
+    with pytest.raises(NotFound, match="NSTEST_other__db"):
+        env.get("other/db")
+    with pytest.raises(NotFound):
+        env.get("shop/")
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"shop/token": "abc", "shop/db": {"password": "pw"}, "token": "node"}))
+    store = FileSecretStore(path)
+    assert store.get("shop/token") == {"token": "abc"}
+    assert store.get("shop/db") == {"password": "pw"}
+    with pytest.raises(NotFound):
+        store.get("other/token")
 
 
 def test_file_config_formats(tmp_path: Path) -> None:
