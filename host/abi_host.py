@@ -40,6 +40,7 @@ from layotto.host.components import (
     StateOp,
     UnlockStatus,
 )
+from layotto.host.policy import ComponentDenied
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,8 @@ class AbiContext:
             raise AbiStatus("INTERNAL_FAILURE", "no components are configured")
         try:
             return getattr(self.components, kind)(name)
+        except ComponentDenied as exc:  # the operator's policy does not grant it
+            raise AbiStatus("PERMISSION_DENIED", str(exc)) from exc
         except (KeyError, LookupError, ComponentError) as exc:
             raise AbiStatus("NOT_FOUND", f"no {kind} component named {name!r}") from exc
 

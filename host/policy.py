@@ -47,6 +47,7 @@ from typing import Any
 
 import yaml
 
+from layotto.host.components.registry import UnknownComponent
 from layotto.host.errors import ModuleError
 
 DEFAULT_POLICY_PATH = Path("/etc/layotto/policy.yaml")
@@ -75,6 +76,10 @@ _UNITS = {
 
 class PolicyError(ModuleError):
     """A pod asks for more than the operator's policy allows (or the policy is malformed)."""
+
+
+class ComponentDenied(UnknownComponent):
+    """A component the caller's namespace is not granted (the Runtime ABI's PERMISSION_DENIED)."""
 
 
 def parse_bytes(value: object, where: str) -> int:
@@ -259,9 +264,7 @@ class ComponentView:
     def _get(self, kind: str, name: str) -> Any:
         resolved = name or self._default_name(kind)
         if not self._rules.allows_component(kind, resolved):
-            from layotto.host.components.registry import UnknownComponent
-
-            raise UnknownComponent(
+            raise ComponentDenied(
                 f"policy: namespace {self._namespace!r} may not use {kind} component {resolved!r}"
             )
         return getattr(self._components, kind)(name)

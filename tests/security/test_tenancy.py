@@ -3,7 +3,8 @@ self-granted capabilities, annotation caps, the operator's policy, another image
 and the files the node host writes.
 
 The node host here runs with an operator policy file (``LAYOTTO_POLICY``): the default
-rules, plus a namespace ``locked`` that may use state only, from one store.
+rules, plus a namespace ``locked`` that may use state only, from one store, and a
+namespace ``walled`` that may use no component at all.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ RUNTIME = "io.containerd.layotto.v1"
 IMAGE = "docker.io/library/layotto-tenancy:latest"
 ARTIFACT = "docker.io/library/layotto-private-artifact:latest"
 MODULES = ("fn-hello", "fn_echo", "faas_fn1", "faas_fn2", "echoargs")
-NAMESPACES = ("default", "victim", "attacker", "locked")
+NAMESPACES = ("default", "victim", "attacker", "locked", "walled")
 POLICY = """
 default:
   limits:
@@ -41,7 +42,9 @@ default:
 namespaces:
   locked:
     capabilities: [state]
-    components: [state/default]
+    components: [state/state_demo]
+  walled:
+    components: []
 """
 
 _ids = itertools.count()
@@ -236,13 +239,15 @@ def test_a_memory_limit_beyond_the_policy_fails(node: Containerd, tasks: Tasks) 
     )
 
 
-def test_a_locked_namespace_reaches_only_the_components_it_is_granted(node: Containerd, tasks: Tasks) -> None:
-    """`locked` may use state/default: function_2 reads through it (the read itself works:
-    not PERMISSION_DENIED); the policy is what the container was admitted with."""
-    fid = new_id("locked-fn2")
-    tasks.run("faas_fn2", f"layotto.io/function-id={fid}", "layotto.io/capabilities=state", ns="locked")
-    status, body = get(node, "/?name=book1", fid)
-    assert b"PERMISSION_DENIED" not in body and b"NOT_FOUND" not in body, (status, body)
+def test_a_namespace_reaches_only_the_components_it_is_granted(node: Containerd, tasks: Tasks) -> None:
+    """function_2 reads state_demo: in `locked` (granted state/state_demo) it gets an
+    answer from the store (no such book); in `walled` (no components) the host refuses."""
+    inside, outside = new_id("locked-fn2"), new_id("walled-fn2")
+    state = "layotto.io/capabilities=state"
+    tasks.run("faas_fn2", f"layotto.io/function-id={inside}", state, ns="locked")
+    tasks.run("faas_fn2", f"layotto.io/function-id={outside}", state, ns="walled")
+    assert get(node, "/?name=book1", inside) == (404, b"no inventory for book1\n")
+    assert get(node, "/?name=book1", outside) == (502, b"state_demo: PERMISSION_DENIED\n")
 
 
 # --------------------------------------------------------------------------- images
