@@ -17,6 +17,7 @@ from pathlib import Path
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
+from layotto.host import scoping
 from layotto.host.components import Delivery
 from layotto.host.components import Message as PubSubMessage
 from layotto.host.engine import CompiledModule, PoolSettings
@@ -509,11 +510,13 @@ class TaskService:
             item = f"{pubsub_name}/{topic}"
             try:
                 pubsub = components.pubsub(pubsub_name)
+                # Topics are per namespace: another namespace's publishers never reach it.
+                scoped = scoping.scoped_topic(components, pubsub_name, admission.namespace, topic)
             except Exception as exc:
                 log.warning("%s: cannot subscribe to %s: %s", fn.name, item, exc)
                 fn.log.add("host", f"cannot subscribe to {item}: {exc}")
                 continue
-            cancels.append(pubsub.subscribe(topic, _deliverer(fn, topic)))
+            cancels.append(pubsub.subscribe(scoped, _deliverer(fn, topic)))
             fn.log.add("host", f"subscribed to {item}")
         task.unsubscribe = cancels + self._watch_configuration(task, fn)
 
@@ -530,11 +533,19 @@ class TaskService:
         for store_name, keys in admission.config_subscriptions:
             item = f"{store_name}/{'+'.join(keys)}"
             try:
-                store = components.configuration(store_name)
+                # The function sees its own app's items only, under the keys it named.
+                cancel = scoping.subscribe_configuration(
+                    components,
+                    store_name,
+                    admission.namespace,
+                    fn.app_id,
+                    keys,
+                    _config_notifier(fn, store_name),
+                )
             except Exception as exc:
                 fn.log.add("host", f"cannot watch configuration {item}: {exc}")
                 continue
-            cancels.append(store.subscribe(list(keys), _config_notifier(fn, store_name)))
+            cancels.append(cancel)
             fn.log.add("host", f"watching configuration {item}")
         return cancels
 

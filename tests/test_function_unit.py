@@ -100,6 +100,7 @@ def test_configuration_changes_reach_a_subscribed_function(
     """``layotto.io/config-subscriptions`` → each change is a POST /_layotto/config/<store>."""
     from types import SimpleNamespace
 
+    from layotto.host import scoping
     from layotto.host.components import ConfigItem
     from layotto.host.components.registry import load_components
     from layotto.host.function import HostServices
@@ -120,12 +121,22 @@ def test_configuration_changes_reach_a_subscribed_function(
         task = SimpleNamespace(
             spec=SimpleNamespace(annotations={"layotto.io/config-subscriptions": "config_demo/feature"}),
             # what admission (shim/admission.py) reads off that annotation at Create
-            admission=SimpleNamespace(config_subscriptions=(("config_demo", ("feature",)),)),
+            admission=SimpleNamespace(config_subscriptions=(("config_demo", ("feature",)),), namespace="ns"),
         )
         cancels = service._watch_configuration(task, fn)  # type: ignore[arg-type]
         assert len(cancels) == 1
         store = components.configuration("config_demo")
-        store.set([ConfigItem("feature", "on"), ConfigItem("other", "x")])
+        # The function's own item (its app's prefix), an item it did not name, and the same
+        # key of another app: only the first reaches it, under the key it named.
+        mine = scoping.key_prefix(components, "configuration", "config_demo", fn.app_id, "ns")
+        assert mine
+        store.set(
+            [
+                ConfigItem(mine + "feature", "on"),
+                ConfigItem(mine + "other", "x"),
+                ConfigItem("ns.x||feature", "no"),
+            ]
+        )
         deadline = time.monotonic() + 5
         while not seen and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -134,5 +145,5 @@ def test_configuration_changes_reach_a_subscribed_function(
     fn.stop()
     assert seen and seen[0].startswith(b"/_layotto/config/config_demo ")
     assert b'"key": "feature"' in seen[0] and b'"content": "on"' in seen[0]
-    assert b"other" not in seen[0]
+    assert b"other" not in seen[0] and b'"content": "no"' not in seen[0] and b"||" not in seen[0]
     assert fn.stats.invocations >= 1
