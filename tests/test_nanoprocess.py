@@ -16,8 +16,12 @@ from pathlib import Path
 import pytest
 import wasmtime
 
+from layotto.host import nanoprocess
 from layotto.host.engine import WasmEngine
+from layotto.host.errors import ModuleError
+from layotto.host.function import DEFAULT_MEMORY_LIMIT
 from layotto.host.nanoprocess import KILL_GRACE, ExitInfo, Nanoprocess, ProcessSpec, build_linker
+from layotto.host.rootpath import DirMount
 
 
 class Host:
@@ -281,3 +285,103 @@ def test_killed_sleepers_are_not_kept_alive_by_their_timers(host: Host) -> None:
     refs = start_and_kill(100)
     # Their timers (an hour ahead) are dropped in batches: most are gone at once.
     wait_for(lambda: gc.collect() >= 0 and sum(r() is not None for r in refs) <= 64, 5)
+
+
+# --- the module's filesystem: preopens resolved inside the rootfs -----------------------
+
+
+def _open_under(directory: Path) -> list[str]:
+    """What this process holds open under ``directory`` (its descriptors' targets)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target == str(directory) or target.startswith(f"{directory}/"):
+            found.append(target)
+    return found
+
+
+def test_the_working_directory_stays_inside_the_rootfs(host: Host) -> None:
+    outside = host.tmp / "outside"
+    outside.mkdir()
+    (outside / "secret").write_text("outside\n")
+    (host.rootfs / "app").mkdir()
+    (host.rootfs / "app" / "conf").write_text("inside\n")
+    (host.rootfs / "w").symlink_to("/")
+    rel = str(outside / "secret").lstrip("/")
+    for cwd in ("/" + "../" * 24, "/w", "/w/app/../../.."):
+        proc = host.run("fsprobe", f"read:{rel}", f"write:{outside}/created", "read:conf", cwd=cwd)
+        assert proc.exit is not None and proc.exit.status == 0
+        out = host.output(proc)
+        assert f"read {rel}: error" in out and f"write {outside}/created: error" in out, out
+        assert "read conf: error" in out  # "." is the rootfs's root, not /app
+    assert sorted(p.name for p in outside.iterdir()) == ["secret"]
+    proc = host.run("fsprobe", "read:conf", cwd="/w/app")  # w -> / is the rootfs's root
+    assert "read conf: ok inside" in host.output(proc)
+    wait_for(lambda: not _open_under(host.rootfs))  # the preopens' descriptors are closed
+
+
+@pytest.mark.parametrize("cwd", ["/missing", "/file", "/loop"])
+def test_a_working_directory_that_does_not_resolve_fails_the_start(host: Host, cwd: str) -> None:
+    (host.rootfs / "file").write_text("x\n")
+    (host.rootfs / "loop").symlink_to("loop")
+    proc = host.spawn("fsprobe", cwd=cwd)
+    with pytest.raises(ModuleError, match=f"working directory '{cwd}'"):
+        proc.start()
+    assert _open_under(host.rootfs) == []
+    host.procs.remove(proc)
+
+
+@pytest.mark.parametrize("fiber", [True, False], ids=["fiber", "thread"])
+def test_a_read_only_rootfs_is_preopened_read_only(host: Host, fiber: bool) -> None:
+    (host.rootfs / "app").mkdir()
+    (host.rootfs / "app" / "conf").write_text("inside\n")
+    proc = host.run("fsprobe", "read:/app/conf", "write:/app/conf", "write:/new", fiber=fiber, readonly=True)
+    out = host.output(proc)
+    assert "read /app/conf: ok inside" in out
+    assert "write /app/conf: error" in out and "write /new: error" in out, out
+    # The working directory, in the rootfs, is read-only too.
+    args = ("read:conf", "write:conf", "write:made-here")
+    proc = host.run("fsprobe", *args, fiber=fiber, readonly=True, cwd="/app")
+    out = host.output(proc)
+    assert "read conf: ok inside" in out
+    assert "write conf: error" in out and "write made-here: error" in out, out
+    assert sorted(p.name for p in host.rootfs.rglob("*")) == ["app", "conf"]
+    assert (host.rootfs / "app" / "conf").read_text() == "inside\n"
+
+
+def test_bind_mounts_are_preopened_at_their_destination(host: Host) -> None:
+    ro, rw = host.tmp / "ro", host.tmp / "rw"
+    ro.mkdir()
+    rw.mkdir()
+    (ro / "a.txt").write_text("read-only volume\n")
+    mounts = (DirMount("/config", str(ro), True), DirMount("/var/data", str(rw), False))
+    args = ("read:/config/a.txt", "write:/config/b", "write:/var/data/c", "read:a.txt")
+    proc = host.run("fsprobe", *args, mounts=mounts, cwd="/config")
+    out = host.output(proc)
+    assert "read /config/a.txt: ok read-only volume" in out
+    assert "write /config/b: error" in out and not (ro / "b").exists()
+    assert "write /var/data/c: ok" in out and (rw / "c").read_text() == "probe\n"
+    assert "read a.txt: ok read-only volume" in out  # the cwd is in the mount
+
+
+def test_a_bind_mount_source_that_is_a_symlink_fails_the_start(host: Host) -> None:
+    (host.tmp / "real").mkdir()
+    (host.tmp / "link").symlink_to(host.tmp / "real")
+    proc = host.spawn("fsprobe", mounts=(DirMount("/data", str(host.tmp / "link"), False),))
+    with pytest.raises(ModuleError, match="bind mount at /data"):
+        proc.start()
+    host.procs.remove(proc)
+
+
+def test_a_module_without_a_memory_limit_gets_the_default(
+    host: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert nanoprocess.COMMAND_MEMORY_LIMIT == DEFAULT_MEMORY_LIMIT
+    monkeypatch.setattr(nanoprocess, "COMMAND_MEMORY_LIMIT", 24 << 20)  # read at each start
+    proc = host.run("memhog", "1024")
+    assert proc.exit is not None and proc.exit.status == 1 and proc.exit.oom
+    mib = int(host.output(proc).split("out of memory after")[1].split()[0])
+    assert 8 <= mib < 24
