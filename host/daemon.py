@@ -17,7 +17,7 @@ from layotto.host.components.registry import load_components
 from layotto.host.engine import DEFAULT_CACHE_LIMIT
 from layotto.host.function import HostServices
 from layotto.host.function_registry import FunctionRegistry
-from layotto.host.grpc_api import DEFAULT_ADDRESS, RuntimeApiServer
+from layotto.host.grpc_api import DEFAULT_ADDRESS, RuntimeApiServer, load_identities
 from layotto.host.hostlog import DEFAULT_MAX_BYTES
 from layotto.host.hostlog import configure as configure_logging
 from layotto.host.ingress import DEFAULT_BODY_LIMIT, DEFAULT_PORT, Ingress
@@ -170,14 +170,16 @@ async def serve(args: argparse.Namespace) -> None:
     log.info("components: %s", ", ".join(f"{s.kind}/{s.name} ({s.type})" for s in components.specs))
     runtime_api: RuntimeApiServer | None = None
     if args.grpc_address != "-":
-        runtime_api = RuntimeApiServer(components, runtime.services.invoker)
+        identities = load_identities(list(policy.runtime_api.get("apps") or []))
+        runtime_api = RuntimeApiServer(components, runtime.services.invoker, identities=identities)
         api_socket = paths.run_dir / "runtime.sock"
         tcp = args.grpc_address or str(policy.runtime_api.get("tcp") or "") or None
+        group = str(policy.runtime_api.get("socketGroup") or "") or None
         try:
-            grpc_port = runtime_api.start(api_socket, tcp)
+            grpc_port = runtime_api.start(api_socket, tcp, socket_group=group)
         except OSError as exc:
             log.error("%s; the gRPC Runtime API serves the unix socket only", exc)
-            grpc_port = runtime_api.start(api_socket, None)
+            grpc_port = runtime_api.start(api_socket, None, socket_group=group)
         if grpc_port:
             (paths.run_dir / "grpc.port").write_text(f"{grpc_port}\n")
         log.info("gRPC Runtime API on %s%s", api_socket, f" and port {grpc_port}" if grpc_port else "")

@@ -298,6 +298,20 @@ def function_logs(c: Containerd, name: str) -> list[str]:
     return [str(line) for line in body] if status == 200 else []
 
 
+def policy_file(base: Path) -> Path:
+    """The operator's policy for the demo node: the default rules, plus a Runtime API token
+    for the app that seeds the state (as an operator provisions one per app)."""
+    import secrets
+
+    token = base / "seeder.token"
+    token.write_text(secrets.token_urlsafe(32) + "\n")
+    token.chmod(0o600)
+    policy = base / "policy.yaml"
+    apps = [{"namespace": "default", "app": "seeder", "tokenFile": str(token)}]
+    policy.write_text(yaml.safe_dump({"runtimeApi": {"apps": apps}}))
+    return policy
+
+
 def quickstart(c: Containerd, port: int, store: str) -> None:
     from tests.cri_client import CriClient
 
@@ -306,10 +320,11 @@ def quickstart(c: Containerd, port: int, store: str) -> None:
     say(f"  state_demo is {store}")
     sock = c.state / "layotto" / "runtime.sock"
     target = f"unix://{sock}"
-    step(f"SaveState state_demo book1=100 (gRPC Runtime API, {target})")
+    step(f"SaveState state_demo book1=100 (gRPC Runtime API, {target}, the seeder app's token)")
     seeding = load_save_state()
-    seeding.save_state(target, "state_demo", "book1", b"100")
-    value = seeding.get_state(target, "state_demo", "book1")
+    token = (c.base / "seeder.token").read_text().strip()
+    seeding.save_state(target, token, "state_demo", "book1", b"100")
+    value = seeding.get_state(target, token, "state_demo", "book1")
     if value != b"100":
         raise DemoFailed(f"GetState state_demo book1 answered {value!r} after the SaveState")
 
@@ -411,6 +426,7 @@ def main() -> int:
                 "LAYOTTO_HTTP_PORT": str(port),
                 "LAYOTTO_COMPONENTS": str(components),
                 "LAYOTTO_GRPC_ADDRESS": "",  # the Runtime API on its unix socket only
+                "LAYOTTO_POLICY": str(policy_file(c.base)),
             }
         )
         demo(c, port, port_note, store)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import secrets as secrets_module
 import subprocess
 import sys
 import time
@@ -133,8 +134,9 @@ class RuntimeApi:
     """Layotto's gRPC Runtime service on the node host's unix socket, through generic
     unary calls with the runtime_api_pb2 messages (no generated stubs)."""
 
-    def __init__(self, socket_path: Path) -> None:
+    def __init__(self, socket_path: Path, token: str) -> None:
         self.target = f"unix://{socket_path}"
+        self.metadata = (("authorization", f"Bearer {token}"),)
         self.channel = grpc.insecure_channel(self.target)
         grpc.channel_ready_future(self.channel).result(timeout=10)
 
@@ -144,7 +146,7 @@ class RuntimeApi:
             request_serializer=type(request).SerializeToString,
             response_deserializer=response_type.FromString,
         )
-        return rpc(request, timeout=10)
+        return rpc(request, timeout=10, metadata=self.metadata)
 
     def save_state(self, store: str, key: str, value: bytes) -> None:
         request = pb.SaveStateRequest(store_name=store, states=[pb.StateItem(key=key, value=value)])
@@ -221,6 +223,7 @@ class Node:
     backend: Backend
     client: CriClient
     log_root: Path
+    token_file: Path
     pods: list[Pod] = field(default_factory=list)
     function_ids: set[str] = field(default_factory=set)
     _api: RuntimeApi | None = None
@@ -238,7 +241,7 @@ class Node:
         if self._api is None:
             sock = self.run_dir / "runtime.sock"
             wait_until(f"the gRPC Runtime API socket {sock}", sock.exists)
-            self._api = RuntimeApi(sock)
+            self._api = RuntimeApi(sock, self.token_file.read_text().strip())
         return self._api
 
     def run(self, spec: FunctionPod) -> tuple[Pod, str]:
@@ -320,16 +323,27 @@ def faas_node(
     missing = [m for m in MODULES if not (wasm_dir / f"{m}.wasm").is_file()]
     if missing:
         pytest.fail(f"modules not built: {', '.join(missing)}: run `make modules`", pytrace=False)
+    # The operator provisions a token for the app that seeds the state (the README's step).
+    secrets = tmp_path_factory.mktemp("faas-policy")
+    token_file = secrets / "seeder"
+    token_file.write_text(secrets_module.token_urlsafe(32) + "\n")
+    policy = secrets / "policy.yaml"
+    apps = [{"namespace": "default", "app": "seeder", "tokenFile": str(token_file)}]
+    policy.write_text(yaml.safe_dump({"runtimeApi": {"apps": apps}}))
     c = Containerd(
         path_prepend=[project_bin],
         cri=True,
         snapshotter=default_snapshotter(),
         # The ingress on a free port (http.port); the Runtime API on its unix socket only.
-        env={"LAYOTTO_COMPONENTS": str(backend.components), "LAYOTTO_GRPC_ADDRESS": ""},
+        env={
+            "LAYOTTO_COMPONENTS": str(backend.components),
+            "LAYOTTO_GRPC_ADDRESS": "",
+            "LAYOTTO_POLICY": str(policy),
+        },
     )
     c.start()
     client = CriClient(c.address)
-    node = Node(c, backend, client, tmp_path_factory.mktemp("faas-pods"))
+    node = Node(c, backend, client, tmp_path_factory.mktemp("faas-pods"), token_file)
     try:
         out = tmp_path_factory.mktemp("faas-images")
         builder.build_image(
@@ -446,7 +460,14 @@ def test_the_readme_seeding_script(node: Node):
     fn1, fn2 = (FunctionPod.from_manifest(p) for p in MANIFESTS)
     node.run(fn2)
     node.run(fn1)
-    script = [sys.executable, str(FAAS / "save_state.py"), "--socket", str(node.run_dir / "runtime.sock")]
+    script = [
+        sys.executable,
+        str(FAAS / "save_state.py"),
+        "--socket",
+        str(node.run_dir / "runtime.sock"),
+        "--token-file",
+        str(node.token_file),
+    ]
     r = subprocess.run([*script, STATE, "book3", "7"], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("SaveState state_demo book3=7 (unix://")
