@@ -60,6 +60,7 @@ import json
 import logging
 import os
 import platform
+import secrets
 import shutil
 import socket
 import statistics
@@ -659,6 +660,9 @@ def http_get(port: int, function_id: str, timeout: float = 10.0) -> tuple[int, b
         conn.close()
 
 
+BENCH_TOKEN = secrets.token_urlsafe(24)
+
+
 def seed_state(c: Containerd, timeout: float = 20.0) -> dict[str, Any]:
     """``book1 = 100`` in ``state_demo`` through the host's gRPC Runtime API (unix socket),
     read back with GetState."""
@@ -682,7 +686,7 @@ def seed_state(c: Containerd, timeout: float = 20.0) -> dict[str, Any]:
                 request_serializer=type(request).SerializeToString,
                 response_deserializer=METHODS[name][1].FromString,
             )
-            return rpc(request, timeout=timeout)
+            return rpc(request, timeout=timeout, metadata=(("authorization", f"Bearer {BENCH_TOKEN}"),))
 
         began = time.perf_counter()
         call(
@@ -848,7 +852,16 @@ def through_containerd(args: argparse.Namespace) -> dict[str, Any]:
     components_yaml.write_text("state:\n  state_demo: {type: sqlite, metadata: {keyPrefix: none}}\n")
     # The node host reads its components file from LAYOTTO_COMPONENTS; '' serves the gRPC
     # Runtime API on the unix socket only (no fight over 127.0.0.1:34904 with another host).
-    c.env.update({"LAYOTTO_COMPONENTS": str(components_yaml), "LAYOTTO_GRPC_ADDRESS": ""})
+    # The seeding app's Runtime API token, as an operator provisions one.
+    policy = c.base / "policy.yaml"
+    policy.write_text(f"runtimeApi:\n  apps: [{{namespace: default, app: bench, token: {BENCH_TOKEN}}}]\n")
+    c.env.update(
+        {
+            "LAYOTTO_COMPONENTS": str(components_yaml),
+            "LAYOTTO_GRPC_ADDRESS": "",
+            "LAYOTTO_POLICY": str(policy),
+        }
+    )
     fleet = Fleet(c, progress_enabled(args.quiet))
     progress = progress_enabled(args.quiet)
     results: dict[str, Any] = {"snapshotter": c.snapshotter}
