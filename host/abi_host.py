@@ -658,15 +658,37 @@ def decode_ops(data: bytes) -> list[tuple[OpKind, str, bytes, str]]:
 class HostInvoker:
     """``layotto_invoke``: another function on this node in process, or an app over HTTP."""
 
-    def __init__(self, functions: Any, apps: Mapping[str, str] | None = None, timeout: float = 10.0) -> None:
-        self.functions = functions  # host.ingress.FunctionRegistry
+    def __init__(
+        self,
+        functions: Any,
+        apps: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+        may_invoke: Callable[[str, str], bool] | None = None,
+    ) -> None:
+        self.functions = functions  # host.function_registry.FunctionRegistry
         self.apps = dict(apps or {})
         self.timeout = timeout
+        # (caller's namespace, callee's) → allowed; None: only within one namespace
+        self.may_invoke = may_invoke
+
+    def _function(self, caller: AbiContext | None, target: str) -> Any:
+        """The function ``target`` as the caller may reach it: a function id belongs to one
+        namespace, and a caller reaches another namespace's only when the operator's policy
+        says so (``invokeNamespaces``). The host itself (no namespace) reaches any."""
+        if self.functions is None:
+            return None
+        namespace = caller.namespace if caller is not None else None
+        if namespace is None:
+            return self.functions.get(target)
+        owner = self.functions.owner(target)
+        if owner is None:
+            return None
+        if owner != namespace and (self.may_invoke is None or not self.may_invoke(namespace, owner)):
+            return None
+        return self.functions.get(target)
 
     def invoke(self, caller: AbiContext | None, target: str, method: str, data: bytes) -> bytes:
-        # A function id belongs to one namespace: a caller reaches only its own namespace's.
-        namespace = caller.namespace if caller is not None else None
-        fn = self.functions.get(target, namespace) if self.functions is not None else None
+        fn = self._function(caller, target)
         if fn is not None:
             from layotto.host.function import Request
 

@@ -166,7 +166,7 @@ async def serve(args: argparse.Namespace) -> None:
     functions = FunctionRegistry()
     apps = dict(item.split("=", 1) for item in args.app if "=" in item)
     components = load_components(args.components, args.state_dir)
-    runtime.services = HostServices(components, HostInvoker(functions, apps))
+    runtime.services = HostServices(components, HostInvoker(functions, apps, may_invoke=policy.may_invoke))
     log.info("components: %s", ", ".join(f"{s.kind}/{s.name} ({s.type})" for s in components.specs))
     runtime_api: RuntimeApiServer | None = None
     if args.grpc_address != "-":

@@ -4,7 +4,8 @@ and the files the node host writes.
 
 The node host here runs with an operator policy file (``LAYOTTO_POLICY``): the default
 rules, plus a namespace ``locked`` that may use state only, from one store, and a
-namespace ``walled`` that may use no component at all.
+namespace ``walled`` that may use no component at all, and a namespace ``partner`` whose
+functions the operator lets invoke ``victim``'s.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ RUNTIME = "io.containerd.layotto.v1"
 IMAGE = "docker.io/library/layotto-tenancy:latest"
 ARTIFACT = "docker.io/library/layotto-private-artifact:latest"
 MODULES = ("fn-hello", "fn_echo", "faas_fn1", "faas_fn2", "echoargs")
-NAMESPACES = ("default", "victim", "attacker", "locked", "walled")
+NAMESPACES = ("default", "victim", "attacker", "locked", "walled", "partner")
 POLICY = """
 default:
   limits:
@@ -45,6 +46,8 @@ namespaces:
     components: [state/state_demo]
   walled:
     components: []
+  partner:
+    invokeNamespaces: [victim]
 """
 
 _ids = itertools.count()
@@ -165,13 +168,17 @@ def test_invoke_does_not_reach_another_namespace(node: Containerd, tasks: Tasks)
     not found. The same function_1 in `victim` reaches it."""
     tasks.run("fn_echo", "layotto.io/function-id=id_2", ns="victim")
     outsider, insider = new_id("fn1-out"), new_id("fn1-in")
-    tasks.run(
-        "faas_fn1", f"layotto.io/function-id={outsider}", "layotto.io/capabilities=invoke", ns="attacker"
-    )
-    tasks.run("faas_fn1", f"layotto.io/function-id={insider}", "layotto.io/capabilities=invoke", ns="victim")
+    invoke = "layotto.io/capabilities=invoke"
+    tasks.run("faas_fn1", f"layotto.io/function-id={outsider}", invoke, ns="attacker")
+    tasks.run("faas_fn1", f"layotto.io/function-id={insider}", invoke, ns="victim")
     status, body = get(node, "/?name=book1", outsider)
     assert (status, body) == (404, b"id_2 failed: NOT_FOUND\n")
     status, body = get(node, "/?name=book1", insider)
+    assert status == 200, (status, body)
+    # The operator's policy lets `partner` invoke `victim`'s functions (not the reverse).
+    partner = new_id("fn1-partner")
+    tasks.run("faas_fn1", f"layotto.io/function-id={partner}", invoke, ns="partner")
+    status, body = get(node, "/?name=book1", partner)
     assert status == 200, (status, body)
 
 
