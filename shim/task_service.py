@@ -702,7 +702,9 @@ class TaskService:
         for task in self.tasks.values():
             fn, proc = task.function, task.proc
             row: dict[str, object] = {
-                "namespace": task.namespace,
+                # the tenant: the pod's Kubernetes namespace, else the containerd namespace
+                "namespace": _tenant_namespace(task.spec, task.namespace),
+                "containerd_namespace": task.namespace,
                 "id": task.id,
                 "kind": "sandbox" if task.is_sandbox else "function" if fn is not None else "command",
                 "state": names.get(task.status, "unknown"),
