@@ -509,8 +509,12 @@ class Nanoprocess:
 
         Raises ModuleError when its filesystem cannot be set up (see open_preopens)."""
         self._preopens = open_preopens(self.spec)
-        self.stdout = Output(self.spec.stdout)
-        self.stderr = Output(self.spec.stderr) if self.spec.stderr != self.spec.stdout else self.stdout
+        try:
+            self.stdout = Output(self.spec.stdout)
+            self.stderr = Output(self.spec.stderr) if self.spec.stderr != self.spec.stdout else self.stdout
+        except BaseException:
+            close_preopens(self._take_preopens())
+            raise
         self._outputs = [self.stdout, self.stderr]
         ready = threading.Event()
         self.started_at = time.time()
@@ -591,7 +595,7 @@ class Nanoprocess:
         wasi = wasmtime.WasiConfig()
         wasi.argv = list(spec.args)
         wasi.env = [tuple(e.split("=", 1)) if "=" in e else (e, "") for e in spec.env]
-        preopens, self._preopens = self._preopens, []
+        preopens = self._take_preopens()
         try:
             # wasmtime opens each directory by path; /proc/self/fd/<n> is exactly the one
             # resolved, with no path walk left to race. Its descriptors are wasmtime's own.
@@ -606,6 +610,12 @@ class Nanoprocess:
         finally:
             close_preopens(preopens)
         return store
+
+    def _take_preopens(self) -> list[Preopen]:
+        """The preopens' descriptors, now the caller's to close (exactly one caller gets them)."""
+        with self._exit_lock:
+            preopens, self._preopens = self._preopens, []
+        return preopens
 
     def _tee(self, out: Output, stream: str) -> Callable[[bytes], None]:
         keep = self.log.writer(stream)
@@ -820,8 +830,7 @@ class Nanoprocess:
             callbacks, self._exit_callbacks = self._exit_callbacks, []
         for out in self._outputs:
             out.close()
-        preopens, self._preopens = self._preopens, []  # never configured: killed first
-        close_preopens(preopens)
+        close_preopens(self._take_preopens())  # still there if killed before configured
         if self._stdin is not None:
             self._stdin.close()
         for callback in callbacks:

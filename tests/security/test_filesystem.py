@@ -360,7 +360,8 @@ def test_a_bind_mount_is_seen_at_its_destination(images: Images, tmp_path: Path)
     assert not (volume / "new").exists()
 
     rw = ("--mount", f"type=bind,src={volume},dst=/data/,options=rbind:rw")
-    status, out, _ = images.run(ref, PROBE, "write:/data/new", "read:/data/new", opts=rw)
+    status, out, err = images.run(ref, PROBE, "write:/data/new", "read:/data/new", opts=rw)
+    assert status == 0, err
     assert "write /data/new: ok" in out and "read /data/new: ok probe" in out
     assert (volume / "new").read_text() == "probe\n"
 
