@@ -26,6 +26,7 @@ import pytest
 from layotto.host import rootpath
 from layotto.images import builder
 from tests.containerd_env import Containerd
+from tests.cri_client import CONTAINER_EXITED, CriClient, read_cri_log
 
 RUNTIME = "io.containerd.layotto.v1"
 PROBE = "/fsprobe.wasm"
@@ -391,3 +392,48 @@ def test_a_module_without_a_memory_limit_gets_the_default_cap(images: Images) ->
     assert "allocated 1024 MiB" not in out
     mib = int(err.split("out of memory after")[1].split()[0])
     assert mib < 128
+
+
+# --- a pod's workingDir and readOnlyRootFilesystem, through CRI ---------------------------
+
+CRI_NAMESPACE = "k8s.io"
+CRI_PROBE = "docker.io/library/layotto-fs-cri-probe:latest"
+
+
+@pytest.fixture(scope="module")
+def cri_probe(
+    cri_containerd: Containerd, wasm_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Containerd:
+    c = cri_containerd
+    out = tmp_path_factory.mktemp("fs-cri-images")
+    builder.build_image(out / "pause.tar", {"/pause": b"placeholder\n"}, name=c.sandbox_image, cmd=["/pause"])
+    builder.build_image(out / "probe.tar", {PROBE: wasm_dir / "fsprobe.wasm"}, name=CRI_PROBE, cmd=[PROBE])
+    for name in ("pause", "probe"):
+        c.import_image(out / f"{name}.tar", namespace=CRI_NAMESPACE)
+    with CriClient(c.address) as client:
+        for image in (c.sandbox_image, CRI_PROBE):
+            client.wait_image(image)
+    return c
+
+
+@pytest.mark.integration
+def test_a_pods_working_dir_and_read_only_root_are_confined(
+    cri_probe: Containerd, secret: Secret, tmp_path: Path
+) -> None:
+    with CriClient(cri_probe.address) as client:
+        pod = client.run_pod(new_id("fs"), "default", new_id("uid"), tmp_path / "pods", handler="layotto")
+        try:
+            config = client.container_config(
+                "probe", CRI_PROBE, command=[PROBE], args=[*probes(secret), "write:/new"]
+            )
+            config.working_dir = CLIMB
+            config.linux.security_context.readonly_rootfs = True
+            cid = client.create_container_raw(pod.id, config, pod.config)
+            client.start_container(cid)
+            st = client.wait_container_state(cid, CONTAINER_EXITED, timeout=20)
+            lines = [line.content for line in read_cri_log(client.log_file(pod, cid))]
+            assert any(line.startswith("write /new: error") for line in lines), lines  # read-only root
+            rest = "\n".join(line for line in lines if not line.startswith("write /new:"))
+            assert_confined(st.exit_code, rest, "", secret)
+        finally:
+            client.remove_pod(pod.id)
