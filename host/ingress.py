@@ -335,7 +335,9 @@ class HttpProtocol(asyncio.Protocol):
                 self._head_bytes += len(data)
             if self._head_bytes > limits.max_header_bytes:
                 self._error(431, b"request header fields too large\n")
-        elif phase == _BODY:  # (and still in it) chunk framing and trailers are bounded too
+        elif self._head_bytes < 0:  # the message began in this feed: count from the next one
+            self._head_bytes = 0
+        elif phase == _BODY:  # (the same message's body all along) its framing and trailers
             self._frame += len(data) - (self._body_size - body_before)
             if self._frame > limits.max_header_bytes + 32 * self._chunks:
                 self._error(431, b"request chunk framing or trailers too large\n")
@@ -472,7 +474,7 @@ class HttpProtocol(asyncio.Protocol):
         while self._pending and not self._busy and self.transport is not None:
             fn, request, keep_alive = self._pending.popleft()
             if request is None:  # an error, answered in its turn
-                self._respond(fn, keep_alive)  # type: ignore[arg-type]
+                self._respond(fn, keep_alive, linger=True)  # type: ignore[arg-type]
             else:
                 self._serve(fn, request, keep_alive)  # type: ignore[arg-type]
         if self._paused and len(self._pending) < MAX_PIPELINED // 2 and self.transport is not None:
@@ -491,7 +493,9 @@ class HttpProtocol(asyncio.Protocol):
         self._respond(response, keep_alive, request)
         self._drain()
 
-    def _respond(self, response: Response, keep_alive: bool, request: Request | None = None) -> None:
+    def _respond(
+        self, response: Response, keep_alive: bool, request: Request | None = None, *, linger: bool = False
+    ) -> None:
         head = False
         if request is not None:
             if request.body:
@@ -499,17 +503,22 @@ class HttpProtocol(asyncio.Protocol):
             head = request.method == b"HEAD"
         if self.transport is None:
             return
-        self.server.send(self.transport, render(response, keep_alive, head), close=not keep_alive)
-        if not keep_alive:
+        data = render(response, keep_alive, head)
+        if keep_alive:
+            self.server.send(self.transport, data)
+        else:
+            self.server.send(self.transport, data, close=True, linger=linger)
             self._closing()
 
     def _closing(self) -> None:
-        """The connection's last bytes are queued, and its close after them: it gets
-        ``body_timeout`` to take them, again as long as it keeps taking them."""
+        """The connection's last bytes are queued, and its close after them. It gets a
+        little time to take them (again as long as it keeps taking them); what it still
+        sends meanwhile is read and dropped."""
         self.transport = None
         self._halted = True
         self._unsent = -1
-        self._deadline = self.server.now + self.server.limits.body_timeout
+        srv = self.server
+        self._deadline = srv.now + srv.linger
 
     def _release(self, size: int) -> None:
         if 0 < size <= self._held:  # (nothing is held any more once the connection is lost)
@@ -530,7 +539,7 @@ class HttpProtocol(asyncio.Protocol):
             if self._raw is not None:
                 self._raw.pause_reading()
         else:
-            self._respond(response, keep_alive=False)
+            self._respond(response, keep_alive=False, linger=True)
 
     def _expire(self) -> None:
         """The connection's deadline passed (the server's sweep found it)."""
@@ -573,7 +582,10 @@ class Ingress:
         self.now = 0.0  # the event loop's time as of the last sweep (deadline stamps use it)
         self._slice = max(1024, min(self.limits.max_header_bytes, 64 << 10))
         self._servers: list[asyncio.base_events.Server] = []
-        self._outbox: list[tuple[asyncio.Transport, bytes, bool]] = []
+        self._outbox: list[tuple[asyncio.Transport, bytes, int]] = []
+        # How long a closing connection may take to read its last response (and to stop
+        # sending) before it is cut, unless it is still reading.
+        self.linger = min(2.0, self.limits.header_timeout)
         self._connections: set[HttpProtocol] = set()
         self._per_ip: dict[str, int] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -586,12 +598,17 @@ class Ingress:
         """Ingress connections open now."""
         return len(self._connections)
 
-    def send(self, transport: asyncio.Transport, data: bytes, *, close: bool = False) -> None:
+    def send(
+        self, transport: asyncio.Transport, data: bytes, *, close: bool = False, linger: bool = False
+    ) -> None:
         """Queue a response; the queue is written at the end of this event-loop turn, in
-        order (so a connection's responses keep their order, a close comes after its data)."""
+        order (so a connection's responses keep their order, a close comes after its data).
+        ``linger``: close only the sending side, so that a client still sending (its
+        request was refused) reads the response instead of a reset; the connection is
+        cut after ``linger`` seconds."""
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._outbox.append((transport, data, close))
+        self._outbox.append((transport, data, (2 if linger else 1) if close else 0))
 
     def _flush(self) -> None:
         outbox, self._outbox = self._outbox, []
@@ -600,7 +617,10 @@ class Ingress:
                 continue
             if data:
                 transport.write(data)
-            if close:
+            if close == 2 and transport.can_write_eof():
+                transport.write_eof()
+                transport.resume_reading()  # (read and drop what it still sends)
+            elif close:
                 transport.close()
 
     def route(self, request: Request, function_id: bytes | None = None) -> Function | None:
