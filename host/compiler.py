@@ -44,8 +44,15 @@ _SETTINGS: tuple[tuple[str, type, int], ...] = (
 )
 ENGINE_SETTINGS = ";".join(f"{name[len('wasmtime_config_') : -len('_set')]}={v}" for name, _, v in _SETTINGS)
 
-# What running out of address space looks like, from Rust, wasmtime and the kernel.
-OOM_MARKERS = ("memory allocation of", "Cannot allocate memory", "os error 12", "out of memory")
+# What running out of address space looks like, from Rust, wasmtime, rayon and ld.so.
+OOM_MARKERS = (
+    "memory allocation of",
+    "Cannot allocate memory",
+    "os error 12",
+    "out of memory",
+    "ThreadPoolBuildError",
+    "failed to map segment",
+)
 
 
 def _fn(lib: ctypes.CDLL, name: str, restype: object, *argtypes: object) -> ctypes._CFuncPtr:
@@ -129,7 +136,8 @@ def main(argv: list[str]) -> int:
     except MemoryError:
         _report("error", "memory", detail="MemoryError")
     except OSError as exc:
-        _report("error", "memory" if exc.errno == 12 else "failed", detail=str(exc))
+        short = exc.errno == 12 or any(m in str(exc) for m in OOM_MARKERS)
+        _report("error", "memory" if short else "failed", detail=str(exc))
     return 0
 
 

@@ -17,6 +17,7 @@ import collections
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import shutil
 import signal
@@ -226,6 +227,11 @@ def _cause(text: str) -> str:
     return lines[0]
 
 
+# The child's whole environment: few malloc arenas (each reserves 64 MiB of address space),
+# and no Rust backtraces (symbolizing one near the memory limit can hang).
+_CHILD_ENV = {"MALLOC_ARENA_MAX": "2", "RUST_BACKTRACE": "0", "LC_ALL": "C"}
+
+
 class CompileFailure(ModuleError):
     """A compile that failed; ``lasting``: it would fail again (the module is invalid or
     exceeds a limit), as opposed to a timeout on a busy host or a crash."""
@@ -261,7 +267,7 @@ class ChildCompiler:
         timeout: float = DEFAULT_COMPILE_TIMEOUT,
         workers: int = DEFAULT_COMPILE_WORKERS,
     ) -> None:
-        self.cpu_seconds = cpu_seconds
+        self.cpu_seconds = max(1, math.ceil(cpu_seconds))  # RLIMIT_CPU counts whole seconds
         self.memory_bytes = memory_bytes
         self.timeout = timeout
         self._slots = threading.BoundedSemaphore(max(1, workers))
@@ -275,7 +281,7 @@ class ChildCompiler:
             str(Path(_compiler_program.__file__).resolve()),
             str(_ffi.filename),
             str(output),
-            repr(float(self.cpu_seconds)),
+            str(self.cpu_seconds),
             str(int(self.memory_bytes)),
             str(max(int(self.memory_bytes), 1 << 20)),  # RLIMIT_FSIZE: no file larger than that
         ]
@@ -289,7 +295,7 @@ class ChildCompiler:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env={"MALLOC_ARENA_MAX": "2", "LC_ALL": "C"},  # few malloc arenas: less address space
+                env=_CHILD_ENV,
                 cwd="/",
                 start_new_session=True,  # a terminal's ^C is for the host, not its compiles
             )
@@ -345,15 +351,25 @@ class ChildCompiler:
             raise CompileFailure(f"compiling {name} failed: {_cause(detail)}", lasting=False)
         if returncode < 0:
             try:
-                how = f"killed by {signal.Signals(-returncode).name}"
+                how = f"was killed by {signal.Signals(-returncode).name}"
             except ValueError:
-                how = f"killed by signal {-returncode}"
+                how = f"was killed by signal {-returncode}"
         else:
-            how = f"exit status {returncode}"
-        last = stderr.splitlines()[-1] if stderr else ""
+            how = f"exited with status {returncode}"
+        said = _stderr_summary(stderr)
         raise CompileFailure(
-            f"compiling {name} failed: the compiler {how}{': ' + last if last else ''}", lasting=False
+            f"compiling {name} failed: the compiler {how}{': ' + said if said else ''}", lasting=False
         )
+
+
+def _stderr_summary(stderr: str) -> str:
+    """The line of a child's stderr that says what went wrong (a Rust panic's message)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for i, line in enumerate(lines[:-1]):
+        if " panicked at " in line:
+            return lines[i + 1][:300]
+    lines = [line for line in lines if not line.startswith(("note:", "stack backtrace:"))]
+    return lines[-1][:300] if lines else ""
 
 
 class WasmEngine:
@@ -407,6 +423,7 @@ class WasmEngine:
         self._refused: collections.OrderedDict[str, str] = collections.OrderedDict()  # digest -> error
         self._compiling: dict[str, threading.Lock] = {}
         self._scratch: str | None = None  # a private directory for compiles without a cache dir
+        self.last_compile: CompileReport | None = None  # what the latest compile cost its child
         self._lock = threading.Lock()
         self.stats = {"memory_hits": 0, "disk_hits": 0, "compiles": 0, "memory_evictions": 0, "refused": 0}
 
@@ -538,6 +555,7 @@ class WasmEngine:
                 module = wasmtime.Module.deserialize_file(self.engine, str(tmp))
             except wasmtime.WasmtimeError as exc:
                 raise ModuleError(f"compiling {name} failed: {_cause(str(exc))}") from exc
+            self.last_compile = report
             log.info(
                 "compiled %s (%s) in a child: %.2f s, %.2f s CPU, peak %s",
                 name,
