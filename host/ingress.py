@@ -132,9 +132,9 @@ _END, _END_CLOSE = b"\r\n", b"connection: close\r\n\r\n"
 _MANAGED = frozenset({b"content-length", b"connection", b"transfer-encoding"})
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+").fullmatch
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search  # control characters but HTAB
-# Header names already found to be tokens: name -> managed by the ingress (not copied).
-_NAMES: dict[bytes, bool] = {}
-_NAMES_MAX = 4096
+# Header lines already checked, by (name, value): most functions answer the same few.
+_LINES: dict[tuple[bytes, bytes], bytes] = {}
+_LINES_MAX = 4096
 
 
 def _header_problem(name: object, value: object) -> str | None:
@@ -146,6 +146,15 @@ def _header_problem(name: object, value: object) -> str | None:
     if _BAD_VALUE(value):
         return f"{_short(name)}: the value holds a control character (CR, LF, NUL, ...)"
     return None
+
+
+def _header_line(pair: tuple[bytes, bytes]) -> bytes:
+    """The line of a response header (empty for the ones the ingress writes itself)."""
+    name, value = pair
+    problem = _header_problem(name, value)
+    if problem is not None:
+        raise _Invalid(f"response header {problem}")
+    return b"" if name.lower() in _MANAGED else b"%s: %s\r\n" % (name, value)
 
 
 def _short(value: object) -> str:
@@ -183,20 +192,20 @@ def _render(response: Response, keep_alive: bool, head: bool) -> bytes:
             raise _Invalid(f"response body of type {type(body).__name__}")
         body = bytes(body)
     parts = [line]
-    names = _NAMES
+    lines = _LINES
     try:
-        for name, value in response.headers:
-            managed = names.get(name)
-            if managed is None or type(value) is not bytes or _BAD_VALUE(value):
-                problem = _header_problem(name, value)
-                if problem is not None:
-                    raise _Invalid(f"response header {problem}")
-                managed = name.lower() in _MANAGED
-                if len(names) < _NAMES_MAX:
-                    names[name] = managed
-            if not managed:
-                parts.append(b"%s: %s\r\n" % (name, value))
-    except (TypeError, ValueError) as exc:  # not a list of pairs, an unhashable name, ...
+        for pair in response.headers:
+            try:
+                text = lines.get(pair)
+            except TypeError:  # (not a tuple)
+                text = None
+            if text is None:
+                text = _header_line(pair)
+                if len(lines) < _LINES_MAX and type(pair) is tuple:
+                    lines[pair] = text
+            if text:
+                parts.append(text)
+    except (TypeError, ValueError) as exc:  # not a list of pairs, ...
         raise _Invalid(f"response headers ({exc})") from None
     if status in _NO_BODY:
         parts.append(_END if keep_alive else _END_CLOSE)
@@ -219,7 +228,10 @@ def _refusal(why: bytes) -> bytes:
 
 # --------------------------------------------------------------------------- connections
 
-_IDLE, _HEAD, _BODY = 0, 1, 2  # where a connection's parser is: between requests, in a head, a body
+# Where a connection is: between requests, in a request's head, in its body, before its first
+# request, or closing (its last response written or being written). Each has its timeout
+# (Ingress._timeouts), counted from the connection's ``_since``.
+_IDLE, _HEAD, _BODY, _FIRST, _CLOSING = 0, 1, 2, 3, 4
 
 
 class _Stop(Exception):
@@ -246,7 +258,7 @@ class HttpProtocol(asyncio.Protocol):
         "_halted",
         "_pending",
         "_phase",
-        "_deadline",
+        "_since",
         "_head_bytes",
         "_frame",
         "_chunks",
@@ -278,7 +290,7 @@ class HttpProtocol(asyncio.Protocol):
             collections.deque()
         )
         self._phase = _IDLE
-        self._deadline = 0.0  # (the server's sweep compares it with the loop's time)
+        self._since = 0.0  # when the connection entered its phase (the server's coarse clock)
         self._head_bytes = 0  # bytes of the current head so far (-1: it began in this feed)
         self._frame = 0  # bytes of the current body that were not body (chunk framing, trailers)
         self._chunks = 0
@@ -297,22 +309,17 @@ class HttpProtocol(asyncio.Protocol):
             transport.write(refusal)  # type: ignore[attr-defined]
             transport.close()
 
-    def data_received(self, data: bytes) -> None:
+    def data_received(self, data: bytes | memoryview) -> None:
         if self._halted:
             return
         size = self.server._slice
-        if len(data) <= size:
-            self._feed(data)
+        if len(data) > size:
+            # Fed in slices: a head that begins inside a slice is counted exactly from the
+            # next one, so httptools never holds more of a head than its limit and a slice.
+            view = memoryview(data)
+            for start in range(0, len(data), size):
+                self.data_received(view[start : start + size])
             return
-        # Fed in slices: a head that begins inside a slice is counted exactly from the next
-        # one, so httptools never holds more of a head than its limit and one slice.
-        view = memoryview(data)
-        for start in range(0, len(data), size):
-            self._feed(view[start : start + size])
-            if self._halted:
-                return
-
-    def _feed(self, data: bytes | memoryview) -> None:
         phase = self._phase
         body_before = self._body_size
         try:
@@ -325,20 +332,24 @@ class HttpProtocol(asyncio.Protocol):
             if not self._halted:  # (otherwise a callback answered and stopped the parser)
                 self._error(400, f"malformed request: {exc}\n".encode())
             return
-        if self._phase == _IDLE or self._halted:
-            return
+        if self._phase != _IDLE and not self._halted:  # a request is still arriving
+            self._count(phase, body_before, len(data))
+
+    def _count(self, phase: int, body_before: int, size: int) -> None:
+        """Bound what httptools holds of a request that is still arriving (after a feed of
+        *size* bytes that began in *phase*)."""
         limits = self.server.limits
         if self._phase == _HEAD:
             if self._head_bytes < 0:  # the head began in this feed: what the callbacks saw of it
                 self._head_bytes = len(self._url) + self._hdr_bytes
             else:
-                self._head_bytes += len(data)
+                self._head_bytes += size
             if self._head_bytes > limits.max_header_bytes:
                 self._error(431, b"request header fields too large\n")
         elif self._head_bytes < 0:  # the message began in this feed: count from the next one
             self._head_bytes = 0
         elif phase == _BODY:  # (the same message's body all along) its framing and trailers
-            self._frame += len(data) - (self._body_size - body_before)
+            self._frame += size - (self._body_size - body_before)
             if self._frame > limits.max_header_bytes + 32 * self._chunks:
                 self._error(431, b"request chunk framing or trailers too large\n")
 
@@ -359,8 +370,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if self._phase == _IDLE and self.transport is not None:
-            self._deadline = self.server.now + self.server.limits.idle_timeout
+        if self._phase == _IDLE:
+            self._since = self.server.now
         self._resume()
 
     def _resume(self) -> None:
@@ -377,8 +388,9 @@ class HttpProtocol(asyncio.Protocol):
         self._too_large = False
         self._phase = _HEAD
         self._head_bytes = -1
-        srv = self.server
-        self._deadline = srv.now + srv.limits.header_timeout
+        self._frame = 0
+        self._chunks = 0
+        self._since = self.server.now
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -399,10 +411,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._phase = _BODY
-        self._frame = 0
-        self._chunks = 0
-        srv = self.server
-        self._deadline = srv.now + srv.limits.body_timeout
+        self._since = self.server.now
 
     def on_chunk_header(self) -> None:
         self._chunks += 1
@@ -427,7 +436,7 @@ class HttpProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self._phase = _IDLE
         srv = self.server
-        self._deadline = srv.now + srv.limits.idle_timeout
+        self._since = srv.now
         if self._too_large:
             self._error(413, b"request body too large\n")
             raise _Stop
@@ -488,8 +497,8 @@ class HttpProtocol(asyncio.Protocol):
         except Exception as exc:  # pragma: no cover - a host bug
             log.exception("ingress: function call failed")
             response = Response(500, body=f"host error: {exc}\n".encode())
-        if self._phase == _IDLE and self.transport is not None:  # idle from now on
-            self._deadline = self.server.now + self.server.limits.idle_timeout
+        if self._phase == _IDLE:  # idle from now on
+            self._since = self.server.now
         self._respond(response, keep_alive, request)
         self._drain()
 
@@ -517,8 +526,8 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = None
         self._halted = True
         self._unsent = -1
-        srv = self.server
-        self._deadline = srv.now + srv.linger
+        self._phase = _CLOSING
+        self._since = self.server.now
 
     def _release(self, size: int) -> None:
         if 0 < size <= self._held:  # (nothing is held any more once the connection is lost)
@@ -543,18 +552,20 @@ class HttpProtocol(asyncio.Protocol):
 
     def _expire(self) -> None:
         """The connection's deadline passed (the server's sweep found it)."""
-        if self.transport is None:  # closing, its last response not yet taken by the client
+        if self._phase == _CLOSING:  # its last response not yet taken by the client
             raw = self._raw
             if raw is None:
                 return
             unsent = raw.get_write_buffer_size()
             if unsent and (self._unsent < 0 or unsent < self._unsent):  # it still reads: wait
                 self._unsent = unsent
-                self._deadline = self.server.now + self.server.limits.body_timeout
+                self._since = self.server.now
             else:
                 raw.abort()
             return
-        if self._phase == _IDLE:  # between requests: just close
+        if self.transport is None:  # (lost)
+            return
+        if self._phase in (_IDLE, _FIRST):  # between requests: just close
             self.server.send(self.transport, b"", close=True)
             self._closing()
             return
@@ -586,6 +597,14 @@ class Ingress:
         # How long a closing connection may take to read its last response (and to stop
         # sending) before it is cut, unless it is still reading.
         self.linger = min(2.0, self.limits.header_timeout)
+        lim = self.limits
+        self._timeouts = (
+            lim.idle_timeout,
+            lim.header_timeout,
+            lim.body_timeout,
+            lim.header_timeout,
+            self.linger,
+        )
         self._connections: set[HttpProtocol] = set()
         self._per_ip: dict[str, int] = {}
         self._sweeper: asyncio.TimerHandle | None = None
@@ -656,7 +675,8 @@ class Ingress:
             self._per_ip[ip] = count + 1
             conn._peer = ip
         conn._open = True
-        conn._deadline = self.now + self.limits.header_timeout  # its first request's head
+        conn._phase = _FIRST  # its first request's head is due within header_timeout
+        conn._since = self.now
         self._connections.add(conn)
         return None
 
@@ -681,7 +701,8 @@ class Ingress:
     def _sweep(self) -> None:
         loop = asyncio.get_running_loop()
         now = self.now = loop.time()
-        expired = [c for c in self._connections if c._deadline <= now and not c._busy]
+        timeouts = self._timeouts
+        expired = [c for c in self._connections if c._since + timeouts[c._phase] <= now and not c._busy]
         for conn in expired:
             conn._expire()
         if self._connections:
