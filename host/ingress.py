@@ -399,11 +399,9 @@ class HttpProtocol(asyncio.Protocol):
             raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # (Checked at the end of the head: until then what a head can hold is bounded by
+        # the bytes counted as they arrive.)
         self._hdr_bytes += len(name) + len(value)
-        limits = self.server.limits
-        if len(self._headers) >= limits.max_headers or self._hdr_bytes > limits.max_header_bytes:
-            self._error(431, b"request header fields too large\n")
-            raise _Stop
         name = name.lower()
         if name == b"id":
             self._fid = value
@@ -411,7 +409,12 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._phase = _BODY
-        self._since = self.server.now
+        srv = self.server
+        self._since = srv.now
+        limits = srv.limits
+        if len(self._headers) > limits.max_headers or self._hdr_bytes > limits.max_header_bytes:
+            self._error(431, b"request header fields too large\n")
+            raise _Stop
 
     def on_chunk_header(self) -> None:
         self._chunks += 1
