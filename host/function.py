@@ -199,7 +199,10 @@ class FunctionLog:
         return write
 
     def add(self, stream: str, line: str) -> None:
-        self.lines.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {stream} {line}")
+        # Kept lines are cut at line_limit too (a layotto_log call may pass 64 KiB), so the
+        # log holds at most limit × line_limit characters.
+        kept = line if len(line) <= self.line_limit else line[: self.line_limit] + " [cut]"
+        self.lines.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {stream} {kept}")
         if self.sinks:
             # The module's own output and its log calls go to stdout; what the host says
             # about it (traps, denied calls, deadlines) goes to stderr.

@@ -566,3 +566,15 @@ def test_stopping_a_function_answers_its_waiting_callers(runtime: NodeRuntime, w
         assert caller.response.status == 503  # type: ignore[attr-defined]
     fn._give_back(held, healthy=True)  # type: ignore[arg-type]
     assert fn.instances == 0
+
+
+def test_a_kept_log_line_is_cut_at_the_line_limit():
+    """The host's and the ABI's own lines (layotto_log passes up to 64 KiB) are kept cut, so
+    a function's log stays within its lines × line limit."""
+    from layotto.host.function import FunctionLog
+
+    log = FunctionLog(limit=3, line_limit=100)
+    for _ in range(5):
+        log.add("abi", "x" * 10_000)
+    assert len(log.lines) == 3
+    assert all(len(line) < 200 and line.endswith("[cut]") for line in log.lines)
