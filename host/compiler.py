@@ -41,6 +41,9 @@ _SETTINGS: tuple[tuple[str, type, int], ...] = (
     # One linear memory per module: a store's memory limit applies to each of its memories,
     # so a module declaring four would otherwise get four times its limit.
     ("wasmtime_config_wasm_multi_memory_set", ctypes.c_bool, 0),
+    # No GC proposal either: a GC heap is one more memory, limited like a linear memory
+    # (a module could hold its memory limit in linear memory and as much again in GC objects).
+    ("wasmtime_config_wasm_gc_set", ctypes.c_bool, 0),
 )
 ENGINE_SETTINGS = ";".join(f"{name[len('wasmtime_config_') : -len('_set')]}={v}" for name, _, v in _SETTINGS)
 

@@ -14,6 +14,7 @@ to compile costs its own child, not the host serving every tenant.
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -588,14 +589,19 @@ class WasmEngine:
             return self._scratch
 
     def evict(self) -> int:
-        """Drop the least recently used compiled modules until the cache fits its limit."""
+        """Drop the least recently used compiled modules until the cache fits its limit
+        (and what a compile interrupted by a crash of the host left behind)."""
         if self.cache_dir is None:
             return 0
         entries = []
+        stale = time.time() - self.compiler.timeout - 3600  # older than any compile still running
         for entry in os.scandir(self.cache_dir):
             if entry.name.endswith(".cwasm"):
                 st = entry.stat()
                 entries.append((st.st_mtime, st.st_size, entry.path))
+            elif entry.name.startswith(".tmp-") and entry.stat().st_mtime < stale:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
         total = sum(size for _, size, _ in entries)
         removed = 0
         for _mtime, size, path in sorted(entries):

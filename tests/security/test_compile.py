@@ -279,6 +279,19 @@ def test_a_module_with_two_memories_is_refused() -> None:
     assert engine.load(one, name="/one.wasm").exports == {"memory"}
 
 
+def test_a_module_using_gc_objects_is_refused() -> None:
+    """A GC heap is limited like one more linear memory: no GC proposal on this host."""
+    gc = bytes(
+        wasmtime.wat2wasm(
+            "(module (type $a (array (mut i8)))"
+            ' (func (export "run") (result i32)'
+            " (drop (array.new_default $a (i32.const 1048576))) i32.const 0))"
+        )
+    )
+    with pytest.raises(ModuleError, match=r"/gc.wasm is not a valid WebAssembly module: .*without the gc"):
+        WasmEngine(None).load(gc, name="/gc.wasm")
+
+
 # ---------------------------------------------------------------- the in-memory cache
 
 
