@@ -110,3 +110,16 @@ def test_module_facts_and_instance_pre_are_computed_once_per_module(wasm_dir: Pa
     pre = facts.instance_pre(linker, compiled.module)
     assert facts.instance_pre(linker, compiled.module) is pre
     assert facts.instance_pre(other, compiled.module) is not pre
+
+
+def test_eviction_drops_temporaries_a_crashed_compile_left(tmp_path: Path, wasm_dir: Path) -> None:
+    cache = tmp_path / "modules"
+    engine = WasmEngine(cache)
+    engine.load(_wasm(wasm_dir, "hello"), name="/hello.wasm")
+    old, fresh = cache / ".tmp-old", cache / ".tmp-fresh"
+    old.write_bytes(b"half a module")
+    fresh.write_bytes(b"a compile in progress")
+    os.utime(old, (1, 1))
+    engine.evict()
+    assert not old.exists() and fresh.exists()
+    assert len(list(cache.glob("*.cwasm"))) == 1
