@@ -20,7 +20,7 @@ from layotto.host.function_registry import FunctionRegistry
 from layotto.host.grpc_api import DEFAULT_ADDRESS, RuntimeApiServer, load_identities
 from layotto.host.hostlog import DEFAULT_MAX_BYTES
 from layotto.host.hostlog import configure as configure_logging
-from layotto.host.ingress import DEFAULT_BODY_LIMIT, DEFAULT_PORT, Ingress
+from layotto.host.ingress import DEFAULT_BODY_LIMIT, DEFAULT_PORT, Ingress, IngressLimits
 from layotto.host.observe import DEFAULT_METRICS_PORT, AdminServer, HostCollector, start_metrics
 from layotto.host.policy import DEFAULT_POLICY_PATH, load_policy
 from layotto.host.runtime import NodeRuntime
@@ -94,6 +94,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=int(os.environ.get("LAYOTTO_BODY_LIMIT", DEFAULT_BODY_LIMIT)),
         help="largest request body (bytes)",
+    )
+    ingress = IngressLimits()
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=float(os.environ.get("LAYOTTO_HEADER_TIMEOUT", ingress.header_timeout)),
+        help="seconds a request's head may take to arrive (408 after)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=float(os.environ.get("LAYOTTO_IDLE_TIMEOUT", ingress.idle_timeout)),
+        help="seconds an idle keep-alive connection stays open",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=int(os.environ.get("LAYOTTO_MAX_CONNECTIONS", ingress.max_connections)),
+        help="open ingress connections (0: RLIMIT_NOFILE less a reserve for containerd)",
+    )
+    parser.add_argument(
+        "--max-connections-per-ip",
+        type=int,
+        default=int(os.environ.get("LAYOTTO_MAX_CONNECTIONS_PER_IP", ingress.max_connections_per_ip)),
+        help="open ingress connections from one client address (0: no cap)",
+    )
+    parser.add_argument(
+        "--body-budget",
+        type=int,
+        default=int(os.environ.get("LAYOTTO_BODY_BUDGET", ingress.body_budget)),
+        help="request-body bytes buffered across all connections (503 past it)",
     )
     parser.add_argument(
         "--components",
@@ -184,7 +215,14 @@ async def serve(args: argparse.Namespace) -> None:
             (paths.run_dir / "grpc.port").write_text(f"{grpc_port}\n")
         log.info("gRPC Runtime API on %s%s", api_socket, f" and port {grpc_port}" if grpc_port else "")
     service = TaskService(runtime, publisher, content, functions, policy)
-    ingress = Ingress(functions, body_limit=args.body_limit)
+    limits = IngressLimits(
+        header_timeout=args.header_timeout,
+        idle_timeout=args.idle_timeout,
+        max_connections=args.max_connections,
+        max_connections_per_ip=args.max_connections_per_ip,
+        body_budget=args.body_budget,
+    )
+    ingress = Ingress(functions, body_limit=args.body_limit, limits=limits)
     if args.http_port >= 0:
         try:
             port = await ingress.listen(args.http_host, args.http_port)
