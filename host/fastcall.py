@@ -82,10 +82,12 @@ _set_wasi = ctypes.PYFUNCTYPE(_vp, _vp, _vp)(("wasmtime_context_set_wasi", ffi.d
 _error_new = ctypes.CFUNCTYPE(_vp, ctypes.c_char_p)(("wasmtime_error_new", ffi.dll))
 
 # Per-store limits besides memory (a module needing more fails to instantiate, clearly).
+# One memory per store: the memory limit is per memory, and the engine refuses modules
+# declaring more than one (multi-memory is off), so this is the whole of a store's memory.
 TABLE_ELEMENTS = 100_000
 INSTANCES = 4
 TABLES = 8
-MEMORIES = 4
+MEMORIES = 1
 
 EXTERN_FUNC = 0
 EXTERN_MEMORY = 3
