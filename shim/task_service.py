@@ -726,13 +726,16 @@ class TaskService:
         return rows
 
     def logs(self, name: str) -> list[str] | None:
-        """The recent output of a task (by id, or namespace/id) or function (by id)."""
+        """The recent output of a task (by id, or namespace/id with its tenant or containerd
+        namespace) or function (by id, or namespace/id)."""
         for task in self.tasks.values():
-            if name in (task.id, f"{task.namespace}/{task.id}"):
+            tenant = _tenant_namespace(task.spec, task.namespace)
+            if name in (task.id, f"{task.namespace}/{task.id}", f"{tenant}/{task.id}"):
                 source = task.function or task.proc
                 return list(source.log.lines) if source is not None else []
         if self.functions is not None:
-            fn = self.functions.get(name)
+            namespace, _, fid = name.rpartition("/")
+            fn = self.functions.get(fid, namespace or None)
             if fn is not None:
                 return list(fn.log.lines)
         return None

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from layotto.host.cli import admin_get
 from layotto.images import builder
 from tests.conftest import find_host_process, require
 from tests.containerd_env import Containerd, default_snapshotter
@@ -154,6 +155,14 @@ def test_a_function_id_claimed_from_another_namespace_fails_its_start(node: Cont
     # Every request still reaches the victim's function, none the attacker's echo.
     for i in range(20):
         assert get(node, f"/?name=n{i}", fid) == (200, f"Hello, n{i}!\n".encode())
+    # `layotto ps` and `layotto logs` name the namespace that owns the id.
+    run_dir = node.state / "layotto"
+    _, rows = admin_get(run_dir, "/tasks")
+    assert {(r["namespace"], r["state"]) for r in rows if r.get("function_id") == fid} == {
+        ("victim", "running")
+    }
+    assert admin_get(run_dir, f"/logs/victim/{fid}")[0] == 200
+    assert admin_get(run_dir, f"/logs/attacker/{fid}")[0] == 404
 
 
 def test_replicas_in_one_namespace_share_an_id(node: Containerd, tasks: Tasks) -> None:
