@@ -158,9 +158,10 @@ def test_a_function_id_claimed_from_another_namespace_fails_its_start(node: Cont
     # `layotto ps` and `layotto logs` name the namespace that owns the id.
     run_dir = node.state / "layotto"
     _, rows = admin_get(run_dir, "/tasks")
-    assert {(r["namespace"], r["state"]) for r in rows if r.get("function_id") == fid} == {
-        ("victim", "running")
-    }
+    serving = [r for r in rows if r.get("function_id") == fid and r["state"] == "running"]
+    assert [(r["namespace"], r["containerd_namespace"]) for r in serving] == [("victim", "victim")]
+    refused = [r for r in rows if r["namespace"] == "attacker" and r.get("function_id") == fid]
+    assert all(r["state"] == "stopped" and r["exit_status"] == 1 for r in refused), refused
     assert admin_get(run_dir, f"/logs/victim/{fid}")[0] == 200
     assert admin_get(run_dir, f"/logs/attacker/{fid}")[0] == 404
 
