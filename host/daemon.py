@@ -49,82 +49,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("GRPC_ADDRESS", "/run/containerd/containerd.sock"),
         help="containerd's gRPC socket, to read modules shipped as OCI wasm layers",
     )
-    parser.add_argument(
-        "--http-host",
-        default=os.environ.get("LAYOTTO_HTTP_HOST", "0.0.0.0"),
-        help="address of the functions' HTTP ingress (Layotto's convention: every address)",
-    )
-    parser.add_argument(
-        "--http-port",
-        type=int,
-        default=int(os.environ.get("LAYOTTO_HTTP_PORT", DEFAULT_PORT)),
-        help="port of the HTTP ingress (0: any free port, -1: disabled)",
-    )
-    parser.add_argument(
-        "--metrics-port",
-        type=int,
-        default=int(os.environ.get("LAYOTTO_METRICS_PORT", DEFAULT_METRICS_PORT)),
-        help="port of the Prometheus /metrics endpoint (-1: disabled)",
-    )
-    parser.add_argument(
-        "--metrics-host",
-        default=os.environ.get("LAYOTTO_METRICS_HOST", "127.0.0.1"),
-        help="address of /metrics (it names every tenant's functions: loopback by default)",
-    )
+    ingress = IngressLimits()
+    # (flag, environment variable, type, default, help): each flag's default is its variable.
+    settings: list[tuple[str, str, type, object, str]] = [
+        ("--http-host", "LAYOTTO_HTTP_HOST", str, "0.0.0.0", "address of the functions' HTTP ingress"),
+        ("--http-port", "LAYOTTO_HTTP_PORT", int, DEFAULT_PORT, "port of the HTTP ingress (0: any, -1: off)"),
+        ("--metrics-port", "LAYOTTO_METRICS_PORT", int, DEFAULT_METRICS_PORT, "port of /metrics (-1: off)"),
+        (
+            "--metrics-host",
+            "LAYOTTO_METRICS_HOST",
+            str,
+            "127.0.0.1",
+            "address of /metrics (it names every tenant's functions)",
+        ),
+        (
+            "--log-max-bytes",
+            "LAYOTTO_LOG_MAX_BYTES",
+            int,
+            DEFAULT_MAX_BYTES,
+            "host.log is rotated past this size (0: never)",
+        ),
+        (
+            "--cache-limit",
+            "LAYOTTO_CACHE_LIMIT",
+            int,
+            DEFAULT_CACHE_LIMIT,
+            "bytes of compiled modules kept on disk",
+        ),
+        ("--body-limit", "LAYOTTO_BODY_LIMIT", int, DEFAULT_BODY_LIMIT, "largest request body (bytes)"),
+        (
+            "--header-timeout",
+            "LAYOTTO_HEADER_TIMEOUT",
+            float,
+            ingress.header_timeout,
+            "seconds a request's head may take (408 after)",
+        ),
+        (
+            "--idle-timeout",
+            "LAYOTTO_IDLE_TIMEOUT",
+            float,
+            ingress.idle_timeout,
+            "seconds an idle keep-alive connection stays open",
+        ),
+        (
+            "--max-connections",
+            "LAYOTTO_MAX_CONNECTIONS",
+            int,
+            ingress.max_connections,
+            "open ingress connections (0: RLIMIT_NOFILE less a reserve)",
+        ),
+        (
+            "--max-connections-per-ip",
+            "LAYOTTO_MAX_CONNECTIONS_PER_IP",
+            int,
+            ingress.max_connections_per_ip,
+            "open ingress connections from one address (0: no cap)",
+        ),
+        (
+            "--body-budget",
+            "LAYOTTO_BODY_BUDGET",
+            int,
+            ingress.body_budget,
+            "request-body bytes buffered across all connections (503 past it)",
+        ),
+    ]
+    for flag, variable, kind, default, text in settings:
+        value = os.environ.get(variable)
+        parser.add_argument(
+            flag, type=kind, default=kind(value) if value else default, help=f"{text} [{variable}]"
+        )
     parser.add_argument(
         "--policy",
         type=Path,
         default=os.environ.get("LAYOTTO_POLICY") or None,
         help=f"the operator's policy file (default: {DEFAULT_POLICY_PATH} if it exists, else built in)",
-    )
-    parser.add_argument(
-        "--log-max-bytes",
-        type=int,
-        default=int(os.environ.get("LAYOTTO_LOG_MAX_BYTES", DEFAULT_MAX_BYTES)),
-        help="host.log is rotated past this size (2 old files kept; 0: never)",
-    )
-    parser.add_argument(
-        "--cache-limit",
-        type=int,
-        default=int(os.environ.get("LAYOTTO_CACHE_LIMIT", DEFAULT_CACHE_LIMIT)),
-        help="bytes of compiled modules kept on disk (least recently used evicted)",
-    )
-    parser.add_argument(
-        "--body-limit",
-        type=int,
-        default=int(os.environ.get("LAYOTTO_BODY_LIMIT", DEFAULT_BODY_LIMIT)),
-        help="largest request body (bytes)",
-    )
-    ingress = IngressLimits()
-    parser.add_argument(
-        "--header-timeout",
-        type=float,
-        default=float(os.environ.get("LAYOTTO_HEADER_TIMEOUT", ingress.header_timeout)),
-        help="seconds a request's head may take to arrive (408 after)",
-    )
-    parser.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=float(os.environ.get("LAYOTTO_IDLE_TIMEOUT", ingress.idle_timeout)),
-        help="seconds an idle keep-alive connection stays open",
-    )
-    parser.add_argument(
-        "--max-connections",
-        type=int,
-        default=int(os.environ.get("LAYOTTO_MAX_CONNECTIONS", ingress.max_connections)),
-        help="open ingress connections (0: RLIMIT_NOFILE less a reserve for containerd)",
-    )
-    parser.add_argument(
-        "--max-connections-per-ip",
-        type=int,
-        default=int(os.environ.get("LAYOTTO_MAX_CONNECTIONS_PER_IP", ingress.max_connections_per_ip)),
-        help="open ingress connections from one client address (0: no cap)",
-    )
-    parser.add_argument(
-        "--body-budget",
-        type=int,
-        default=int(os.environ.get("LAYOTTO_BODY_BUDGET", ingress.body_budget)),
-        help="request-body bytes buffered across all connections (503 past it)",
     )
     parser.add_argument(
         "--components",
