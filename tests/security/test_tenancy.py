@@ -14,6 +14,7 @@ import http.client
 import itertools
 import os
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.integration
 RUNTIME = "io.containerd.layotto.v1"
 IMAGE = "docker.io/library/layotto-tenancy:latest"
 ARTIFACT = "docker.io/library/layotto-private-artifact:latest"
-MODULES = ("fn-hello", "fn_echo", "faas_fn1", "faas_fn2", "echoargs")
+MODULES = ("fn-hello", "fn_echo", "faas_fn1", "faas_fn2", "echoargs", "fn_misbehave")
 NAMESPACES = ("default", "victim", "attacker", "locked", "walled", "partner")
 POLICY = """
 default:
@@ -190,6 +191,33 @@ def test_invoke_does_not_reach_another_namespace(node: Containerd, tasks: Tasks)
     tasks.run("faas_fn1", f"layotto.io/function-id={partner}", invoke, ns="partner")
     status, body = get(node, "/?name=book1", partner)
     assert status == 200, (status, body)
+
+
+def test_a_killed_function_stops_computing(node: Containerd, tasks: Tasks) -> None:
+    """A request spinning forever (timeout 30 s): killing the container ends it long before
+    its timeout, and the node host stops burning CPU for it."""
+    fid = new_id("spin")
+    tasks.run("fn_misbehave", f"layotto.io/function-id={fid}", "layotto.io/timeout=30")
+    _, task_id = tasks.started[-1]
+    host = find_host_process(node)
+    assert host is not None
+    answer: list[tuple[int, bytes]] = []
+    caller = threading.Thread(target=lambda: answer.append(get(node, "/loop", fid)), daemon=True)
+    caller.start()
+    deadline = time.monotonic() + 10
+    before = sum(host.cpu_times()[:2])
+    while sum(host.cpu_times()[:2]) - before < 0.3:  # the loop is running
+        assert time.monotonic() < deadline, "the /loop request never started computing"
+        time.sleep(0.05)
+    killed = time.monotonic()
+    node.ctr("tasks", "kill", "--signal", "SIGKILL", task_id)
+    caller.join(timeout=10)
+    assert answer, "the spinning request was still running 10 s after the kill"
+    assert answer[0][0] == 503 and time.monotonic() - killed < 10
+    # The host is idle again: what it spends now is far below a spinning core.
+    quiet = sum(host.cpu_times()[:2])
+    time.sleep(1.0)
+    assert sum(host.cpu_times()[:2]) - quiet < 0.5
 
 
 # --------------------------------------------------------------------------- policy
