@@ -9,7 +9,6 @@ import http.client
 import itertools
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from layotto.images import builder
 from layotto.shim.protocol import task_types_pb2
 from tests.containerd_client import ClientError, ContainerdClient, chain_id, oci_spec
 from tests.containerd_env import Containerd
+from tests.support import wait_for
 
 LAYOTTO = "io.containerd.layotto.v1"
 FN_IMAGE = "docker.io/library/fn-hello:client-test"
@@ -30,17 +30,6 @@ _ids = itertools.count()
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{next(_ids)}"
-
-
-def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        time.sleep(0.02)
 
 
 # --------------------------------------------------------------------------- without containerd

@@ -20,6 +20,7 @@ import pytest
 from layotto.images import builder
 from tests.conftest import find_host_process
 from tests.containerd_env import Containerd, mounts_under
+from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -57,16 +58,6 @@ def run(
     return c.ctr(
         "run", "--rm", "--runtime", RUNTIME, *opts, IMAGE, new_id("t"), *cmd, check=False, timeout=timeout
     )
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):  # noqa: ANN001, ANN201
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def task_status(c: Containerd, task_id: str) -> str:

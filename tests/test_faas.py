@@ -25,9 +25,8 @@ import re
 import secrets as secrets_module
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +43,7 @@ from layotto.shim.protocol import runtime_api_pb2 as pb
 from tests.conftest import REPO_ROOT, require
 from tests.containerd_env import Containerd, default_snapshotter
 from tests.cri_client import CONTAINER_RUNNING, CriClient, Pod
+from tests.support import wait_for
 from tests.test_deploy import load_documents, validate_manifest
 
 FAAS = REPO_ROOT / "images" / "examples" / "faas"
@@ -182,19 +182,6 @@ def http_get(port: int, target: str, headers: Mapping[str, str] | None = None) -
         conn.close()
 
 
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll ``check()`` until it returns something truthy; returns that."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while True:
-        last = check()
-        if last:
-            return last
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout} s (last: {last!r})")
-        time.sleep(interval)
-
-
 # --------------------------------------------------------------------------- the node
 
 
@@ -240,7 +227,7 @@ class Node:
     def api(self) -> RuntimeApi:
         if self._api is None:
             sock = self.run_dir / "runtime.sock"
-            wait_until(f"the gRPC Runtime API socket {sock}", sock.exists)
+            wait_for(sock.exists, what=f"the gRPC Runtime API socket {sock}")
             self._api = RuntimeApi(sock, self.token_file.read_text().strip())
         return self._api
 
@@ -286,7 +273,9 @@ class Node:
                 failed.append(f"{pod.config.metadata.name}: {exc}")
             self.pods.remove(pod)
         for fid in sorted(self.function_ids):
-            wait_until(f"function {fid} unregistered", lambda fid=fid: self.get("/", fid).body == NO_FUNCTION)
+            wait_for(
+                lambda fid=fid: self.get("/", fid).body == NO_FUNCTION, what=f"function {fid} unregistered"
+            )
         self.function_ids.clear()
         assert not failed, f"removing pods failed: {failed}\n{self.diagnostics()}"
 
@@ -570,9 +559,9 @@ def test_pubsub_publisher_to_subscriber(node: Node):
     order = f"order-{uuid.uuid4().hex[:8]}"
     r = node.get(f"/?msg={order}", "publisher")
     assert (r.status, r.body) == (200, f"published {len(order)} bytes to pub_subs_demo/orders\n")
-    got = wait_until(
-        "the subscriber stored the order",
+    got = wait_for(
         lambda: (lambda r: r if r.status == 200 else None)(node.get("/orders", "subscriber")),
+        what="the subscriber stored the order",
     )
     assert got.body == order
     assert node.api.get_state(STATE, "last_order") == order.encode()

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,7 @@ from layotto.host.cli import admin_get
 from layotto.images import builder
 from tests.conftest import find_host_process
 from tests.containerd_env import Containerd, mounts_under
+from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -49,16 +50,6 @@ _ids = itertools.count()
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{os.getpid()}-{next(_ids)}"
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.02) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 # --------------------------------------------------------------------------- fixtures

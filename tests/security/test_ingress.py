@@ -39,22 +39,12 @@ from layotto.host.runtime import NodeRuntime
 from layotto.images import builder
 from tests.conftest import find_host_process
 from tests.containerd_env import Containerd
+from tests.support import wait_for
 
 RUNTIME = "io.containerd.layotto.v1"
 IMAGE = "docker.io/library/layotto-fnsec:latest"
 MODULES = {"hello": "fn-hello", "echo": "fn_echo", "misbehave": "fn_misbehave", "headers": "fn_headers"}
 FAST = IngressLimits(header_timeout=0.3, body_timeout=0.3, idle_timeout=0.3)
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- raw HTTP
@@ -298,7 +288,7 @@ class Node:
             self.c.ctr("tasks", "kill", "--signal", "SIGKILL", task, check=False)
         for task in self.tasks:
             with contextlib.suppress(AssertionError):
-                wait_until(lambda t=task: t not in self.c.ctr("tasks", "ls").stdout or self._stopped(t), 10)
+                wait_for(lambda t=task: t not in self.c.ctr("tasks", "ls").stdout or self._stopped(t), 10)
             self.c.ctr("tasks", "delete", task, check=False)
             self.c.ctr("containers", "delete", task, check=False)
 
@@ -455,7 +445,7 @@ def test_an_idle_connection_flood_leaves_the_host_its_descriptor_reserve(node: N
         for sock in clients:
             sock.close()
     # Once the flood is gone, new connections are served again.
-    wait_until(lambda: host.num_fds() <= fds_before + 50, 30)
+    wait_for(lambda: host.num_fds() <= fds_before + 50, 30)
     fresh = Conn(node.port)
     hello(fresh, fid)
     fresh.close()
@@ -497,7 +487,7 @@ def test_too_many_header_fields_or_bytes_get_431_and_a_long_url_414(live: Callab
     assert conn.response()[0] == 431  # type: ignore[index]
     assert sent < 64 << 10, sent
     conn.close()
-    wait_until(lambda: server.connections == 0)
+    wait_for(lambda: server.connections == 0)
 
 
 def test_slow_headers_get_408_after_the_header_timeout(live: Callable[..., Live]) -> None:
@@ -522,19 +512,19 @@ def test_slow_headers_get_408_after_the_header_timeout(live: Callable[..., Live]
     assert silent.until_eof() == b""
     assert time.monotonic() - began < 1.5
     silent.close()
-    wait_until(lambda: server.connections == 0)
+    wait_for(lambda: server.connections == 0)
 
 
 def test_slow_body_gets_408_and_its_bytes_are_let_go(live: Callable[..., Live]) -> None:
     server = live(FAST)
     conn = Conn(server.port)
     conn.send(b"POST / HTTP/1.1\r\nhost: x\r\nid: echo\r\ncontent-length: 1000\r\n\r\n" + b"b" * 100)
-    wait_until(lambda: server.body_bytes == 100)
+    wait_for(lambda: server.body_bytes == 100)
     reply = conn.response()
     assert reply is not None and reply[0] == 408, reply
     assert conn.until_eof() == b""
     conn.close()
-    wait_until(lambda: server.body_bytes == 0 and server.connections == 0)
+    wait_for(lambda: server.body_bytes == 0 and server.connections == 0)
 
 
 def test_an_idle_keep_alive_connection_is_closed_but_a_busy_one_is_not(live: Callable[..., Live]) -> None:
@@ -577,13 +567,13 @@ def test_connection_cap_refuses_new_connections_and_recovers(live: Callable[...,
         hello(conn, "hello")
     for conn in conns[:5]:
         conn.close()
-    wait_until(lambda: server.connections == 15)
+    wait_for(lambda: server.connections == 15)
     fresh = [Conn(server.port) for _ in range(5)]
     for conn in fresh:
         hello(conn, "hello")
     for conn in conns[5:] + fresh:
         conn.close()
-    wait_until(lambda: server.connections == 0)
+    wait_for(lambda: server.connections == 0)
 
 
 def test_per_address_connection_cap(live: Callable[..., Live]) -> None:
@@ -595,7 +585,7 @@ def test_per_address_connection_cap(live: Callable[..., Live]) -> None:
     assert b"too many connections from this address" in extra.until_eof()
     extra.close()
     conns.pop().close()
-    wait_until(lambda: server.connections == 2)
+    wait_for(lambda: server.connections == 2)
     again = Conn(server.port)
     hello(again, "hello")
     for conn in [*conns, again]:
@@ -626,14 +616,14 @@ def test_half_sent_bodies_stay_within_the_budget_and_are_released(live: Callable
     assert 0 < server.body_bytes <= budget
     for conn in conns:
         conn.close()
-    wait_until(lambda: server.body_bytes == 0 and server.connections == 0)
+    wait_for(lambda: server.body_bytes == 0 and server.connections == 0)
     # The budget is whole again: a full-size body goes through.
     conn = Conn(server.port)
     conn.send(head + half + half)
     status, _, body = conn.response()  # type: ignore[misc]
     assert status == 200 and len(body) > 4 << 20
     conn.close()
-    wait_until(lambda: server.body_bytes == 0)
+    wait_for(lambda: server.body_bytes == 0)
 
 
 def test_a_lost_connection_releases_its_pending_requests(live: Callable[..., Live]) -> None:
@@ -647,9 +637,9 @@ def test_a_lost_connection_releases_its_pending_requests(live: Callable[..., Liv
             % (path.encode(), len(body))
             + body
         )
-    wait_until(lambda: server.body_bytes == 3 * len(body))
+    wait_for(lambda: server.body_bytes == 3 * len(body))
     conn.close()
-    wait_until(lambda: server.body_bytes == 0 and server.connections == 0)
+    wait_for(lambda: server.body_bytes == 0 and server.connections == 0)
     time.sleep(0.8)  # the slow call ends meanwhile: its answer must not count anything down again
     assert server.body_bytes == 0
     check = Conn(server.port)
