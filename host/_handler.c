@@ -17,6 +17,13 @@
  * ticker and other functions' threads keep going); host functions it calls take the GIL
  * themselves.
  *
+ * An instance reaches Python as an owned `_handler.Instance` object, never as a raw
+ * address: `delete()` frees its Store once (a second delete does nothing), a call on a
+ * deleted instance is a clear error, and an instance nobody deleted is freed with its
+ * last reference. The Store's epoch-deadline callback gets the instance's watch object
+ * (host/capi.py EpochWatch) as its environment; the instance holds a reference to it
+ * until after the Store is gone.
+ *
  * The ABI itself is in abi/layotto_abi.yaml (layotto_http_handle).
  */
 #define PY_SSIZE_T_CLEAN
@@ -79,8 +86,11 @@ static struct {
     bool bound;
 } api;
 
-/* One instance: its Store and the exports the handler ABI uses. */
+/* One instance: its Store and the exports the handler ABI uses (a Python object). */
 typedef struct {
+    PyObject_HEAD
+    PyObject *watch; /* the epoch callback's environment: outlives the Store */
+    bool in_call;    /* a call is running wasm (without the GIL): delete must wait */
     void *store;
     void *ctx;
     wt_instance_t instance;
@@ -169,43 +179,60 @@ static void *call_wasm(void *ctx, const void *func, wt_val_raw_t *vals, size_t l
     return error;
 }
 
+static PyTypeObject InstanceType;
+static Py_ssize_t live_instances; /* Instances whose Store is not freed yet (tests, leaks) */
+
+/* Free the Store (once), then drop the watch its epoch callback pointed at. */
 static void release(handler_instance *in) {
-    if (in->store != NULL)
-        api.store_delete(in->store);
-    PyMem_Free(in);
+    if (in->store != NULL) {
+        void *store = in->store;
+        in->store = NULL;
+        in->ctx = NULL;
+        api.store_delete(store);
+        live_instances--;
+    }
+    Py_CLEAR(in->watch);
 }
 
 static PyObject *failure(handler_instance *in, int kind, void *error, void *trap) {
     release(in);
+    Py_DECREF(in);
     return Py_BuildValue("(iKK)", kind, (unsigned long long)(uintptr_t)error, (unsigned long long)(uintptr_t)trap);
 }
 
 static PyObject *failure_message(handler_instance *in, int kind, const char *message) {
     release(in);
+    Py_DECREF(in);
     return Py_BuildValue("(is)", kind, message);
 }
 
 /* instantiate(engine, pre, memory_limit, table_elements, instances, tables, memories,
- *             epoch_callback, key, wasi_config, handler_name)
- * -> (0, handle) | (1, error, trap) | (3 or 5, message) */
+ *             epoch_callback, watch, wasi_config, handler_name)
+ * -> (0, Instance) | (1, error, trap) | (3 or 5, message) */
 static PyObject *instantiate(PyObject *self, PyObject *args) {
-    unsigned long long engine, pre, epoch_callback, key, wasi;
+    unsigned long long engine, pre, epoch_callback, wasi;
     long long memory_limit, table_elements, instances, tables, memories;
+    PyObject *watch;
     const char *handler_name;
-    if (!PyArg_ParseTuple(args, "KKLLLLLKKKs", &engine, &pre, &memory_limit, &table_elements, &instances, &tables,
-                          &memories, &epoch_callback, &key, &wasi, &handler_name))
+    if (!PyArg_ParseTuple(args, "KKLLLLLKOKs", &engine, &pre, &memory_limit, &table_elements, &instances, &tables,
+                          &memories, &epoch_callback, &watch, &wasi, &handler_name))
         return NULL;
     if (!api.bound) {
         PyErr_SetString(PyExc_RuntimeError, "bind() has not been called");
         return NULL;
     }
-    handler_instance *in = PyMem_Calloc(1, sizeof(handler_instance));
+    handler_instance *in = PyObject_New(handler_instance, &InstanceType);
     if (in == NULL)
-        return PyErr_NoMemory();
+        return NULL;
+    /* Everything after the object header starts zeroed. */
+    memset((char *)in + sizeof(PyObject), 0, sizeof(handler_instance) - sizeof(PyObject));
+    Py_INCREF(watch);
+    in->watch = watch;
     in->store = api.store_new((void *)(uintptr_t)engine, NULL, NULL);
+    live_instances++;
     in->ctx = api.store_context(in->store);
     api.store_limiter(in->store, memory_limit, table_elements, instances, tables, memories);
-    api.store_epoch_callback(in->store, (void *)(uintptr_t)epoch_callback, (void *)(uintptr_t)key, NULL);
+    api.store_epoch_callback(in->store, (void *)(uintptr_t)epoch_callback, (void *)watch, NULL);
     api.set_epoch_deadline(in->ctx, (uint64_t)1 << 40);
     if (wasi) {
         void *error = api.set_wasi(in->ctx, (void *)(uintptr_t)wasi);
@@ -243,13 +270,24 @@ static PyObject *instantiate(PyObject *self, PyObject *args) {
     in->out = (uint32_t)vals[0].i32;
     if (in->out == 0)
         return failure_message(in, NO_MEMORY, "the module's allocator returned 0");
-    return Py_BuildValue("(iK)", OK, (unsigned long long)(uintptr_t)in);
+    return Py_BuildValue("(iN)", OK, (PyObject *)in);
 }
 
+/* The instance `value` is, if it is a live one not in a call; else NULL with an error. */
 static handler_instance *instance_arg(PyObject *value) {
-    handler_instance *in = PyLong_AsVoidPtr(value);
-    if (in == NULL && !PyErr_Occurred())
-        PyErr_SetString(PyExc_ValueError, "null instance");
+    if (Py_TYPE(value) != &InstanceType) {
+        PyErr_Format(PyExc_TypeError, "expected a _handler.Instance, got %.100s", Py_TYPE(value)->tp_name);
+        return NULL;
+    }
+    handler_instance *in = (handler_instance *)value;
+    if (in->store == NULL) {
+        PyErr_SetString(PyExc_ValueError, "the instance has been deleted");
+        return NULL;
+    }
+    if (in->in_call) {
+        PyErr_SetString(PyExc_RuntimeError, "the instance is in a call on another thread");
+        return NULL;
+    }
     return in;
 }
 
@@ -390,11 +428,11 @@ static PyObject *decode_headers(const uint8_t *map, uint64_t len, const char **e
 #define WASM_FAILURE(error, trap)                                                                             \
     Py_BuildValue("(iKK)", WASM_ERROR, (unsigned long long)(uintptr_t)(error), (unsigned long long)(uintptr_t)(trap))
 
-/* call(handle, method, path, query, headers, body)
+/* call(instance, method, path, query, headers, body)
  * -> (0, status, headers, body) | (1, error, trap) | (2, status) | (3|4, message) */
 static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "call(handle, method, path, query, headers, body)");
+        PyErr_SetString(PyExc_TypeError, "call(instance, method, path, query, headers, body)");
         return NULL;
     }
     handler_instance *in = instance_arg(args[0]);
@@ -403,6 +441,7 @@ static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     request_layout r;
     memset(&r, 0, sizeof(r));
     PyObject *result = NULL;
+    in->in_call = true; /* the GIL is released while wasm runs: no delete meanwhile */
     if (measure_request(args, &r) < 0)
         goto done;
     if (r.total > UINT32_MAX) {
@@ -479,15 +518,16 @@ static PyObject *call(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     }
     result = Py_BuildValue("(iINy#)", OK, status, headers, start + headers_len, (Py_ssize_t)body_len);
 done:
+    in->in_call = false;
     Py_XDECREF(r.headers);
     return result;
 }
 
-/* addresses(handle) -> (context, alloc func, handler func, memory, out, instance): for the
- * Python side (the Runtime ABI's view of memory, other exports, diagnostics). Valid until
- * delete(handle). */
-static PyObject *addresses(PyObject *self, PyObject *arg) {
-    handler_instance *in = instance_arg(arg);
+/* Instance.addresses() -> (context, alloc func, handler func, memory, out, instance): for
+ * the Python side (the Runtime ABI's view of memory, other exports, diagnostics). Valid
+ * until delete(). */
+static PyObject *instance_addresses(PyObject *self, PyObject *unused) {
+    handler_instance *in = instance_arg(self);
     if (in == NULL)
         return NULL;
     return Py_BuildValue("(KKKKIK)", (unsigned long long)(uintptr_t)in->ctx,
@@ -496,20 +536,55 @@ static PyObject *addresses(PyObject *self, PyObject *arg) {
                          (unsigned long long)(uintptr_t)&in->instance);
 }
 
-static PyObject *delete(PyObject *self, PyObject *arg) {
-    handler_instance *in = instance_arg(arg);
-    if (in == NULL)
+/* Instance.delete(): free the Store now. Deleting a deleted instance does nothing;
+ * deleting one in a call (on another thread) is an error. */
+static PyObject *instance_delete(PyObject *self, PyObject *unused) {
+    handler_instance *in = (handler_instance *)self;
+    if (in->in_call) {
+        PyErr_SetString(PyExc_RuntimeError, "cannot delete an instance during its call");
         return NULL;
+    }
     release(in);
     Py_RETURN_NONE;
 }
+
+static PyObject *instance_alive(PyObject *self, void *closure) {
+    return PyBool_FromLong(((handler_instance *)self)->store != NULL);
+}
+
+static void instance_dealloc(PyObject *self) {
+    release((handler_instance *)self); /* never deleted: freed with its last reference */
+    PyObject_Free(self);
+}
+
+static PyMethodDef instance_methods[] = {
+    {"addresses", instance_addresses, METH_NOARGS, "Raw addresses of the context and exports (until delete)."},
+    {"delete", instance_delete, METH_NOARGS, "Free the Store now (a second delete does nothing)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef instance_getset[] = {
+    {"alive", instance_alive, NULL, "Whether the Store still exists (not deleted).", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject InstanceType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "layotto.host._handler.Instance",
+    .tp_doc = "One Store with one handler-ABI instance; made by instantiate().",
+    .tp_basicsize = sizeof(handler_instance),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = instance_dealloc,
+    .tp_methods = instance_methods,
+    .tp_getset = instance_getset,
+};
+
+static PyObject *live(PyObject *self, PyObject *unused) { return PyLong_FromSsize_t(live_instances); }
 
 static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS, "Give the module the wasmtime C API's function addresses."},
     {"instantiate", instantiate, METH_VARARGS, "Create a Store with one handler instance."},
     {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL, "Run the handler on one request."},
-    {"addresses", addresses, METH_O, "Raw addresses of an instance's context and exports."},
-    {"delete", delete, METH_O, "Delete an instance's Store."},
+    {"live", live, METH_NOARGS, "How many Instances have a Store not yet freed."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -525,5 +600,16 @@ PyMODINIT_FUNC PyInit__handler(void) {
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "wasm linear memory is little-endian; this file reads it in place"
 #endif
-    return PyModule_Create(&module);
+    if (PyType_Ready(&InstanceType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&InstanceType);
+    if (PyModule_AddObject(m, "Instance", (PyObject *)&InstanceType) < 0) {
+        Py_DECREF(&InstanceType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

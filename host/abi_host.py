@@ -30,7 +30,7 @@ import wasmtime
 
 from layotto.abi import spec as abi_spec
 from layotto.abi.maps import decode_map, encode_map
-from layotto.host import scoping
+from layotto.host import capi, scoping
 from layotto.host.components import (
     ComponentError,
     ConfigItem,
@@ -553,12 +553,6 @@ def host_function(fn: abi_spec.Function) -> Callable[..., int]:
     return call
 
 
-import ctypes  # noqa: E402 - only the raw definitions below need it
-
-from wasmtime import _bindings as _ffi  # noqa: E402
-
-_RawCallback = _ffi.wasmtime_func_unchecked_callback_t  # (env, caller, values, count) -> trap
-_NO_FINALIZER = ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
 _callbacks: list[object] = []  # the ctypes callbacks must live as long as the linkers
 
 
@@ -576,11 +570,9 @@ def _raw_callback(fn: abi_spec.Function) -> object:
             vals[0].i32 = host(*args)
             return 0
         except BaseException as exc:  # a trap in a nested guest call (the allocator)
-            message = f"{fn.name}: {exc}".encode()
-            trap = _ffi.wasmtime_trap_new(message, len(message))
-            return ctypes.cast(trap, ctypes.c_void_p).value or 0
+            return capi.new_trap(f"{fn.name}: {exc}")
 
-    return _RawCallback(callback)
+    return capi.UncheckedCallback(callback)
 
 
 def define_imports(linker: wasmtime.Linker) -> None:
@@ -591,12 +583,7 @@ def define_imports(linker: wasmtime.Linker) -> None:
         ty = wasmtime.FuncType([i32] * fn.arity, [i32])
         callback = _raw_callback(fn)
         _callbacks.append(callback)
-        module, name = fn.module.encode(), fn.name.encode()
-        error = _ffi.wasmtime_linker_define_func_unchecked(
-            linker.ptr(), module, len(module), name, len(name), ty.ptr(), callback, None, _NO_FINALIZER
-        )
-        if error:
-            raise wasmtime.WasmtimeError._from_ptr(error)
+        capi.define_unchecked(linker, fn.module, fn.name, ty, callback)
 
 
 def is_known_import(module: str, name: str) -> bool:

@@ -21,6 +21,9 @@ wrapper takes longer to import than most modules take to compile). The child
    ``failed``).
 
 The host deserializes only that file, once its own child has exited successfully.
+
+The wasmtime C API is otherwise declared in ``host/capi.py``; this file keeps its own few
+declarations because it may import only the standard library.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import hashlib
 import logging
 import math
@@ -33,9 +32,8 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 import wasmtime
-from wasmtime import _bindings as ffi
-from wasmtime import _ffi
 
+from layotto.host import capi
 from layotto.host import compiler as _compiler_program
 from layotto.host.compiler import (
     DEFAULT_MAX_MODULE_BYTES,
@@ -187,20 +185,18 @@ class PoolSettings:
 def _config(pooling: PoolSettings | None) -> wasmtime.Config:
     """The engine config: the settings every compiling child uses too (compiler.py)."""
     config = wasmtime.Config()
-    apply_engine_settings(ffi.dll, ctypes.cast(config.ptr(), ctypes.c_void_p).value or 0)
+    apply_engine_settings(capi.DLL, capi.config_address(config))
     if pooling is not None:
         # The allocation strategy is no compile setting: code compiled for the plain engine
-        # deserializes into the pooled one (WasmEngine.to_pooled).
-        pool = ffi.wasmtime_pooling_allocation_config_new()
-        ffi.wasmtime_pooling_allocation_config_total_core_instances_set(pool, pooling.instances)
-        ffi.wasmtime_pooling_allocation_config_total_memories_set(pool, pooling.instances)
-        ffi.wasmtime_pooling_allocation_config_total_tables_set(pool, pooling.instances)
-        ffi.wasmtime_pooling_allocation_config_max_memory_size_set(pool, pooling.max_memory_size)
-        ffi.wasmtime_pooling_allocation_config_linear_memory_keep_resident_set(pool, pooling.keep_resident)
-        # Give memory back to the kernel in batches rather than one madvise per instance.
-        ffi.wasmtime_pooling_allocation_config_decommit_batch_size_set(pool, pooling.decommit_batch)
-        ffi.wasmtime_pooling_allocation_strategy_set(config.ptr(), pool)
-        ffi.wasmtime_pooling_allocation_config_delete(pool)
+        # deserializes into the pooled one (WasmEngine.to_pooled). Memory goes back to the
+        # kernel in batches rather than one madvise per instance.
+        capi.set_pooling_allocation(
+            config,
+            instances=pooling.instances,
+            max_memory_size=pooling.max_memory_size,
+            keep_resident=pooling.keep_resident,
+            decommit_batch=pooling.decommit_batch,
+        )
     return config
 
 
@@ -280,7 +276,7 @@ class ChildCompiler:
             "-I",
             "-S",
             str(Path(_compiler_program.__file__).resolve()),
-            str(_ffi.filename),
+            capi.LIBRARY_PATH,
             str(output),
             str(self.cpu_seconds),
             str(int(self.memory_bytes)),

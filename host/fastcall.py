@@ -17,69 +17,14 @@ Runtime ABI's host side, command modules' stores.
 from __future__ import annotations
 
 import ctypes
-import inspect
-import weakref
-from collections.abc import Callable
 from typing import Any
 
 import wasmtime
-from wasmtime import _bindings as ffi
 
-from layotto.host import _handler
+from layotto.host import _handler, capi
+from layotto.host.capi import EXTERN_FUNC, EXTERN_MEMORY, EpochWatch, Extern, InstanceRaw, ValRaw
 
-_vp = ctypes.c_void_p
-_call_unchecked = ctypes.CFUNCTYPE(_vp, _vp, _vp, _vp, ctypes.c_size_t, _vp)(
-    ("wasmtime_func_call_unchecked", ffi.dll)
-)
-# Calls that never block keep the GIL (no release and re-acquire around them). A wasm
-# call always releases it: the epoch ticker (a Python thread) must be able to run while
-# wasm loops, or nothing would ever interrupt it.
-_memory_data = ctypes.PYFUNCTYPE(_vp, _vp, _vp)(("wasmtime_memory_data", ffi.dll))
-_memory_data_size = ctypes.PYFUNCTYPE(ctypes.c_size_t, _vp, _vp)(("wasmtime_memory_data_size", ffi.dll))
-_set_deadline = ctypes.PYFUNCTYPE(None, _vp, ctypes.c_uint64)(
-    ("wasmtime_context_set_epoch_deadline", ffi.dll)
-)
-
-
-def _address(obj: object) -> int:
-    return ctypes.cast(obj, _vp).value or 0  # type: ignore[arg-type]
-
-
-class OutOfBounds(Exception):
-    """A guest pointer or length outside its linear memory."""
-
-
-def set_epoch_deadline(store_ctx: int, ticks: int) -> None:
-    """Interrupt the store's wasm ``ticks`` epochs from now (its callback decides)."""
-    _set_deadline(store_ctx, ticks)
-
-
-# --- Instantiating without the Python wrappers ---------------------------------------
-#
-# A fresh instance per request must cost tens of microseconds, not the ~150 µs the
-# wrapper classes take (Store, Instance, export objects, a callback closure each). The
-# host keeps an InstancePre per function and builds each Store with raw calls; one
-# epoch-deadline callback serves every such store, finding its owner by a key.
-
-# Only instantiation runs wasm (a start function), so only it gives up the GIL; the
-# bookkeeping calls around it are short and keep it (a release and re-acquire per call
-# would cost more than the call, and invite a thread switch).
-_store_new = ctypes.PYFUNCTYPE(_vp, _vp, _vp, _vp)(("wasmtime_store_new", ffi.dll))
-_store_context = ctypes.PYFUNCTYPE(_vp, _vp)(("wasmtime_store_context", ffi.dll))
-_store_delete = ctypes.PYFUNCTYPE(None, _vp)(("wasmtime_store_delete", ffi.dll))
-_i64 = ctypes.c_int64
-_store_limiter = ctypes.PYFUNCTYPE(None, _vp, _i64, _i64, _i64, _i64, _i64)(
-    ("wasmtime_store_limiter", ffi.dll)
-)
-_store_epoch_callback = ctypes.PYFUNCTYPE(None, _vp, _vp, _vp, _vp)(
-    ("wasmtime_store_epoch_deadline_callback", ffi.dll)
-)
-_pre_instantiate = ctypes.CFUNCTYPE(_vp, _vp, _vp, _vp, _vp)(("wasmtime_instance_pre_instantiate", ffi.dll))
-_export_get = ctypes.PYFUNCTYPE(ctypes.c_bool, _vp, _vp, ctypes.c_char_p, ctypes.c_size_t, _vp)(
-    ("wasmtime_instance_export_get", ffi.dll)
-)
-_set_wasi = ctypes.PYFUNCTYPE(_vp, _vp, _vp)(("wasmtime_context_set_wasi", ffi.dll))
-_error_new = ctypes.CFUNCTYPE(_vp, ctypes.c_char_p)(("wasmtime_error_new", ffi.dll))
+__all__ = ["EXTERN_FUNC", "EXTERN_MEMORY"]
 
 # Per-store limits besides memory (a module needing more fails to instantiate, clearly).
 # One memory per store: the memory limit is per memory, and the engine refuses modules
@@ -89,79 +34,52 @@ INSTANCES = 4
 TABLES = 8
 MEMORIES = 1
 
-EXTERN_FUNC = 0
-EXTERN_MEMORY = 3
-
-# Store key -> a reference to its deadline handler: weak for a bound method, so that a
-# store's owner (an instance) is not kept alive by this table; dropped without close(), it
-# is collected and its store freed with it (HandlerStore.__del__).
-_deadline_handlers: dict[int, Callable[[], object]] = {}
-_next_key = iter(range(1, 1 << 62))
+_memory_data = capi.memory_data
+_memory_data_size = capi.memory_data_size
+_call_unchecked = capi.func_call_unchecked
 
 
-def _handler_ref(on_deadline: object) -> Callable[[], object]:
-    if inspect.ismethod(on_deadline):
-        return weakref.WeakMethod(on_deadline)
-    return lambda: on_deadline
+class OutOfBounds(Exception):
+    """A guest pointer or length outside its linear memory."""
 
 
-@ctypes.CFUNCTYPE(ctypes.c_size_t, _vp, _vp, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint8))
-def _on_epoch_deadline(_ctx, env, delta, kind):  # noqa: ANN001, ANN202
-    ref = _deadline_handlers.get(env or 0)
-    handler = ref() if ref is not None else None
-    verdict = handler() if handler is not None else "killed"  # type: ignore[operator]
-    if isinstance(verdict, str):
-        return _error_new(f"layotto: {verdict}".encode()) or 0
-    # Keep running: look again after ``verdict`` more ticks (an epoch bump that was not
-    # this store's deadline, e.g. another module's kill, lands here).
-    delta[0] = verdict if isinstance(verdict, int) and verdict > 0 else 1 << 40
-    kind[0] = 0
-    return 0
+def set_epoch_deadline(store_ctx: int, ticks: int) -> None:
+    """Interrupt the store's wasm ``ticks`` epochs from now (its watch decides)."""
+    capi.context_set_epoch_deadline(store_ctx, ticks)
 
 
-_EPOCH_CALLBACK_ADDR = ctypes.cast(_on_epoch_deadline, _vp).value
+# --- Instantiating without the Python wrappers ---------------------------------------
+#
+# A fresh instance per request must cost tens of microseconds, not the ~150 µs the
+# wrapper classes take (Store, Instance, export objects, a callback closure each). The
+# host keeps an InstancePre per function and builds each Store with raw calls; the
+# store's epoch deadlines go to its own EpochWatch (host/capi.py).
 
 
-def _raise_error(error: int | None, trap: ctypes.c_void_p) -> None:
-    if error:
-        raise wasmtime.WasmtimeError._from_ptr(ctypes.cast(error, ctypes.POINTER(ffi.wasmtime_error_t)))
-    if trap.value:
-        raise wasmtime.Trap._from_ptr(ctypes.cast(trap.value, ctypes.POINTER(ffi.wasm_trap_t)))
-
-
-class _Store:
-    """What both kinds of Store below share: export lookups, and freeing the store when
-    nobody closed it (``delete`` is theirs)."""
+class _Exports:
+    """Export lookups by name, for both kinds of store below."""
 
     __slots__ = ()
     ctx: int | None
     instance_addr: int
-    _externs: list[ffi.wasmtime_extern_t]
+    _externs: list[Extern]
 
     def export(self, name: bytes, kind: int) -> int | None:
         """The address of export ``name`` (a wasmtime_func_t or wasmtime_memory_t), or None."""
-        ext = ffi.wasmtime_extern_t()
-        if not _export_get(self.ctx, self.instance_addr, name, len(name), ctypes.addressof(ext)):
+        ext = Extern()
+        if not capi.instance_export_get(self.ctx, self.instance_addr, name, len(name), ctypes.addressof(ext)):
             return None
         if ext.kind != kind:
             return None
         self._externs.append(ext)  # the address stays valid while we hold it
         return ctypes.addressof(ext.of)
 
-    def delete(self) -> None:
-        raise NotImplementedError
 
-    def __del__(self) -> None:  # a store nobody closed is freed with its last reference
-        try:
-            self.delete()
-        except Exception:  # interpreter shutdown: the module may be half torn down
-            pass
+class RawStore(_Exports):
+    """A Store, its context and one instance, created through the C API; its epoch
+    deadlines go to ``on_deadline`` (through ``watch``, which keeps why it stopped a call)."""
 
-
-class RawStore(_Store):
-    """A Store, its context and one instance, created through the C API."""
-
-    __slots__ = ("store", "ctx", "key", "instance", "instance_addr", "_externs")
+    __slots__ = ("store", "ctx", "watch", "instance", "instance_addr", "_externs")
 
     def __init__(
         self,
@@ -169,66 +87,42 @@ class RawStore(_Store):
         pre: wasmtime.InstancePre,
         *,
         memory_limit: int,
-        on_deadline: object,
+        on_deadline: Any,
         wasi: wasmtime.WasiConfig | None = None,
     ) -> None:
-        self.store = _store_new(_address(engine.ptr()), None, None)
-        self.ctx = _store_context(self.store)
-        self.key = next(_next_key)
-        self._externs: list[ffi.wasmtime_extern_t] = []
-        _deadline_handlers[self.key] = _handler_ref(on_deadline)
+        self.watch = EpochWatch(on_deadline)  # lives as long as the store (freed first)
+        self.store = capi.store_new(capi.engine_address(engine), None, None)
+        self.ctx = capi.store_context(self.store)
+        self._externs: list[Extern] = []
         try:
-            _store_limiter(self.store, memory_limit, TABLE_ELEMENTS, INSTANCES, TABLES, MEMORIES)
-            _store_epoch_callback(self.store, _EPOCH_CALLBACK_ADDR, self.key, None)
-            _set_deadline(self.ctx, 1 << 40)
+            capi.store_limiter(self.store, memory_limit, TABLE_ELEMENTS, INSTANCES, TABLES, MEMORIES)
+            capi.watch_store(self.store, self.watch)
+            capi.context_set_epoch_deadline(self.ctx, capi.FAR_AWAY)
             if wasi is not None:
-                error = _set_wasi(self.ctx, _address(wasi._consume()))
-                _raise_error(error, ctypes.c_void_p())
-            self.instance = ffi.wasmtime_instance_t()
+                capi.raise_failure(capi.context_set_wasi(self.ctx, capi.take_wasi(wasi)), None)
+            self.instance = InstanceRaw()
             self.instance_addr = ctypes.addressof(self.instance)
             trap = ctypes.c_void_p()
-            error = _pre_instantiate(
-                _address(pre.ptr()), self.ctx, ctypes.addressof(self.instance), ctypes.addressof(trap)
+            error = capi.instance_pre_instantiate(
+                capi.instance_pre_address(pre), self.ctx, self.instance_addr, ctypes.addressof(trap)
             )
-            _raise_error(error, trap)
+            capi.raise_failure(error, trap.value)
         except BaseException:
             self.delete()
             raise
 
     def delete(self) -> None:
+        """Free the store (once; later calls do nothing)."""
         if self.store:
-            _deadline_handlers.pop(self.key, None)
-            _store_delete(self.store)
-            self.store = None
-            self.ctx = None
+            store, self.store, self.ctx = self.store, None, None
+            capi.store_delete(store)
 
+    def __del__(self) -> None:  # a store nobody closed is freed with its last reference
+        try:
+            self.delete()
+        except Exception:  # interpreter shutdown: the module may be half torn down
+            pass
 
-# --- The handler ABI's hot path, in C (host/_handler.c) ---------------------------------
-
-_handler.bind(
-    {
-        name: ctypes.cast(getattr(ffi.dll, name), _vp).value
-        for name in (
-            "wasmtime_store_new",
-            "wasmtime_store_context",
-            "wasmtime_store_delete",
-            "wasmtime_store_limiter",
-            "wasmtime_store_epoch_deadline_callback",
-            "wasmtime_context_set_epoch_deadline",
-            "wasmtime_context_set_wasi",
-            "wasmtime_instance_pre_instantiate",
-            "wasmtime_instance_export_get",
-            "wasmtime_func_call_unchecked",
-            "wasmtime_memory_data",
-            "wasmtime_memory_data_size",
-        )
-    },
-    ctypes.sizeof(ffi.wasmtime_extern_t),
-    ctypes.sizeof(ffi.wasmtime_instance_t),
-    ctypes.sizeof(ffi.wasmtime_val_raw_t),
-    ctypes.sizeof(ffi.wasmtime_func_t),
-    ctypes.sizeof(ffi.wasmtime_memory_t),
-)
 
 # What host/_handler.c's instantiate and call report first.
 HANDLER_OK = 0
@@ -244,16 +138,19 @@ class MissingExport(Exception):
     """A function module lacks an export the handler ABI needs."""
 
 
-class HandlerStore(_Store):
+class HandlerStore(_Exports):
     """A Store with one instance of a handler-ABI module, made and called in one C call
     each (host/_handler.c): ``call`` takes the request's parts and returns the response's
     (status, headers, body); traps and errors raise as wasmtime's own exceptions,
-    a bad guest pointer as OutOfBounds, a failed allocation as MemoryError."""
+    a bad guest pointer as OutOfBounds, a failed allocation as MemoryError.
+
+    The store is a ``_handler.Instance``, which owns it: ``delete`` frees it once, and
+    an instance never deleted is freed with its last reference."""
 
     __slots__ = (
-        "handle",
+        "instance",
         "ctx",
-        "key",
+        "watch",
         "out",
         "alloc_addr",
         "handler_addr",
@@ -269,48 +166,44 @@ class HandlerStore(_Store):
         handler: str,
         *,
         memory_limit: int,
-        on_deadline: object,
+        on_deadline: Any,
         wasi: wasmtime.WasiConfig | None = None,
     ) -> None:
-        self.handle = 0
-        self._externs: list[ffi.wasmtime_extern_t] = []
-        self.key = next(_next_key)
-        _deadline_handlers[self.key] = _handler_ref(on_deadline)
+        self.watch = EpochWatch(on_deadline)
+        self._externs: list[Extern] = []
         result = _handler.instantiate(
-            _address(engine.ptr()),
-            _address(pre.ptr()),
+            capi.engine_address(engine),
+            capi.instance_pre_address(pre),
             memory_limit,
             TABLE_ELEMENTS,
             INSTANCES,
             TABLES,
             MEMORIES,
-            _EPOCH_CALLBACK_ADDR,
-            self.key,
-            _address(wasi._consume()) if wasi is not None else 0,
+            capi.EPOCH_CALLBACK_ADDRESS,
+            self.watch,
+            capi.take_wasi(wasi) if wasi is not None else 0,
             handler,
         )
         if result[0] != HANDLER_OK:
-            _deadline_handlers.pop(self.key, None)
             _raise_result(result)
-        self.handle = result[1]
-        addresses = _handler.addresses(self.handle)
+        self.instance: _handler.Instance = result[1]
+        addresses = self.instance.addresses()
         self.ctx, self.alloc_addr, self.handler_addr, self.mem_addr, self.out, self.instance_addr = addresses
 
     def call(
         self, method: bytes, path: bytes, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         """Serve one request: the response's (status, headers, body)."""
-        result = _handler.call(self.handle, method, path, query, headers, body)
+        result = _handler.call(self.instance, method, path, query, headers, body)
         if result[0] == HANDLER_OK:
             return result[1:]
         return _raise_result(result)
 
     def delete(self) -> None:
-        if self.handle:
-            _deadline_handlers.pop(self.key, None)
-            handle, self.handle = self.handle, 0
-            _handler.delete(handle)
-            self.ctx = None
+        """Free the store now (a second delete does nothing)."""
+        self.instance.delete()
+        self.ctx = None
+        self._externs.clear()
 
 
 class MalformedHeaders(Exception):
@@ -328,7 +221,7 @@ class HandlerStatus(Exception):
 def _raise_result(result: tuple) -> Any:
     kind = result[0]
     if kind == HANDLER_WASM_ERROR:
-        _raise_error(result[1], ctypes.c_void_p(result[2]))
+        capi.raise_failure(result[1], result[2])
     if kind == HANDLER_STATUS:
         raise HandlerStatus(result[1])
     if kind == HANDLER_NO_MEMORY:
@@ -351,7 +244,7 @@ class Func:
         self.ctx = ctx
         self.func_addr = func_addr
         self.size = max(slots, 1)
-        self.vals = (ffi.wasmtime_val_raw_t * self.size)()
+        self.vals = (ValRaw * self.size)()
         self.vals_addr = ctypes.addressof(self.vals)
         self.trap = ctypes.c_void_p()
         self.trap_addr = ctypes.addressof(self.trap)
@@ -371,20 +264,11 @@ class Func:
         self.vals[0].i32 = a
         return self._invoke()
 
-    def call4(self, a: int, b: int, c: int, d: int) -> int:
-        vals = self.vals
-        vals[0].i32 = a
-        vals[1].i32 = b
-        vals[2].i32 = c
-        vals[3].i32 = d
-        return self._invoke()
-
     def _invoke(self) -> int:
         error = _call_unchecked(self.ctx, self.func_addr, self.vals_addr, self.size, self.trap_addr)
         if error or self.trap.value:
-            trap = ctypes.c_void_p(self.trap.value)
-            self.trap.value = None
-            _raise_error(error, trap)
+            trap, self.trap.value = self.trap.value, None
+            capi.raise_failure(error, trap)
         return self.vals[0].i32 & 0xFFFFFFFF
 
 
@@ -414,13 +298,3 @@ class Memory:
             memoryview((ctypes.c_char * size).from_address(base)).cast("B") if size else memoryview(b"")
         )
         return self._view
-
-
-class RawFunc(Func):
-    """A Func made from wasmtime-py's objects (a Store and one of its exported Funcs)."""
-
-    __slots__ = ("func",)
-
-    def __init__(self, store: wasmtime.Store, func: wasmtime.Func, slots: int) -> None:
-        super().__init__(_address(store._context()), ctypes.addressof(func._func), slots)
-        self.func = func  # keeps the wasmtime_func_t alive

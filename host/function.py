@@ -53,6 +53,7 @@ from layotto.host.abi_host import (
     AbiContext,
     calling,
 )
+from layotto.host.capi import RESUME, Decision, Resume, Stop
 from layotto.host.engine import TICK, WASI_MODULES, CompiledModule, WasmEngine, module_facts
 from layotto.host.errors import ModuleError, describe_error
 from layotto.host.fastcall import (
@@ -72,7 +73,6 @@ from layotto.host.fastcall import (
 log = logging.getLogger(__name__)
 
 HANDLER_EXPORT = "layotto_http_handle"
-ALLOCATORS = ("proxy_on_memory_allocate", "malloc")
 DEFAULT_MEMORY_LIMIT = 128 << 20
 INLINE_BUDGET_TICKS = 2  # first look after 5-10 ms ...
 INLINE_BUDGET = 0.010  # ... an inline call may run 10 ms before its function moves to threads
@@ -129,6 +129,13 @@ class DeadlineExceeded(Exception):
 
 class Killed(Exception):
     """The function was stopped while the call ran."""
+
+
+_STOPPED: dict[Stop, type[Exception]] = {
+    Stop.INLINE_BUDGET: BudgetExceeded,
+    Stop.DEADLINE: DeadlineExceeded,
+    Stop.KILLED: Killed,
+}
 
 
 class Unavailable(Exception):
@@ -222,21 +229,21 @@ class BaseInstance:
     _deadline_at: int
     _started: float
 
-    def _on_deadline(self) -> str | int:
-        """Called on the calling thread when the store's epoch deadline passes: a reason to
-        stop the call, or the number of ticks after which to look again. Budgets are
-        checked against the clock, so an epoch bump from elsewhere (another module's kill,
-        a ticker running late) never cuts a call short."""
+    def _on_deadline(self) -> Decision:
+        """Called on the calling thread when the store's epoch deadline passes: stop the
+        call, or look again after some ticks. Budgets are checked against the clock, so an
+        epoch bump from elsewhere (another module's kill, a ticker running late) never cuts
+        a call short."""
         if self.fn.stopped:
-            return "killed"
+            return Stop.KILLED
         elapsed = time.perf_counter() - self._started
         if self.deadline_kind == "inline":
-            return "inline budget" if elapsed >= INLINE_BUDGET else 1
+            return Stop.INLINE_BUDGET if elapsed >= INLINE_BUDGET else RESUME
         left = self.fn.timeout - elapsed
         if left <= 0:
-            return "deadline"
+            return Stop.DEADLINE
         # Look again at the deadline, or sooner: a kill must not wait for the deadline.
-        return min(CHECK_TICKS, int(left / TICK) + 1)
+        return Resume(min(CHECK_TICKS, int(left / TICK) + 1))
 
     def close(self) -> None:
         """Free the Store (its linear memory) now rather than at garbage collection."""
@@ -244,6 +251,7 @@ class BaseInstance:
 
     def _arm(self, ticks: int, kind: str) -> None:
         self._started = time.perf_counter()
+        self.raw.watch.stopped = None
         # Resetting the deadline is needed only once the ticker has moved on since the
         # last reset (it ticks far less often than requests arrive). The first look comes
         # after at most CHECK_TICKS ticks; the callback then decides (it reads the clock).
@@ -253,15 +261,11 @@ class BaseInstance:
             self._deadline_at = now
             set_epoch_deadline(self.ctx, ticks if ticks < CHECK_TICKS else CHECK_TICKS)
 
-    @staticmethod
-    def _classify(exc: wasmtime.WasmtimeError) -> None:
-        text = str(exc)
-        if "layotto: inline budget" in text:
-            raise BudgetExceeded() from None
-        if "layotto: deadline" in text:
-            raise DeadlineExceeded() from None
-        if "layotto: killed" in text:
-            raise Killed() from None
+    def _classify(self) -> None:
+        """After a call failed: raise what the host's deadline stopped it for, if it did."""
+        stop = self.raw.watch.take_stop()
+        if stop is not None:
+            raise _STOPPED[stop]() from None
 
     def call(self, request: Request, ticks: int, kind: str) -> Response:
         raise NotImplementedError
@@ -316,10 +320,6 @@ class Instance(BaseInstance):
             self._alloc = Func(self.ctx, self.raw.alloc_addr, 1)
         return self._alloc
 
-    @property
-    def handle(self) -> Func:
-        return Func(self.ctx, self.raw.handler_addr, 4)
-
     def call(self, request: Request, ticks: int, kind: str) -> Response:
         """Run the handler on one request."""
         abi = self.abi
@@ -339,8 +339,8 @@ class Instance(BaseInstance):
             code, headers, body = self.raw.call(
                 request.method, request.path, request.query, request.headers, request.body
             )
-        except wasmtime.WasmtimeError as exc:
-            self._classify(exc)
+        except (wasmtime.WasmtimeError, wasmtime.Trap):
+            self._classify()
             raise
         except HandlerStatus as exc:
             raise HandlerError(str(exc)) from None
@@ -376,7 +376,7 @@ class ProxyInstance(BaseInstance):
     )
     ROOT = 1
 
-    def __init__(self, fn: Function) -> None:  # noqa: PLR0915 - one linear start-up sequence
+    def __init__(self, fn: Function) -> None:
         self.fn = fn
         self.deadline_kind = "thread"
         self.ticker = fn.engine.ticker
@@ -395,7 +395,9 @@ class ProxyInstance(BaseInstance):
                 raise ModuleError(f"{fn.name}: a Layotto function must export memory and malloc")
             self.alloc = Func(ctx, alloc, 1)
             self.memory = Memory(ctx, memory)
-            self.abi: AbiContext = fn.abi_context(self.memory, self.alloc.call1, always=True)  # type: ignore[assignment]
+            abi = fn.abi_context(self.memory, self.alloc.call1, always=True)
+            assert abi is not None  # always=True
+            self.abi: AbiContext = abi
             arity = fn.export_arity
             self.callbacks: dict[str, tuple[Func, int]] = {}
             for name in self.CALLBACKS:
@@ -452,8 +454,8 @@ class ProxyInstance(BaseInstance):
                 self._callback("proxy_on_done", context)
                 self._callback("proxy_on_delete", context)
                 body_out = bytes(self.abi.buffers.get(BUFFER_RESPONSE_BODY, b""))
-            except wasmtime.WasmtimeError as exc:
-                self._classify(exc)
+            except (wasmtime.WasmtimeError, wasmtime.Trap):
+                self._classify()
                 raise
             finally:
                 self.abi.buffers = {}  # the buffers live one request, whatever happened
@@ -667,7 +669,7 @@ class Function:
         wasi.stderr_custom = self.log.writer("stderr")
         return wasi
 
-    def new_store(self, on_deadline: Callable[[], str | int]) -> RawStore:
+    def new_store(self, on_deadline: Callable[[], Decision]) -> RawStore:
         """A Store with this function's limits and WASI context, and one instance in it."""
         return RawStore(
             self.engine.engine,

@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import wasmtime
-from wasmtime import _bindings as ffi
 
+from layotto.host import capi
 from layotto.host.abi_host import AbiContext, WasmtimeMemory, calling, wasmtime_allocator
+from layotto.host.capi import EpochWatch, Stop
 from layotto.host.engine import CompiledModule, WasmEngine, module_facts
 from layotto.host.errors import ModuleError, describe_error
 from layotto.host.fastcall import INSTANCES, MEMORIES, TABLE_ELEMENTS, TABLES
-from layotto.host.fibers import UPDATE_YIELD, AsyncPoll, CallFuture, FiberScheduler, watch_epoch
+from layotto.host.fibers import AsyncPoll, CallFuture, FiberScheduler
 from layotto.host.function import DEFAULT_MEMORY_LIMIT, FunctionLog
 from layotto.host.rootpath import DirMount, fd_path, open_host_dir, open_in_root, open_root
 
@@ -44,16 +45,6 @@ TRAP_EXIT = 134  # 128 + SIGABRT, what the wasmtime CLI reports for a trap
 KILL_GRACE = 0.25  # seconds a killed module may take to unwind before we report it gone
 
 _current = threading.local()
-
-_EpochCallback = ctypes.CFUNCTYPE(
-    ctypes.c_size_t,
-    ctypes.POINTER(ffi.wasmtime_context_t),
-    ctypes.c_void_p,
-    ctypes.POINTER(ctypes.c_uint64),
-    ctypes.POINTER(ctypes.c_uint8),
-)
-_NO_FINALIZER = ctypes.cast(0, ctypes.CFUNCTYPE(None, ctypes.c_void_p))
-_UPDATE_CONTINUE = 0
 
 #: The linear-memory cap (bytes) of a command module whose container sets no memory
 #: limit: the operator's default, the same as a function instance's. Read at each start.
@@ -417,9 +408,10 @@ def _fibers(engine: WasmEngine) -> tuple[FiberScheduler, wasmtime.Linker, AsyncP
             linker = wasmtime.Linker(engine.engine)
             linker.define_wasi()
             linker.allow_shadowing = True
-            poll = AsyncPoll(_poll_oneoff_async, "nanoprocess killed")
+            scheduler = FiberScheduler(engine.ticker)
+            poll = AsyncPoll(_poll_oneoff_async, "nanoprocess killed", scheduler)
             poll.define(linker)
-            state = _fiber_state[engine] = (FiberScheduler(engine.ticker), linker, poll)
+            state = _fiber_state[engine] = (scheduler, linker, poll)
         return state
 
 
@@ -450,7 +442,7 @@ class Nanoprocess:
         "engine", "linker", "compiled", "spec", "killed", "kill_event", "kill_signal", "exit",
         "started_at", "start_error", "stdout", "stderr", "throttle", "log", "fiber", "wake_at",
         "_thread", "_thread_id", "_cpu_seconds", "_exit_callbacks", "_exit_lock", "_store",
-        "_memory", "_outputs", "_stdin", "_epoch_cb", "_future", "_instance_raw", "_ready",
+        "_memory", "_outputs", "_stdin", "_watch", "_future", "_instance_raw", "_ready",
         "_slice_start", "_preopens", "__weakref__",
     )  # fmt: skip
 
@@ -482,7 +474,7 @@ class Nanoprocess:
         self._memory: wasmtime.Memory | None = None
         self._outputs: list[Output] = []
         self._stdin: StdinPump | None = None
-        self._epoch_cb: object = None
+        self._watch: EpochWatch | None = None
         self.throttle = Throttle()
         self.log = FunctionLog()
         blocking_stdin = bool(spec.stdin) and compiled.reads_stdin
@@ -490,7 +482,7 @@ class Nanoprocess:
         # As a fiber: the future being polled, and when a parked fiber is due again.
         self.wake_at = 0.0
         self._future: CallFuture | None = None
-        self._instance_raw: ffi.wasmtime_instance_t | None = None
+        self._instance_raw: capi.InstanceRaw | None = None
         self._ready: threading.Event | None = None
         self._slice_start = 0.0  # the scheduler thread's CPU clock when this slice began
         self._preopens: list[Preopen] = []  # opened by start(), handed to WASI by _configure()
@@ -587,11 +579,9 @@ class Nanoprocess:
             memories=MEMORIES,
         )
         store.set_epoch_deadline(1)
-        if self.fiber:
-            watch_epoch(store)
-        else:
-            self._epoch_cb = _EpochCallback(self._on_epoch_deadline)
-            ffi.wasmtime_store_epoch_deadline_callback(store.ptr(), self._epoch_cb, None, _NO_FINALIZER)
+        # The watch outlives the store: this nanoprocess holds both, and drops the store first.
+        self._watch = EpochWatch(self.on_deadline if self.fiber else self._on_epoch_deadline)
+        capi.watch_store(capi.store_address(store), self._watch)
         wasi = wasmtime.WasiConfig()
         wasi.argv = list(spec.args)
         wasi.env = [tuple(e.split("=", 1)) if "=" in e else (e, "") for e in spec.env]
@@ -708,7 +698,7 @@ class Nanoprocess:
             try:
                 if exc is not None:
                     raise exc
-                entry = self._exports(store, wasmtime.Instance._from_raw(raw))
+                entry = self._exports(store, capi.instance_from_raw(raw))
                 self._future = CallFuture.call(store, entry)
             except Exception as exc:
                 self._store = self._memory = None
@@ -729,10 +719,10 @@ class Nanoprocess:
         self._store = None
         return True
 
-    def on_deadline(self) -> int | None:
+    def on_deadline(self) -> capi.Decision:
         """The fiber's epoch deadline passed (a tick, or a kill): trap, or yield."""
         if self.killed:
-            return None
+            return Stop.KILLED
         if self.spec.cpu_quota_us:
             cpu = self._cpu_seconds + (time.thread_time() - self._slice_start)
             pause = self._throttle_pause(cpu)
@@ -741,27 +731,23 @@ class Nanoprocess:
                 self.wake_at = now + pause
                 self.throttle.period_start, self.throttle.cpu_at_period_start = now + pause, cpu
                 self.throttle.periods += 1
-        return UPDATE_YIELD
+        return capi.YIELD
 
     def linker_for_fibers(self) -> wasmtime.Linker:
         return _fiber_linker(self.engine)
 
     # --- on a thread of its own ----------------------------------------------------------
 
-    def _on_epoch_deadline(self, _ctx: object, _env: object, delta: object, kind: object) -> int:
+    def _on_epoch_deadline(self) -> capi.Decision:
         # Runs on the module's own thread whenever the engine's epoch passes this store's
         # deadline: on every kill, and every tick while CPU-limited modules run.
         if self.killed:
-            err = ffi.wasmtime_error_new(f"nanoprocess killed by signal {self.kill_signal}".encode())
-            return ctypes.cast(err, ctypes.c_void_p).value or 0
+            return Stop.KILLED
         if self.spec.cpu_quota_us:
             self._throttle()
             if self.killed:
-                err = ffi.wasmtime_error_new(f"nanoprocess killed by signal {self.kill_signal}".encode())
-                return ctypes.cast(err, ctypes.c_void_p).value or 0
-        delta[0] = 1  # type: ignore[index]
-        kind[0] = _UPDATE_CONTINUE  # type: ignore[index]
-        return 0
+                return Stop.KILLED
+        return capi.RESUME
 
     def _throttle(self) -> None:
         """Sleep out the rest of the period once this period's CPU quota is used up."""

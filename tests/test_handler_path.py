@@ -222,15 +222,89 @@ def test_response_headers_and_request_parts_cross_the_boundary_intact(runtime: N
 
 
 def test_an_instance_dropped_without_close_frees_its_store(runtime: NodeRuntime) -> None:
-    from layotto.host import fastcall
+    from layotto.host import _handler
 
     fn = function(runtime)
     try:
-        before = len(fastcall._deadline_handlers)
+        before = _handler.live()
         for _ in range(200):
             instance = fn._new_instance()
-            assert len(fastcall._deadline_handlers) == before + 1
+            assert _handler.live() == before + 1
             del instance  # never closed: the store goes with its last reference
-        assert len(fastcall._deadline_handlers) == before
+        assert _handler.live() == before
+    finally:
+        fn.stop()
+
+
+def test_an_instance_deleted_twice_is_freed_once(runtime: NodeRuntime) -> None:
+    from layotto.host import _handler
+
+    fn = function(runtime)
+    try:
+        before = _handler.live()
+        instance = fn._new_instance()
+        handle = instance.raw.instance
+        assert isinstance(handle, _handler.Instance) and handle.alive
+        assert _handler.live() == before + 1
+        instance.close()
+        instance.close()  # a second delete does nothing
+        handle.delete()
+        assert not handle.alive and _handler.live() == before
+        with pytest.raises(ValueError, match="deleted"):
+            _handler.call(handle, b"GET", b"/", b"", [], b"")
+        with pytest.raises(ValueError, match="deleted"):
+            handle.addresses()
+        with pytest.raises(TypeError):  # an address is no instance
+            _handler.call(id(handle), b"GET", b"/", b"", [], b"")
+        with pytest.raises(TypeError):  # and only instantiate makes one
+            _handler.Instance()
+        assert call(fn) == (200, b"ok")  # the function's own instances are untouched
+    finally:
+        fn.stop()
+
+
+LOOP = "(loop $spin (br $spin)) (i32.const 0)"
+
+
+def test_a_stop_at_a_deadline_is_a_typed_value(runtime: NodeRuntime) -> None:
+    from layotto.host.capi import Resume, Stop
+    from layotto.host.fastcall import EXTERN_FUNC, Func, RawStore, set_epoch_deadline
+
+    fn = function(runtime, handle=LOOP)  # holds the epoch ticker while it lives
+    looks: list[int] = []
+
+    def decide() -> Resume | Stop:
+        looks.append(1)
+        return Stop.DEADLINE if len(looks) >= 3 else Resume(1)
+
+    try:
+        store = RawStore(runtime.engine.engine, fn.pre, memory_limit=1 << 20, on_deadline=decide)
+        handle = store.export(b"layotto_http_handle", EXTERN_FUNC)
+        assert handle is not None and store.ctx is not None
+        set_epoch_deadline(store.ctx, 1)
+        with pytest.raises((wasmtime.WasmtimeError, wasmtime.Trap)):
+            Func(store.ctx, handle, 4).call(0, 0, 0, 0)
+        assert len(looks) == 3  # resumed twice, then stopped
+        assert store.watch.take_stop() is Stop.DEADLINE
+        assert store.watch.take_stop() is None  # read once
+        store.delete()
+        store.delete()
+    finally:
+        fn.stop()
+
+
+def test_an_inline_call_past_its_budget_is_told_apart_by_type(runtime: NodeRuntime) -> None:
+    from layotto.host.function import INLINE_BUDGET_TICKS, BudgetExceeded
+
+    fn = function(runtime, handle=LOOP)
+    try:
+        instance = fn._new_instance()
+        with pytest.raises(BudgetExceeded):
+            instance.call(Request(b"GET", b"/", b"", [], b""), INLINE_BUDGET_TICKS, "inline")
+        assert instance.raw.watch.stopped is None  # taken by the classification
+        instance.close()
+        fn.timeout = 0.05
+        response = fn.call_sync(Request(b"GET", b"/", b"", [], b""))
+        assert response.status == 504  # the request deadline: a Stop.DEADLINE, not a trap
     finally:
         fn.stop()

@@ -6,7 +6,7 @@
    on fn-hello with :class:`layotto.host.runtime.NodeRuntime`, as the task service does,
    and times one call at each layer, innermost first (best of 5 batches, µs per call): a
    bare call of the module's allocator (stock wasmtime-py ``Func.__call__``, the raw
-   ``RawFunc`` C-API path, the host instance's own entry point); allocate + copy the
+   ``fastcall.Func`` C-API path, the host instance's own entry point); allocate + copy the
    request in + call the handler (no decoding); ``Instance.call`` (adds the ABI's response
    decoding); ``Function.call_inline`` (adds request encoding, the instance pool, stats);
    for the fresh mode, ``call_inline`` on a function that creates an instance per call,
@@ -158,7 +158,7 @@ def microbenchmarks(budget: float) -> dict[str, Any]:
     """Time each layer of one fn-hello call inside this process (see the module doc)."""
     import wasmtime
 
-    from layotto.host import fastcall
+    from layotto.host import capi, fastcall
     from layotto.host.function import INLINE_BUDGET_TICKS, Function, Request, encode_request
     from layotto.host.runtime import NodeRuntime
 
@@ -207,7 +207,8 @@ def microbenchmarks(budget: float) -> dict[str, Any]:
     fresh = function(True)
     stock_store: list[Any] = []
     try:
-        # (1) the allocator, bare: stock wasmtime-py, fastcall.RawFunc, the host's own entry point.
+        # (1) the allocator, bare: stock wasmtime-py, a fastcall.Func over wasmtime-py's objects,
+        # the host's own entry point.
         def stock(keep: bool = True) -> tuple[wasmtime.Store, wasmtime.Func]:
             store = wasmtime.Store(runtime.engine.engine)
             store.set_epoch_deadline(1 << 40)
@@ -228,8 +229,8 @@ def microbenchmarks(budget: float) -> dict[str, Any]:
 
         def make_rawfunc() -> Callable[[], object]:
             store, alloc = stock()
-            raw = fastcall.RawFunc(store, alloc, 1)
-            return lambda: raw.call1(1)
+            raw = fastcall.Func(capi.context_address(store), capi.func_address(alloc), 1)
+            return lambda: raw.call1(1) if alloc else 0  # alloc: keeps the wasmtime_func_t alive
 
         # Each allocates 1 byte that is never freed (fn-hello exports no free): a few MB in all.
         measure("alloc_stock_func_call", make_stock, lambda v: isinstance(v, int) and v > 0)
@@ -536,7 +537,7 @@ def split_rows(results: dict[str, Any]) -> list[tuple[str, float | None, str]]:
     bare = results.get("bare", {})
     return [
         ("stock Func.__call__ of the allocator", _us(micro, "alloc_stock_func_call"), "for comparison"),
-        ("raw C-API call of the allocator (RawFunc)", _us(micro, "alloc_rawfunc"), "raw wasm call"),
+        ("raw C-API call of the allocator (fastcall.Func)", _us(micro, "alloc_rawfunc"), "raw wasm call"),
         ("the host instance's allocator entry point", _us(micro, "alloc_host_instance"), "raw wasm call"),
         ("alloc + copy request in + handler", _us(micro, "alloc_copy_handle"), "2 raw calls + handler"),
         ("Instance.call (+ response decoding)", _us(micro, "instance_call"), "+ ABI/copying"),
