@@ -15,7 +15,6 @@ from pathlib import Path
 from layotto.host.abi_host import KNOWN_CAPABILITIES, HostInvoker
 from layotto.host.components.registry import load_components
 from layotto.host.engine import DEFAULT_CACHE_LIMIT
-from layotto.host.function import HostServices
 from layotto.host.function_registry import FunctionRegistry
 from layotto.host.grpc_api import DEFAULT_ADDRESS, RuntimeApiServer, load_identities
 from layotto.host.hostlog import DEFAULT_MAX_BYTES
@@ -23,7 +22,7 @@ from layotto.host.hostlog import configure as configure_logging
 from layotto.host.ingress import DEFAULT_BODY_LIMIT, DEFAULT_PORT, Ingress, IngressLimits
 from layotto.host.observe import DEFAULT_METRICS_PORT, AdminServer, HostCollector, start_metrics
 from layotto.host.policy import DEFAULT_POLICY_PATH, load_policy
-from layotto.host.runtime import NodeRuntime
+from layotto.host.runtime import HostContext, NodeRuntime
 from layotto.shim.content import ContainerdContent
 from layotto.shim.events import Publisher
 from layotto.shim.paths import HostPaths
@@ -188,19 +187,20 @@ async def serve(args: argparse.Namespace) -> None:
     paths = HostPaths(args.run_dir)
     _private(args.state_dir)
     sock = _listener(args, paths)
-    runtime = NodeRuntime(args.state_dir, args.cache_limit)
     publisher = Publisher(args.containerd_ttrpc)
     publisher.start()
     content = ContainerdContent(args.containerd_address) if args.containerd_address else None
     functions = FunctionRegistry()
     apps = dict(item.split("=", 1) for item in args.app if "=" in item)
     components = load_components(args.components, args.state_dir)
-    runtime.services = HostServices(components, HostInvoker(functions, apps, may_invoke=policy.may_invoke))
+    invoker = HostInvoker(functions, apps, may_invoke=policy.may_invoke)
+    context = HostContext(components=components, invoker=invoker, functions=functions, policy=policy)
+    runtime = NodeRuntime(args.state_dir, args.cache_limit, context=context)
     log.info("components: %s", ", ".join(f"{s.kind}/{s.name} ({s.type})" for s in components.specs))
     runtime_api: RuntimeApiServer | None = None
     if args.grpc_address != "-":
         identities = load_identities(list(policy.runtime_api.get("apps") or []))
-        runtime_api = RuntimeApiServer(components, runtime.services.invoker, identities=identities)
+        runtime_api = RuntimeApiServer(components, invoker, identities=identities)
         api_socket = paths.run_dir / "runtime.sock"
         tcp = args.grpc_address or str(policy.runtime_api.get("tcp") or "") or None
         group = str(policy.runtime_api.get("socketGroup") or "") or None
@@ -212,7 +212,7 @@ async def serve(args: argparse.Namespace) -> None:
         if grpc_port:
             (paths.run_dir / "grpc.port").write_text(f"{grpc_port}\n")
         log.info("gRPC Runtime API on %s%s", api_socket, f" and port {grpc_port}" if grpc_port else "")
-    service = TaskService(runtime, publisher, content, functions, policy)
+    service = TaskService(runtime, publisher, content)
     limits = IngressLimits(
         header_timeout=args.header_timeout,
         idle_timeout=args.idle_timeout,
@@ -241,7 +241,12 @@ async def serve(args: argparse.Namespace) -> None:
             log.error(
                 "metrics disabled: cannot listen on %s:%d: %s", args.metrics_host, args.metrics_port, exc
             )
-    admin = AdminServer(paths.run_dir / "admin.sock", service.describe, service.logs)
+
+    def logs(name: str) -> list[str] | None:  # a task's, else a function's by its function id
+        found = service.logs(name)
+        return found if found is not None else runtime.function_logs(name)
+
+    admin = AdminServer(paths.run_dir / "admin.sock", service.describe, logs)
     await admin.start()
     server = Server()
     for name in SERVICE_NAMES:

@@ -1,7 +1,10 @@
-"""The node host's wasm runtime: the seam between "speak containerd" (shim/) and "run wasm".
+"""The node host's wasm runtime: compiles modules once and makes each container's workload.
 
-The Task service only ever calls ``load`` (compile or fetch a module) and ``spawn``
-(start a nanoprocess); everything wasmtime-specific stays on this side.
+:class:`NodeRuntime` owns the engine and its linkers, and is the :class:`WorkloadHost` the
+Task service talks to through :mod:`layotto.host.workload` (``check``, ``load_module``,
+``create``); the workloads themselves are in :mod:`layotto.host.workloads`. What it needs of
+the rest of the node (components, invoker, function registry, policy) comes in a
+:class:`HostContext` the composition root (:mod:`layotto.host.daemon`) builds.
 """
 
 from __future__ import annotations
@@ -9,10 +12,13 @@ from __future__ import annotations
 import collections
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import wasmtime
 
+from layotto.host import workloads
 from layotto.host.engine import (
     DEFAULT_CACHE_LIMIT,
     DEFAULT_COMPILE_CPU_SECONDS,
@@ -26,10 +32,22 @@ from layotto.host.engine import (
     WasmEngine,
     module_too_large,
 )
-from layotto.host.function import HostServices
+from layotto.host.function_registry import FunctionRegistry
 from layotto.host.nanoprocess import Nanoprocess, ProcessSpec, build_linker
+from layotto.host.policy import DEFAULT_POLICY, Policy
+from layotto.host.workload import ContainerSpec, Module, ModuleSource, Workload
 
 DIGEST_MEMO = 4096  # files remembered by their stat (see NodeRuntime.load)
+
+
+@dataclass(frozen=True)
+class HostContext:
+    """What the node's workloads use besides the engine."""
+
+    components: Any = None  # the node's components (layotto.host.components.registry.Components)
+    invoker: Any = None  # how a function invokes another app (layotto.host.abi_host.HostInvoker)
+    functions: FunctionRegistry | None = None  # the ingress's functions; None: no ingress
+    policy: Policy = DEFAULT_POLICY  # the operator's policy, for admission
 
 
 class NodeRuntime:
@@ -47,8 +65,10 @@ class NodeRuntime:
         compile_workers: int = DEFAULT_COMPILE_WORKERS,
         memory_cache_modules: int = DEFAULT_MEMORY_CACHE_MODULES,
         memory_cache_bytes: int = DEFAULT_MEMORY_CACHE_BYTES,
+        context: HostContext | None = None,
     ) -> None:
-        """``cache_limit`` and the keyword arguments: see :class:`WasmEngine`."""
+        """``cache_limit`` and the other keyword arguments: see :class:`WasmEngine`;
+        ``context``: the rest of the node (none: no components, no ingress, the default policy)."""
         cache = state_dir / "modules" if state_dir is not None else None
         self.engine = WasmEngine(
             cache,
@@ -63,7 +83,7 @@ class NodeRuntime:
         )
         self.linker = build_linker(self.engine)
         self._pooled_linker: wasmtime.Linker | None = None
-        self.services = HostServices()  # components and invoker, set by the daemon
+        self.context = context if context is not None else HostContext()
         self._digests: collections.OrderedDict[tuple[int, ...], str] = collections.OrderedDict()
         self._digests_lock = threading.Lock()
 
@@ -106,3 +126,26 @@ class NodeRuntime:
     def spawn(self, compiled: CompiledModule, spec: ProcessSpec) -> Nanoprocess:
         """A nanoprocess ready to ``start()``."""
         return Nanoprocess(self.engine, self.linker, compiled, spec)
+
+    # --- the seam (layotto.host.workload.WorkloadHost) ----------------------------------
+
+    @property
+    def max_module_bytes(self) -> int:
+        """The largest module the engine accepts."""
+        return self.engine.max_module_bytes
+
+    def check(self, spec: ContainerSpec) -> None:
+        """Admission of ``spec`` against the policy; raises InvalidSpec."""
+        workloads.admit(spec, self)
+
+    def load_module(self, source: ModuleSource) -> Module:
+        """The compiled module at ``source``, its entry checked; raises InvalidSpec."""
+        return workloads.load_module(self, source)
+
+    def create(self, spec: ContainerSpec) -> Workload:
+        """The workload for ``spec``, not started; raises InvalidSpec."""
+        return workloads.create(self, spec)
+
+    def function_logs(self, name: str) -> list[str] | None:
+        """The recent output of the function ``name`` (an id, or ``<namespace>/<id>``)."""
+        return workloads.function_logs(self, name)

@@ -1,8 +1,11 @@
 """containerd's Task API (containerd.task.v2.Task, also served as v3) for every container.
 
-One node host serves every container on the node: each container's task is a nanoprocess
-(or, for a pod's sandbox container, a placeholder that runs until it is killed).
-Semantics follow what containerd 1.6+ relies on: see shared/reference/shim-protocol.md §3.
+One node host serves every container on the node. This module keeps containerd's side:
+the task table, the CREATED/RUNNING/STOPPED state machine, events, the bundle's rootfs
+mounts and where the module is found (the rootfs, its layers, or a wasm layer in the
+content store). What runs is a :class:`~layotto.host.workload.Workload` the node host
+creates (a pod sandbox placeholder, a command module, a function): this module reaches the
+engine only through that seam, and maps its typed errors to ttrpc codes in one place.
 """
 
 from __future__ import annotations
@@ -11,25 +14,27 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from layotto.host import scoping
-from layotto.host.components import Delivery
-from layotto.host.components import Message as PubSubMessage
-from layotto.host.engine import CompiledModule, PoolSettings
 from layotto.host.errors import ModuleError
-from layotto.host.function import Function, HostServices, Request, is_function_module
-from layotto.host.function_registry import FunctionRegistry, IdTaken
-from layotto.host.nanoprocess import ExitInfo, Nanoprocess, Output, ProcessSpec
-from layotto.host.policy import DEFAULT_POLICY, ComponentView, Policy, PolicyError
-from layotto.host.runtime import NodeRuntime
-from layotto.shim import admission as notes
+from layotto.host.workload import (
+    CRI_IMAGE_NAME,
+    ContainerSpec,
+    ExitStatus,
+    InvalidSpec,
+    Module,
+    ModuleSource,
+    StartFailed,
+    Workload,
+    WorkloadError,
+    WorkloadHost,
+)
 from layotto.shim import bundle as oci
-from layotto.shim.content import MAX_MODULE_BYTES, ContainerdContent
+from layotto.shim.content import ContainerdContent
 from layotto.shim.events import Publisher, bare_any, timestamp
 from layotto.shim.paths import TASK_DIR
 from layotto.shim.protocol import cgroups_v1_pb2, events_pb2, task_pb2, task_types_pb2
@@ -40,13 +45,25 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 SANDBOX_ANNOTATION = "io.kubernetes.cri.container-type"
-CRI_IMAGE_ANNOTATION = "io.kubernetes.cri.image-name"
 WASM_IMAGE_ANNOTATION = "layotto.io/wasm-image"  # for `ctr run --rootfs`, which records no image
-CRI_CONTAINER_NAME_ANNOTATION = "io.kubernetes.cri.container-name"
-CRI_SANDBOX_NAMESPACE_ANNOTATION = "io.kubernetes.cri.sandbox-namespace"
 HOST_OVERHEAD_BYTES = 64 * 1024  # Store, instance and WASI context of one nanoprocess (measured order)
 
 Status = task_types_pb2.Status
+
+
+# The seam's errors, as ttrpc codes: the one place they are mapped.
+ERROR_CODES: dict[type[WorkloadError], Code] = {
+    InvalidSpec: Code.INVALID_ARGUMENT,
+    StartFailed: Code.FAILED_PRECONDITION,
+}
+
+
+def ttrpc_error(exc: WorkloadError) -> TtrpcError:
+    """The ttrpc error a client sees for ``exc``."""
+    for kind, code in ERROR_CODES.items():
+        if isinstance(exc, kind):
+            return TtrpcError(code, str(exc))
+    return TtrpcError(Code.INTERNAL, str(exc))
 
 
 @dataclass
@@ -54,50 +71,28 @@ class Task:
     id: str
     namespace: str
     bundle: Path
-    spec: oci.BundleSpec
-    rootfs: Path
+    spec: ContainerSpec
+    workload: Workload
     mounted: bool
-    stdin: str
-    stdout: str
-    stderr: str
     terminal: bool
     pid: int
-    compiled: CompiledModule | None = None  # None: a pod sandbox placeholder
-    admission: notes.Admission | None = None  # its annotations, checked against the policy
-    module_path: str = ""
-    entry: str = "_start"
     status: int = Status.CREATED
-    proc: Nanoprocess | None = None
-    function: Function | None = None  # a function module serving HTTP requests
-    unsubscribe: list = field(default_factory=list)  # pub/sub subscriptions to cancel
-    outputs: list = field(default_factory=list)  # a function's stdio, closed when it stops
     exit_status: int = 0
     exited_at: float | None = None
     exit_reason: str = ""
     created_at: float = field(default_factory=time.time)
     exited: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
-    @property
-    def is_sandbox(self) -> bool:
-        return self.compiled is None
-
 
 class TaskService:
-    """The Task API over the node runtime; one instance serves every connection."""
+    """The Task API over the node host's workloads; one instance serves every connection."""
 
     def __init__(
-        self,
-        runtime: NodeRuntime,
-        publisher: Publisher,
-        content: ContainerdContent | None = None,
-        functions: FunctionRegistry | None = None,
-        policy: Policy = DEFAULT_POLICY,
+        self, host: WorkloadHost, publisher: Publisher, content: ContainerdContent | None = None
     ) -> None:
-        self.runtime = runtime
-        self.policy = policy
+        self.host = host
         self.publisher = publisher
         self.content = content
-        self.functions = functions
         self.tasks: dict[tuple[str, str], Task] = {}
         self.pid = os.getpid()
 
@@ -182,64 +177,57 @@ class TaskService:
             raise TtrpcError(Code.UNIMPLEMENTED, "checkpoint restore is not supported by the layotto runtime")
         bundle = Path(req.bundle)
         try:
-            spec = await asyncio.to_thread(oci.BundleSpec.load, bundle)
+            bundle_spec = await asyncio.to_thread(oci.BundleSpec.load, bundle)
         except ModuleError as exc:
             raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from exc
-        if req.terminal or spec.process.terminal:
+        if req.terminal or bundle_spec.process.terminal:
             raise TtrpcError(
                 Code.INVALID_ARGUMENT,
                 "a terminal (tty) is not supported by the layotto runtime: run without -t",
             )
-        admission = None
-        if spec.annotations.get(SANDBOX_ANNOTATION) != "sandbox":
-            try:
-                admission = notes.admit(
-                    spec.annotations, spec.memory_limit, _tenant_namespace(spec, namespace), self.policy
-                )
-            except PolicyError as exc:
-                raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from exc
+        spec = _container_spec(req, namespace, bundle_spec)
+        try:
+            self.host.check(spec)  # before anything is mounted or compiled
+        except WorkloadError as exc:
+            raise ttrpc_error(exc) from exc
         mounts = [oci.Mount(m.type, m.source, list(m.options)) for m in req.rootfs]
         # A function module is served without its rootfs mounted (see oci.find_in_layers).
-        loaded = await self._load_function_unmounted(spec, mounts) if mounts else None
-        if loaded is not None:
-            compiled, module_path, entry = loaded
-            rootfs, mounts = spec.root_path, []
-        else:
-            rootfs = spec.root_path
+        module = await self._function_in_layers(spec, bundle_spec, mounts) if mounts else None
+        rootfs, mounted = bundle_spec.root_path, False
+        if module is None:
             try:
                 if mounts:
                     rootfs = await asyncio.to_thread(oci.mount_rootfs, bundle, mounts)
+                    mounted = True
             except OSError as exc:
                 raise TtrpcError(Code.INTERNAL, f"mounting the rootfs of {req.id}: {exc}") from exc
-            try:
-                compiled, module_path, entry = await self._load_module(spec, rootfs, namespace, req.id)
-            except BaseException:
-                if mounts:
-                    await asyncio.to_thread(oci.unmount_rootfs, bundle)
-                raise
+        try:
+            if module is None and not spec.sandbox:
+                module = await self._locate_module(bundle_spec, rootfs, namespace, req.id)
+            spec = replace(spec, rootfs=rootfs, module=module)
+            workload = self.host.create(spec)
+        except BaseException as exc:
+            if mounted:
+                await asyncio.to_thread(oci.unmount_rootfs, bundle)
+            if isinstance(exc, WorkloadError):
+                raise ttrpc_error(exc) from exc
+            raise
         task = Task(
             id=req.id,
             namespace=namespace,
             bundle=bundle,
             spec=spec,
-            rootfs=rootfs,
-            mounted=bool(mounts),
-            stdin=req.stdin,
-            stdout=req.stdout,
-            stderr=req.stderr,
+            workload=workload,
+            mounted=mounted,
             terminal=req.terminal,
             pid=self.pid,
-            compiled=compiled,
-            module_path=module_path,
-            entry=entry,
-            admission=admission,
         )
         self.tasks[(namespace, req.id)] = task
         log.info(
             "created %s/%s: %s",
             namespace,
             req.id,
-            "pod sandbox" if compiled is None else f"{module_path} ({compiled.from_cache})",
+            "pod sandbox" if module is None else f"{module.source.location} ({module.from_cache})",
         )
         self._publish(
             task,
@@ -257,61 +245,60 @@ class TaskService:
         )
         return task_pb2.CreateTaskResponse(pid=task.pid)
 
-    async def _load_function_unmounted(
-        self, spec: oci.BundleSpec, mounts: list[oci.Mount]
-    ) -> tuple[CompiledModule, str, str] | None:
+    async def _function_in_layers(
+        self, spec: ContainerSpec, bundle_spec: oci.BundleSpec, mounts: list[oci.Mount]
+    ) -> Module | None:
         """A function module read from the rootfs's layers, or None: not found plainly there,
-        a command module (it gets its filesystem), a pod sandbox, no ingress, or any error
-        (the mounted path then reports it)."""
-        if self.functions is None or spec.annotations.get(SANDBOX_ANNOTATION) == "sandbox":
+        a command module (it gets its filesystem), a pod sandbox, a host without an ingress,
+        or any error (the mounted path then reports it)."""
+        if spec.sandbox:
             return None
         try:
-            ref = await asyncio.to_thread(oci.locate_module_in_layers, spec, mounts)
-            if ref is None:
+            ref = await asyncio.to_thread(oci.locate_module_in_layers, bundle_spec, mounts)
+            if ref is None or ref.entry != "_start":
                 return None
-            compiled = await asyncio.to_thread(self.runtime.load, ref.host_path, name=ref.image_path)
-        except (ModuleError, OSError):
+            source = ModuleSource(ref.image_path, ref.image_path, ref.entry, path=ref.host_path)
+            module = await asyncio.to_thread(self.host.load_module, source)
+        except (WorkloadError, ModuleError, OSError):
             return None
-        if ref.entry != "_start" or not is_function_module(compiled):
-            return None
-        return compiled, ref.image_path, ref.entry
+        return module if module.function else None
 
-    async def _load_module(
-        self, spec: oci.BundleSpec, rootfs: Path, namespace: str, task_id: str
-    ) -> tuple[CompiledModule | None, str, str]:
-        if spec.annotations.get(SANDBOX_ANNOTATION) == "sandbox":
-            return None, "", ""
+    async def _locate_module(
+        self, bundle_spec: oci.BundleSpec, rootfs: Path, namespace: str, task_id: str
+    ) -> Module:
+        """The container's module: the file its args name in the rootfs, else the wasm layer
+        of its image. Raises TtrpcError or InvalidSpec."""
         try:
             try:
-                ref = await asyncio.to_thread(oci.locate_module, spec, rootfs)
+                ref = await asyncio.to_thread(oci.locate_module, bundle_spec, rootfs)
             except ModuleError as missing:
                 # No module file in the rootfs: the image may carry it as an OCI wasm layer.
-                found = await self._load_from_layers(spec, namespace, task_id)
+                found = await self._module_from_content(bundle_spec, namespace, task_id)
                 if found is None:
                     raise missing from None
                 return found
-            compiled = await asyncio.to_thread(self.runtime.load, ref.host_path, name=ref.image_path)
         except ModuleError as exc:
             raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from exc
         except OSError as exc:
             raise TtrpcError(Code.INVALID_ARGUMENT, f"reading the module: {exc}") from exc
-        self._check_entry(compiled, ref.image_path, ref.entry)
-        return compiled, ref.image_path, ref.entry
+        source = ModuleSource(ref.image_path, ref.image_path, ref.entry, path=ref.host_path)
+        return await asyncio.to_thread(self.host.load_module, source)
 
-    async def _load_from_layers(
-        self, spec: oci.BundleSpec, namespace: str, task_id: str
-    ) -> tuple[CompiledModule, str, str] | None:
+    async def _module_from_content(
+        self, bundle_spec: oci.BundleSpec, namespace: str, task_id: str
+    ) -> Module | None:
         """The module from the image's wasm layer, or None for an image without one."""
         if self.content is None:
             return None
         # The container's own image; layotto.io/wasm-image only for a container that has
         # none (`ctr run --rootfs`): never another image's module for an image's container.
-        image = spec.annotations.get(CRI_IMAGE_ANNOTATION)
+        annotations = bundle_spec.annotations
+        image = annotations.get(CRI_IMAGE_NAME)
         try:
             if not image:
                 image = await asyncio.to_thread(self.content.image_of_container, namespace, task_id)
             if not image:
-                image = spec.annotations.get(WASM_IMAGE_ANNOTATION)
+                image = annotations.get(WASM_IMAGE_ANNOTATION)
             if not image:
                 return None
             layers = await asyncio.to_thread(self.content.wasm_layers, namespace, image)
@@ -322,31 +309,19 @@ class TaskService:
                     f"image {image} has {len(layers)} wasm layers; the layotto runtime runs one module"
                 )
             layer = layers[0]
-            wasm = await asyncio.to_thread(self.content.read, namespace, layer.digest, MAX_MODULE_BYTES)
+            limit = self.host.max_module_bytes
+            wasm = await asyncio.to_thread(self.content.read, namespace, layer.digest, limit)
         except ModuleError:
             raise
         except Exception as exc:  # grpc errors: containerd unreachable, image unknown, ...
             log.info("no wasm layers for %s/%s: %s", namespace, task_id, exc)
             return None
-        name = f"{image} (layer {layer.digest[:19]})"
-        compiled = await asyncio.to_thread(self.runtime.engine.load, wasm, name=name)
-        args = spec.process.args
+        args = bundle_spec.process.args
         entry = "_start"
         if args and args[0].startswith("#"):
             entry = args[0][1:] or "_start"
-        self._check_entry(compiled, name, entry)
-        return compiled, image, entry
-
-    @staticmethod
-    def _check_entry(compiled: CompiledModule, name: str, entry: str) -> None:
-        if entry == "_start" and is_function_module(compiled):
-            return  # a function module: served through the ingress, not run
-        if entry not in compiled.exports:
-            raise TtrpcError(
-                Code.INVALID_ARGUMENT,
-                f"{name} has no export named {entry!r} "
-                f"(it exports: {', '.join(sorted(compiled.exports)) or 'nothing'})",
-            )
+        source = ModuleSource(f"{image} (layer {layer.digest[:19]})", image, entry, data=wasm)
+        return await asyncio.to_thread(self.host.load_module, source)
 
     async def start(self, req: task_pb2.StartRequest, ctx: Context) -> task_pb2.StartResponse:
         task = self._task(ctx, req.id, req.exec_id)
@@ -354,202 +329,17 @@ class TaskService:
             raise TtrpcError(Code.FAILED_PRECONDITION, f"task {req.id} was already started")
         task.status = Status.RUNNING
         self._publish(task, "/tasks/start", events_pb2.TaskStart(container_id=task.id, pid=task.pid))
-        if task.compiled is None:
-            return task_pb2.StartResponse(pid=task.pid)
-        if is_function_module(task.compiled) and self.functions is not None:
-            await self._start_function(task)
-            return task_pb2.StartResponse(pid=task.pid)
-        admission = task.admission
-        assert admission is not None
-        args = list(task.spec.process.args)
-        if task.module_path.startswith("/"):  # from the rootfs: argv[0] is its path in the image
-            args[0] = task.module_path
-        elif not args or args[0].startswith("#"):  # from a wasm layer: argv[0] names the image
-            args = [task.module_path, *args[1:]]
-        spec = ProcessSpec(
-            name=f"{task.namespace}/{task.id}",
-            args=args,
-            env=task.spec.process.env,
-            rootfs=task.rootfs,
-            cwd=task.spec.process.cwd,
-            entry=task.entry,
-            stdin=task.stdin,
-            stdout=task.stdout,
-            stderr=task.stderr,
-            memory_limit=admission.memory_limit,
-            capabilities=admission.capabilities,
-            app_id=self._app_id(task) or f"{task.namespace}.{task.id}",
-            services=self._services(admission),
-            cpu_quota_us=task.spec.cpu_quota_us,
-            cpu_period_us=task.spec.cpu_period_us,
-            namespace=admission.namespace,
-            readonly=task.spec.readonly,
-            mounts=tuple(task.spec.mounts),
-        )
         loop = asyncio.get_running_loop()
         try:
-            proc = self.runtime.spawn(task.compiled, spec)
-            proc.on_exit(lambda info: loop.call_soon_threadsafe(self._on_exit, task, info))
-            ready = proc.start()
-        except (ModuleError, OSError) as exc:
-            self._on_exit(task, ExitInfo(1, time.time(), str(exc)))
-            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
-        task.proc = proc
-        await asyncio.to_thread(ready.wait)
-        if proc.start_error is not None:
-            # Mark it stopped now, not when the thread's exit callback gets scheduled:
-            # the client's Delete follows this error immediately.
-            self._on_exit(task, proc.exit or ExitInfo(1, time.time(), str(proc.start_error)))
-            raise TtrpcError(Code.FAILED_PRECONDITION, str(proc.start_error))
+            await task.workload.start(lambda ended: loop.call_soon_threadsafe(self._on_exit, task, ended))
+        except StartFailed as exc:
+            # Mark it stopped now, not when an exit callback gets scheduled: the client's
+            # Delete follows this error immediately.
+            self._on_exit(task, exc.exit)
+            raise ttrpc_error(exc) from exc
         return task_pb2.StartResponse(pid=task.pid)
 
-    async def _start_function(self, task: Task) -> None:
-        """Instantiate a function module and register it with the ingress."""
-        annotations = task.spec.annotations
-        admission = task.admission
-        assert admission is not None
-        # The id: the annotation, else what a Layotto-style module calls itself
-        # (proxy_get_id), else the container's name, else the task id.
-        function_id = annotations.get(notes.FUNCTION_ID, "")
-        fallback_id = annotations.get(CRI_CONTAINER_NAME_ANNOTATION) or task.id
-        env = [tuple(e.split("=", 1)) if "=" in e else (e, "") for e in task.spec.process.env]
-        fresh = admission.fresh
-        engine, linker, compiled = self.runtime.engine, self.runtime.linker, task.compiled
-        if fresh and admission.memory_limit <= PoolSettings.max_memory_size:
-            # A Store per request: take it from the pooling allocator's slots.
-            engine, linker = await asyncio.to_thread(self.runtime.pooled)
-            compiled = await asyncio.to_thread(self.runtime.engine.to_pooled, task.compiled)
-        try:
-            fn = await asyncio.to_thread(
-                Function,
-                name=f"{task.namespace}/{task.id}",
-                function_id=function_id,
-                engine=engine,
-                linker=linker,
-                compiled=compiled,
-                argv=[task.module_path, *task.spec.process.args[1:]],
-                env=env,
-                memory_limit=admission.memory_limit,
-                pool_size=admission.pool_size,
-                fresh_instances=fresh,
-                timeout=admission.timeout,
-                queue_limit=admission.queue_limit,
-                capabilities=admission.capabilities,
-                app_id=self._app_id(task),
-                services=self._services(admission),
-                image=annotations.get(CRI_IMAGE_ANNOTATION, task.module_path),
-                namespace=admission.namespace,
-            )
-        except ModuleError as exc:
-            self._on_exit(task, ExitInfo(1, time.time(), str(exc)))
-            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
-        if not fn.id:
-            fn.id = fallback_id
-            fn.app_id = fn.app_id or fallback_id
-        self._wire_output(task, fn)
-        task.function = fn
-        assert self.functions is not None
-        try:
-            self.functions.add(fn)
-        except IdTaken as exc:
-            fn.stop()
-            self._on_exit(task, ExitInfo(1, time.time(), str(exc)))
-            raise TtrpcError(Code.FAILED_PRECONDITION, str(exc)) from exc
-        self._subscribe(task, fn)
-        log.info(
-            "function %s serving as id %r (%s)",
-            fn.name,
-            fn.id,
-            "fresh instances" if fn.fresh else f"pool {fn.pool_size}",
-        )
-
-    @staticmethod
-    def _wire_output(task: Task, fn: Function) -> None:
-        """Send the function's output lines to the container's stdout/stderr as well."""
-        try:
-            out = Output(task.stdout, lazy=True)
-            err = Output(task.stderr, lazy=True) if task.stderr and task.stderr != task.stdout else out
-        except OSError as exc:
-            log.warning("%s: cannot open the container's stdio: %s", fn.name, exc)
-            return
-        fn.log.sinks = {"stdout": out.write, "stderr": err.write}
-        task.outputs = [out, err]
-
-    def _services(self, admission: notes.Admission) -> HostServices:
-        """The components and invoker as one namespace's pods may reach them."""
-        services = self.runtime.services
-        components = services.components
-        if components is not None:
-            components = ComponentView(components, admission.rules, admission.namespace)
-        return HostServices(components, services.invoker)
-
-    @staticmethod
-    def _app_id(task: Task) -> str:
-        """Who owns a function's state keys: ``<namespace>.<app>`` (annotation
-        ``layotto.io/app-id`` names the app; else the container name or function id)."""
-        annotations = task.spec.annotations
-        namespace = _tenant_namespace(task.spec, task.namespace)
-        app = (
-            annotations.get(notes.APP_ID)
-            or annotations.get(notes.FUNCTION_ID)
-            or annotations.get(CRI_CONTAINER_NAME_ANNOTATION)
-            or ""
-        )
-        return f"{namespace}.{app}" if app else ""
-
-    def _subscribe(self, task: Task, fn: Function) -> None:
-        """Deliver the pub/sub topics the pod subscribes to (annotation
-        ``layotto.io/subscriptions: <pubsub>/<topic>,...``) to the function as
-        ``POST /<topic>`` requests: 2xx acknowledges, 404 drops, anything else retries."""
-        admission = task.admission
-        components = fn.services.components if fn.services is not None else None
-        if admission is None or components is None:
-            return
-        cancels = []
-        for pubsub_name, topic in admission.subscriptions:
-            item = f"{pubsub_name}/{topic}"
-            try:
-                pubsub = components.pubsub(pubsub_name)
-                # Topics are per namespace: another namespace's publishers never reach it.
-                scoped = scoping.scoped_topic(components, pubsub_name, admission.namespace, topic)
-            except Exception as exc:
-                log.warning("%s: cannot subscribe to %s: %s", fn.name, item, exc)
-                fn.log.add("host", f"cannot subscribe to {item}: {exc}")
-                continue
-            cancels.append(pubsub.subscribe(scoped, _deliverer(fn, topic)))
-            fn.log.add("host", f"subscribed to {item}")
-        task.unsubscribe = cancels + self._watch_configuration(task, fn)
-
-    def _watch_configuration(self, task: Task, fn: Function) -> list:
-        """Tell the function about configuration changes (annotation
-        ``layotto.io/config-subscriptions: <store>/<key>[+<key>...],...``): each change is a
-        ``POST /_layotto/config/<store>`` request whose body is a JSON list of the changed
-        items (key, content, group, label; deleted items have ``"deleted": true``)."""
-        admission = task.admission
-        components = fn.services.components if fn.services is not None else None
-        if admission is None or components is None:
-            return []
-        cancels = []
-        for store_name, keys in admission.config_subscriptions:
-            item = f"{store_name}/{'+'.join(keys)}"
-            try:
-                # The function sees its own app's items only, under the keys it named.
-                cancel = scoping.subscribe_configuration(
-                    components,
-                    store_name,
-                    admission.namespace,
-                    fn.app_id,
-                    keys,
-                    _config_notifier(fn, store_name),
-                )
-            except Exception as exc:
-                fn.log.add("host", f"cannot watch configuration {item}: {exc}")
-                continue
-            cancels.append(cancel)
-            fn.log.add("host", f"watching configuration {item}")
-        return cancels
-
-    def _on_exit(self, task: Task, info: ExitInfo) -> None:
+    def _on_exit(self, task: Task, info: ExitStatus) -> None:
         if task.exited.done():
             return
         task.status = Status.STOPPED
@@ -586,9 +376,9 @@ class TaskService:
             bundle=str(task.bundle),
             pid=task.pid,
             status=task.status,
-            stdin=task.stdin,
-            stdout=task.stdout,
-            stderr=task.stderr,
+            stdin=task.spec.stdin,
+            stdout=task.spec.stdout,
+            stderr=task.spec.stderr,
             terminal=task.terminal,
             exit_status=task.exit_status,
         )
@@ -602,22 +392,9 @@ class TaskService:
             raise TtrpcError(Code.NOT_FOUND, f"task {req.id}: process already finished")
         if req.signal == 0:
             return empty_pb2.Empty()
-        if task.function is not None:
-            for cancel in task.unsubscribe:
-                cancel()
-            task.function.stop()
-            task.function.log.sinks = {}
-            for out in task.outputs:
-                out.close()
-            if self.functions is not None:
-                self.functions.remove(task.function)
-            self._on_exit(task, ExitInfo(128 + req.signal, time.time(), f"stopped by signal {req.signal}"))
-            return empty_pb2.Empty()
-        if task.status == Status.CREATED or task.proc is None:
-            # Never started, or a pod sandbox placeholder: it ends right here.
-            self._on_exit(task, ExitInfo(128 + req.signal, time.time(), f"killed by signal {req.signal}"))
-            return empty_pb2.Empty()
-        task.proc.kill(req.signal)
+        ended = task.workload.kill(req.signal)
+        if ended is not None:  # it ended right here (else its exit follows)
+            self._on_exit(task, ended)
         return empty_pb2.Empty()
 
     async def delete(self, req: task_pb2.DeleteRequest, ctx: Context) -> task_pb2.DeleteResponse:
@@ -626,6 +403,7 @@ class TaskService:
             raise TtrpcError(
                 Code.FAILED_PRECONDITION, f"task {req.id} must be stopped before deletion: running"
             )
+        task.workload.close()
         if task.mounted:
             await asyncio.to_thread(oci.unmount_rootfs, task.bundle)
             task.mounted = False
@@ -663,25 +441,19 @@ class TaskService:
 
     async def stats(self, req: task_pb2.StatsRequest, ctx: Context) -> task_pb2.StatsResponse:
         task = self._task(ctx, req.id)
-        proc = task.proc
-        fn = task.function
-        if fn is not None:
-            linear = fn.memory_bytes()
-            cpu_seconds = fn.stats.cpu_seconds
-        else:
-            linear = proc.memory_bytes() if proc is not None else 0
-            cpu_seconds = proc.cpu_seconds() if proc is not None else 0.0
-        usage = linear + HOST_OVERHEAD_BYTES if task.status == Status.RUNNING else 0
-        cpu_ns = int(cpu_seconds * 1e9)
+        running = task.status == Status.RUNNING
+        used = task.workload.stats()
+        usage = used.memory_bytes + HOST_OVERHEAD_BYTES if running else 0
+        cpu_ns = int(used.cpu_seconds * 1e9)
         limit = task.spec.memory_limit or 0
         metrics = cgroups_v1_pb2.Metrics(
-            pids=cgroups_v1_pb2.PidsStat(current=1 if task.status == Status.RUNNING else 0),
+            pids=cgroups_v1_pb2.PidsStat(current=1 if running else 0),
             cpu=cgroups_v1_pb2.CPUStat(
                 usage=cgroups_v1_pb2.CPUUsage(total=cpu_ns, user=cpu_ns, per_cpu=[cpu_ns]),
                 throttling=cgroups_v1_pb2.Throttle(
-                    periods=proc.throttle.periods if proc else 0,
-                    throttled_periods=proc.throttle.throttled_periods if proc else 0,
-                    throttled_time=int(proc.throttle.throttled_seconds * 1e9) if proc else 0,
+                    periods=used.periods,
+                    throttled_periods=used.throttled_periods,
+                    throttled_time=int(used.throttled_seconds * 1e9),
                 ),
             ),
             memory=cgroups_v1_pb2.MemoryStat(
@@ -696,116 +468,63 @@ class TaskService:
     # --- layotto ps / layotto logs ----------------------------------------------------
 
     def describe(self) -> list[dict[str, object]]:
-        """Every task on the node, for ``layotto ps``."""
+        """Every task on the node, for ``layotto ps``: the tenant namespace (the pod's
+        Kubernetes namespace, else the containerd namespace), the pod and container names
+        CRI gives, its state, and what its workload reports."""
         rows: list[dict[str, object]] = []
         names = {Status.CREATED: "created", Status.RUNNING: "running", Status.STOPPED: "stopped"}
         for task in self.tasks.values():
-            fn, proc = task.function, task.proc
+            spec = task.spec
             row: dict[str, object] = {
-                # the tenant: the pod's Kubernetes namespace, else the containerd namespace
-                "namespace": _tenant_namespace(task.spec, task.namespace),
+                "namespace": spec.tenant,
                 "containerd_namespace": task.namespace,
                 "id": task.id,
-                "kind": "sandbox" if task.is_sandbox else "function" if fn is not None else "command",
+                "pod": spec.pod,
+                "container": spec.container,
                 "state": names.get(task.status, "unknown"),
-                "image": task.spec.annotations.get(CRI_IMAGE_ANNOTATION, ""),
-                "module": task.module_path,
-                "memory": (fn.memory_bytes() if fn else proc.memory_bytes() if proc else 0),
-                "cpu_seconds": round(fn.stats.cpu_seconds if fn else proc.cpu_seconds() if proc else 0.0, 3),
+                "image": spec.annotations.get(CRI_IMAGE_NAME, ""),
                 "exit_status": task.exit_status if task.status == Status.STOPPED else None,
             }
-            if fn is not None:
-                row.update(
-                    function_id=fn.id,
-                    invocations=fn.stats.invocations,
-                    errors=fn.stats.errors,
-                    instances=fn.instances,
-                    mode="threads" if fn.threaded else "inline",
-                )
+            row.update(task.workload.describe())  # kind, module, memory, cpu_seconds, function_id, ...
             rows.append(row)
         return rows
 
     def logs(self, name: str) -> list[str] | None:
         """The recent output of a task (by id, or namespace/id with its tenant or containerd
-        namespace) or function (by id, or namespace/id)."""
+        namespace), or None for no such task."""
         for task in self.tasks.values():
-            tenant = _tenant_namespace(task.spec, task.namespace)
-            if name in (task.id, f"{task.namespace}/{task.id}", f"{tenant}/{task.id}"):
-                source = task.function or task.proc
-                return list(source.log.lines) if source is not None else []
-        if self.functions is not None:
-            namespace, _, fid = name.rpartition("/")
-            fn = self.functions.get(fid, namespace or None)
-            if fn is not None:
-                return list(fn.log.lines)
+            if name in (task.id, f"{task.namespace}/{task.id}", f"{task.spec.tenant}/{task.id}"):
+                return task.workload.log_lines()
         return None
 
     # --- host shutdown -------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Stop every module and unmount every rootfs (the host is going away)."""
+        """Stop every workload and unmount every rootfs (the host is going away)."""
         for task in list(self.tasks.values()):
-            if task.function is not None:
-                task.function.stop()
-            if task.proc is not None and task.proc.running:
-                task.proc.kill(9)
+            task.workload.close()
             if task.mounted:
                 await asyncio.to_thread(oci.unmount_rootfs, task.bundle)
                 task.mounted = False
 
 
-def _tenant_namespace(spec: oci.BundleSpec, containerd_namespace: str) -> str:
-    """The namespace a container belongs to: its pod's Kubernetes namespace (CRI names it),
-    else its containerd namespace."""
-    return spec.annotations.get(CRI_SANDBOX_NAMESPACE_ANNOTATION) or containerd_namespace
-
-
-def _deliverer(fn: Function, topic: str):  # noqa: ANN202
-    """A pub/sub handler that hands each message to ``fn`` as ``POST /<topic>``."""
-
-    def deliver(message: PubSubMessage) -> Delivery:
-        request = Request(
-            b"POST",
-            b"/" + topic.encode(),
-            b"",
-            [
-                (b"content-type", message.content_type.encode()),
-                (b"x-layotto-topic", topic.encode()),
-                (b"x-layotto-message-id", message.id.encode()),
-                (b"x-layotto-attempt", str(message.attempt).encode()),
-            ],
-            message.data,
-        )
-        status = fn.call_sync(request).status
-        if 200 <= status < 300:
-            return Delivery.SUCCESS
-        if status == 404:
-            return Delivery.DROP
-        return Delivery.RETRY
-
-    return deliver
-
-
-def _config_notifier(fn: Function, store: str):  # noqa: ANN202
-    """A configuration callback that hands changed items to ``fn`` as a JSON list."""
-    import json
-
-    def notify(items: list) -> None:
-        body = json.dumps(
-            [
-                {
-                    "key": i.key,
-                    "content": i.content,
-                    "group": i.group,
-                    "label": i.label,
-                    **({"deleted": True} if dict(i.metadata).get("deleted") == "true" else {}),
-                }
-                for i in items
-            ]
-        ).encode()
-        headers = [(b"content-type", b"application/json"), (b"x-layotto-config-store", store.encode())]
-        response = fn.call_sync(Request(b"POST", b"/_layotto/config/" + store.encode(), b"", headers, body))
-        if response.status >= 300:
-            fn.log.add("host", f"configuration change for {store} answered {response.status}")
-
-    return notify
+def _container_spec(req: task_pb2.CreateTaskRequest, namespace: str, bundle: oci.BundleSpec) -> ContainerSpec:
+    """What the host is told of a container (its module and mounted rootfs come later)."""
+    return ContainerSpec(
+        id=req.id,
+        namespace=namespace,
+        annotations=dict(bundle.annotations),
+        args=list(bundle.process.args),
+        env=list(bundle.process.env),
+        cwd=bundle.process.cwd,
+        rootfs=bundle.root_path,
+        readonly=bundle.readonly,
+        mounts=tuple(bundle.mounts),
+        stdin=req.stdin,
+        stdout=req.stdout,
+        stderr=req.stderr,
+        memory_limit=bundle.memory_limit,
+        cpu_quota_us=bundle.cpu_quota_us,
+        cpu_period_us=bundle.cpu_period_us,
+        sandbox=bundle.annotations.get(SANDBOX_ANNOTATION) == "sandbox",
+    )

@@ -104,7 +104,7 @@ def test_configuration_changes_reach_a_subscribed_function(
     from layotto.host.components import ConfigItem
     from layotto.host.components.registry import load_components
     from layotto.host.function import HostServices
-    from layotto.shim.task_service import TaskService
+    from layotto.host.subscriptions import watch_configuration
 
     fn = make(runtime, wasm_dir, "fn_echo")
     seen: list[bytes] = []
@@ -116,14 +116,13 @@ def test_configuration_changes_reach_a_subscribed_function(
 
     fn.call_sync = recording  # type: ignore[method-assign]
     with load_components(None, tmp_path) as components:
-        runtime.services = fn.services = HostServices(components, None)
-        service = TaskService(runtime, publisher=None)  # type: ignore[arg-type]
-        task = SimpleNamespace(
-            spec=SimpleNamespace(annotations={"layotto.io/config-subscriptions": "config_demo/feature"}),
-            # what admission (shim/admission.py) reads off that annotation at Create
-            admission=SimpleNamespace(config_subscriptions=(("config_demo", ("feature",)),), namespace="ns"),
+        fn.services = HostServices(components, None)
+        # what admission (host/admission.py) reads off the annotation
+        # layotto.io/config-subscriptions: config_demo/feature at Create
+        wanted = SimpleNamespace(
+            subscriptions=(), config_subscriptions=(("config_demo", ("feature",)),), namespace="ns"
         )
-        cancels = service._watch_configuration(task, fn)  # type: ignore[arg-type]
+        cancels = watch_configuration(fn, wanted)  # type: ignore[arg-type]
         assert len(cancels) == 1
         store = components.configuration("config_demo")
         # The function's own item (its app's prefix), an item it did not name, and the same
@@ -141,7 +140,6 @@ def test_configuration_changes_reach_a_subscribed_function(
         while not seen and time.monotonic() < deadline:
             time.sleep(0.01)
         cancels[0]()
-        runtime.services = HostServices()
     fn.stop()
     assert seen and seen[0].startswith(b"/_layotto/config/config_demo ")
     assert b'"key": "feature"' in seen[0] and b'"content": "on"' in seen[0]

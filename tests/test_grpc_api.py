@@ -25,7 +25,7 @@ from layotto.host.abi_host import HostInvoker
 from layotto.host.components import ConfigItem, Delivery
 from layotto.host.components import Message as PubSubMessage
 from layotto.host.components.registry import Components, load_components, parse_config
-from layotto.host.function import Function
+from layotto.host.function import Function, HostServices
 from layotto.host.function_registry import FunctionRegistry
 from layotto.host.grpc_api import METHODS, SERVICE, AppIdentity, RuntimeApiServer, modified_key
 from layotto.host.runtime import NodeRuntime
@@ -102,7 +102,7 @@ def echo_function(wasm_dir: Path) -> Iterator[Function]:
         argv=["/fn_echo.wasm"],
         env=[],
         memory_limit=None,
-        services=runtime.services,
+        services=HostServices(),
     )
     try:
         yield fn

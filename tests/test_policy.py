@@ -1,4 +1,4 @@
-"""The operator policy (host/policy.py), the admission of annotations (shim/admission.py)
+"""The operator policy (host/policy.py), the admission of annotations (host/admission.py)
 and the host log's rate limit and rotation (host/hostlog.py)."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from layotto.host.abi_host import KNOWN_CAPABILITIES
+from layotto.host.admission import admit
 from layotto.host.components.registry import UnknownComponent, load_components
 from layotto.host.hostlog import RateLimit
 from layotto.host.policy import DEFAULT_POLICY, ComponentView, PolicyError, parse_bytes, parse_policy
-from layotto.shim.admission import admit
 
 
 def policy(text: str):  # noqa: ANN201

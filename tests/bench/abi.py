@@ -423,7 +423,6 @@ def _in_process(workdir: Path, redis_address: str | None, budget: float, progres
     runtime = NodeRuntime(None)
     functions = FunctionRegistry()
     services = HostServices(components, HostInvoker(functions))
-    runtime.services = services
     paths = ensure_modules(*MODULES.values())
     made: list[Function] = []
 

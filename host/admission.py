@@ -2,8 +2,9 @@
 
 Annotations come from the pod author, who is not trusted: every value is parsed strictly
 (a bad number is an error naming the annotation, never a silent default) and capped by the
-operator's policy (:mod:`layotto.host.policy`). Create calls :func:`admit`; a refusal fails
-the container's creation with the message, so ``kubectl describe pod`` / ``ctr run`` show
+operator's policy (:mod:`layotto.host.policy`). The node runtime calls :func:`admit` when
+containerd creates the container (:mod:`layotto.host.workloads`); a refusal fails the
+container's creation with the message, so ``kubectl describe pod`` / ``ctr run`` show
 which rule was hit.
 """
 
