@@ -8,7 +8,7 @@ APT_PACKAGES := gcc containerd runc clang lld wasi-libc libclang-rt-14-dev-wasm3
 
 include images/build.mk
 
-.PHONY: all deps venv proto modules images demo test unit integration bench lint clean
+.PHONY: all deps venv proto modules images demo test unit integration bench lint docs clean
 
 all: venv modules
 
@@ -29,7 +29,7 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml setup.py shim/protocol/*.proto shim/containerd-shim-layotto-v1 host/_handler.c
+$(VENV)/.installed: pyproject.toml setup.py build_protos.py shim/protocol/*.proto host/protocol/*.proto shim/containerd-shim-layotto-v1 host/_handler.c
 	@[ -x $(VPY) ] || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -e '.[test]'
@@ -38,7 +38,7 @@ $(VENV)/.installed: pyproject.toml setup.py shim/protocol/*.proto shim/container
 venv: $(VENV)/.installed
 
 proto: venv
-	$(VPY) shim/protocol/build_protos.py
+	$(VPY) build_protos.py
 
 build/hello.tar: $(WASM_OUT)/hello.wasm venv
 	$(VENV)/bin/layotto image build --wasm $< --name docker.io/library/hello:latest -o $@
@@ -50,15 +50,24 @@ images: build/hello.tar
 demo: deps venv modules images
 	$(VPY) -m tests.demo
 
+# Needs no root once the venv and the modules are built: only integration tests need root.
 unit: venv modules
 	$(VPY) -m pytest -q tests -m "not integration"
 
-test: deps venv modules lint
+test: deps venv modules lint docs
 	$(VPY) -m pytest -q tests
 
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The documentation site, in strict mode: a broken link between pages fails the build
+# (mkdocs.yml), and so does a docs/*.md link in README.md to a page that does not exist.
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d build/site
+	@grep -o '](docs/[^)#]*' README.md | cut -c3- | sort -u | while read -r page; do \
+	  [ -f "$$page" ] || { echo "README.md links to $$page, which does not exist"; exit 1; }; \
+	done
 
 bench: deps venv modules
 	$(VPY) -m tests.bench
