@@ -31,21 +31,20 @@ import wasmtime
 from layotto.abi import spec as abi_spec
 from layotto.abi.maps import decode_map, encode_map
 from layotto.host import capi, scoping
-from layotto.host.components import (
+from layotto.host.components import ConfigItem, OpKind, StateOp, UnlockStatus
+from layotto.host.errors import (
+    AbiStatus,
+    ComponentDenied,
     ComponentError,
-    ConfigItem,
-    ETagMismatch,
-    NotFound,
-    OpKind,
-    StateOp,
-    UnlockStatus,
+    LayottoError,
+    Status,
+    abi_status,
 )
-from layotto.host.policy import ComponentDenied
 
 log = logging.getLogger(__name__)
 
 SPEC = abi_spec.load()
-S = SPEC.status
+S = SPEC.status  # status name -> code (errors.Status is the typed form)
 MAX_KEY = SPEC.limits.get("max_key", 1024)
 MAX_VALUE = SPEC.limits.get("max_value", 4 << 20)
 KNOWN_CAPABILITIES = frozenset(SPEC.capabilities)
@@ -60,14 +59,6 @@ BUFFER_TYPES = frozenset({BUFFER_REQUEST_BODY, BUFFER_RESPONSE_BODY, BUFFER_CALL
 # and a largest response); a write past it is LIMIT_EXCEEDED. The host empties them after
 # every request.
 BUFFER_LIMIT = 2 * MAX_VALUE
-
-
-class AbiStatus(Exception):
-    """Return this status to the guest (raised from deep inside an implementation)."""
-
-    def __init__(self, status: str, why: str = "") -> None:
-        super().__init__(why or status)
-        self.status = status
 
 
 class GuestMemory(Protocol):
@@ -114,10 +105,10 @@ class AbiContext:
 
     def read(self, ptr: int, length: int, limit: int = MAX_VALUE) -> bytes:
         if length > limit:
-            raise AbiStatus("LIMIT_EXCEEDED", f"{length} bytes exceeds the limit of {limit}")
+            raise AbiStatus(Status.LIMIT_EXCEEDED, f"{length} bytes exceeds the limit of {limit}")
         view = self.view()
         if ptr < 0 or length < 0 or ptr + length > len(view):
-            raise AbiStatus("INVALID_MEMORY_ACCESS", f"[{ptr:#x}, +{length}) is outside linear memory")
+            raise AbiStatus(Status.INVALID_MEMORY_ACCESS, f"[{ptr:#x}, +{length}) is outside linear memory")
         return bytes(view[ptr : ptr + length])
 
     def read_str(self, ptr: int, length: int) -> str:
@@ -125,30 +116,32 @@ class AbiContext:
         try:
             return raw.decode()
         except UnicodeDecodeError as exc:
-            raise AbiStatus("BAD_ARGUMENT", "not valid UTF-8") from exc
+            raise AbiStatus(Status.BAD_ARGUMENT, "not valid UTF-8") from exc
 
     def check_writable(self, ptr: int, length: int) -> None:
         view = self.view()
         if ptr < 0 or length < 0 or ptr + length > len(view):
-            raise AbiStatus("INVALID_MEMORY_ACCESS", f"[{ptr:#x}, +{length}) is outside linear memory")
+            raise AbiStatus(Status.INVALID_MEMORY_ACCESS, f"[{ptr:#x}, +{length}) is outside linear memory")
 
     def write(self, ptr: int, data: bytes) -> None:
         view = self.view()
         if ptr < 0 or ptr + len(data) > len(view):
-            raise AbiStatus("INVALID_MEMORY_ACCESS", f"[{ptr:#x}, +{len(data)}) is outside linear memory")
+            raise AbiStatus(
+                Status.INVALID_MEMORY_ACCESS, f"[{ptr:#x}, +{len(data)}) is outside linear memory"
+            )
         view[ptr : ptr + len(data)] = data
 
     def give(self, ptr_ptr: int, len_ptr: int, data: bytes) -> None:
         """Copy ``data`` into a guest-allocated buffer and return it through the out-pointers."""
         if len(data) > MAX_VALUE:
-            raise AbiStatus("LIMIT_EXCEEDED", f"a result of {len(data)} bytes exceeds {MAX_VALUE}")
+            raise AbiStatus(Status.LIMIT_EXCEEDED, f"a result of {len(data)} bytes exceeds {MAX_VALUE}")
         self.check_writable(ptr_ptr, 4)
         self.check_writable(len_ptr, 4)
         addr = 0
         if data:
             addr = self.guest_alloc(len(data))
             if not addr:
-                raise AbiStatus("INVALID_MEMORY_ACCESS", "the guest allocator returned 0")
+                raise AbiStatus(Status.INVALID_MEMORY_ACCESS, "the guest allocator returned 0")
             self.write(addr, data)
         self.write(ptr_ptr, struct.pack("<I", addr))
         self.write(len_ptr, struct.pack("<I", len(data)))
@@ -157,13 +150,13 @@ class AbiContext:
 
     def component(self, kind: str, name: str) -> Any:
         if self.components is None:
-            raise AbiStatus("INTERNAL_FAILURE", "no components are configured")
+            raise AbiStatus(Status.INTERNAL_FAILURE, "no components are configured")
         try:
             return getattr(self.components, kind)(name)
         except ComponentDenied as exc:  # the operator's policy does not grant it
-            raise AbiStatus("PERMISSION_DENIED", str(exc)) from exc
+            raise AbiStatus(Status.PERMISSION_DENIED, str(exc)) from exc
         except (KeyError, LookupError, ComponentError) as exc:
-            raise AbiStatus("NOT_FOUND", f"no {kind} component named {name!r}") from exc
+            raise AbiStatus(Status.NOT_FOUND, f"no {kind} component named {name!r}") from exc
 
     def state_key(self, store: str, key: str, kind: str = "state") -> str:
         """``key`` as stored: the shared rule of ``host.scoping.state_key`` (per app unless
@@ -171,21 +164,21 @@ class AbiContext:
         try:
             return scoping.state_key(self.components, kind, store, key, self.app_id, self.namespace)
         except scoping.ScopeError as exc:
-            raise AbiStatus("BAD_ARGUMENT", str(exc)) from exc
+            raise AbiStatus(Status.BAD_ARGUMENT, str(exc)) from exc
 
     def topic(self, pubsub_name: str, topic: str) -> str:
         """The component topic for ``topic``: per namespace (``host.scoping.scoped_topic``)."""
         try:
             return scoping.scoped_topic(self.components, pubsub_name, self.namespace, topic)
         except scoping.ScopeError as exc:
-            raise AbiStatus("BAD_ARGUMENT", str(exc)) from exc
+            raise AbiStatus(Status.BAD_ARGUMENT, str(exc)) from exc
 
     def secret_name(self, store: str, name: str) -> str:
         """The store's name for secret ``name``: per namespace (``host.scoping.scoped_secret``)."""
         try:
             return scoping.scoped_secret(self.components, store, self.namespace, name)
         except scoping.ScopeError as exc:
-            raise AbiStatus("BAD_ARGUMENT", str(exc)) from exc
+            raise AbiStatus(Status.BAD_ARGUMENT, str(exc)) from exc
 
     def configuration(self, store: str, keys: list[str], group: str, label: str) -> list[ConfigItem]:
         """This app's configuration items (``host.scoping.get_configuration``)."""
@@ -195,7 +188,7 @@ class AbiContext:
                 self.components, store, self.namespace, self.app_id, keys, group=group, label=label
             )
         except scoping.ScopeError as exc:
-            raise AbiStatus("BAD_ARGUMENT", str(exc)) from exc
+            raise AbiStatus(Status.BAD_ARGUMENT, str(exc)) from exc
 
     def note(self, line: str) -> None:
         if self.logger is not None:
@@ -228,59 +221,59 @@ class calling:  # noqa: N801 - used as a context manager, reads like a clause
         _local.stack.pop()
 
 
-# --- implementations (lowered arguments, return a status name) ------------------------
+# --- implementations (lowered arguments, return a Status) -----------------------------
 
 
-def _log(ctx: AbiContext, level: int, ptr: int, length: int) -> str:
+def _log(ctx: AbiContext, level: int, ptr: int, length: int) -> Status:
     if not 0 <= level <= 5:
-        return "BAD_ARGUMENT"
+        return Status.BAD_ARGUMENT
     text = ctx.read(ptr, length, 64 << 10).decode(errors="replace")
     names = ("trace", "debug", "info", "warn", "error", "critical")
     if ctx.logger is not None:
         ctx.logger(names[level], text)
-    return "OK"
+    return Status.OK
 
 
-def _time_now(ctx: AbiContext, out: int) -> str:
+def _time_now(ctx: AbiContext, out: int) -> Status:
     ctx.write(out, struct.pack("<q", time.time_ns()))
-    return "OK"
+    return Status.OK
 
 
-def _random(ctx: AbiContext, ptr: int, length: int) -> str:
+def _random(ctx: AbiContext, ptr: int, length: int) -> Status:
     if length > MAX_VALUE:
-        return "LIMIT_EXCEEDED"
+        return Status.LIMIT_EXCEEDED
     ctx.check_writable(ptr, length)
     ctx.write(ptr, os.urandom(length))
-    return "OK"
+    return Status.OK
 
 
 def _state_get(
     ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, vpp: int, vlp: int, epp: int, elp: int
-) -> str:
+) -> Status:
     store_name, key = ctx.read_str(sp, sl), ctx.read_str(kp, kl)
     for p in (vpp, vlp, epp, elp):
         ctx.check_writable(p, 4)
     item = ctx.component("state", store_name).get(ctx.state_key(store_name, key))
     if item is None:
-        return "NOT_FOUND"
+        return Status.NOT_FOUND
     ctx.give(vpp, vlp, item.value)
     ctx.give(epp, elp, item.etag.encode())
-    return "OK"
+    return Status.OK
 
 
-def _state_get_bulk(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, rpp: int, rlp: int) -> str:
+def _state_get_bulk(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, rpp: int, rlp: int) -> Status:
     store_name = ctx.read_str(sp, sl)
     try:
         keys = [k.decode() for k, _ in decode_map(ctx.read(kp, kl))]
     except ValueError as exc:  # UnicodeDecodeError included
-        raise AbiStatus("PARSE_FAILURE", str(exc)) from exc
+        raise AbiStatus(Status.PARSE_FAILURE, str(exc)) from exc
     ctx.check_writable(rpp, 4)
     ctx.check_writable(rlp, 4)
     store = ctx.component("state", store_name)
     items = store.bulk_get([ctx.state_key(store_name, k) for k in keys])
     pairs = [(k.encode(), item.value) for k, item in zip(keys, items, strict=True) if item is not None]
     ctx.give(rpp, rlp, encode_map(pairs))
-    return "OK"
+    return Status.OK
 
 
 def _state_save(
@@ -295,7 +288,7 @@ def _state_save(
     el: int,
     npp: int,
     nlp: int,
-) -> str:
+) -> Status:
     store_name, key = ctx.read_str(sp, sl), ctx.read_str(kp, kl)
     value = ctx.read(vp, vl)
     etag = ctx.read_str(ep, el) or None
@@ -303,46 +296,48 @@ def _state_save(
     ctx.check_writable(nlp, 4)
     new_etag = ctx.component("state", store_name).set(ctx.state_key(store_name, key), value, etag)
     ctx.give(npp, nlp, str(new_etag).encode())
-    return "OK"
+    return Status.OK
 
 
-def _state_delete(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, ep: int, el: int) -> str:
+def _state_delete(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, ep: int, el: int) -> Status:
     store_name, key = ctx.read_str(sp, sl), ctx.read_str(kp, kl)
     etag = ctx.read_str(ep, el) or None
     existed = ctx.component("state", store_name).delete(ctx.state_key(store_name, key), etag)
-    return "OK" if existed else "NOT_FOUND"
+    return Status.OK if existed else Status.NOT_FOUND
 
 
-def _state_transaction(ctx: AbiContext, sp: int, sl: int, op: int, ol: int) -> str:
+def _state_transaction(ctx: AbiContext, sp: int, sl: int, op: int, ol: int) -> Status:
     store_name = ctx.read_str(sp, sl)
     ops = decode_ops(ctx.read(op, ol))
     store = ctx.component("state", store_name)
     store.transact(
         [StateOp(kind, ctx.state_key(store_name, key), value, etag or None) for kind, key, value, etag in ops]
     )
-    return "OK"
+    return Status.OK
 
 
-def _invoke(ctx: AbiContext, ip: int, il: int, mp: int, ml: int, dp: int, dl: int, rpp: int, rlp: int) -> str:
+def _invoke(
+    ctx: AbiContext, ip: int, il: int, mp: int, ml: int, dp: int, dl: int, rpp: int, rlp: int
+) -> Status:
     target, method = ctx.read_str(ip, il), ctx.read_str(mp, ml)
     data = ctx.read(dp, dl)
     ctx.check_writable(rpp, 4)
     ctx.check_writable(rlp, 4)
     if ctx.invoker is None:
-        return "UNIMPLEMENTED"
+        return Status.UNIMPLEMENTED
     result = ctx.invoker.invoke(ctx, target, method, data)
     ctx.give(rpp, rlp, result)
-    return "OK"
+    return Status.OK
 
 
-def _publish(ctx: AbiContext, pp: int, pl: int, tp: int, tl: int, dp: int, dl: int) -> str:
+def _publish(ctx: AbiContext, pp: int, pl: int, tp: int, tl: int, dp: int, dl: int) -> Status:
     pubsub_name, topic = ctx.read_str(pp, pl), ctx.read_str(tp, tl)
     data = ctx.read(dp, dl)
     if not topic:
-        return "BAD_ARGUMENT"
+        return Status.BAD_ARGUMENT
     pubsub = ctx.component("pubsub", pubsub_name)
     pubsub.publish(ctx.topic(pubsub_name, topic), data, "application/octet-stream", {"source": ctx.app_id})
-    return "OK"
+    return Status.OK
 
 
 def _config_get(
@@ -357,7 +352,7 @@ def _config_get(
     kl: int,
     vpp: int,
     vlp: int,
-) -> str:
+) -> Status:
     store_name, group, label, key = (
         ctx.read_str(sp, sl),
         ctx.read_str(gp, gl),
@@ -369,88 +364,86 @@ def _config_get(
     items = ctx.configuration(store_name, [key], group, label)
     item = next((i for i in items if i.key == key), None)
     if item is None:
-        return "NOT_FOUND"
+        return Status.NOT_FOUND
     ctx.give(vpp, vlp, item.content.encode())
-    return "OK"
+    return Status.OK
 
 
 def _try_lock(
     ctx: AbiContext, sp: int, sl: int, rp: int, rl: int, op: int, ol: int, expire: int, out: int
-) -> str:
+) -> Status:
     store_name, resource, owner = ctx.read_str(sp, sl), ctx.read_str(rp, rl), ctx.read_str(op, ol)
     if expire <= 0 or not owner or not resource:
-        return "BAD_ARGUMENT"
+        return Status.BAD_ARGUMENT
     ctx.check_writable(out, 4)
     taken = ctx.component("lock", store_name).try_lock(
         ctx.state_key(store_name, resource, "lock"), owner, expire
     )
     ctx.write(out, struct.pack("<i", 1 if taken else 0))
-    return "OK"
+    return Status.OK
 
 
-def _unlock(ctx: AbiContext, sp: int, sl: int, rp: int, rl: int, op: int, ol: int, out: int) -> str:
+def _unlock(ctx: AbiContext, sp: int, sl: int, rp: int, rl: int, op: int, ol: int, out: int) -> Status:
     store_name, resource, owner = ctx.read_str(sp, sl), ctx.read_str(rp, rl), ctx.read_str(op, ol)
     ctx.check_writable(out, 4)
     status = ctx.component("lock", store_name).unlock(ctx.state_key(store_name, resource, "lock"), owner)
     if status == UnlockStatus.INTERNAL_ERROR:
-        return "INTERNAL_FAILURE"
+        return Status.INTERNAL_FAILURE
     ctx.write(out, struct.pack("<i", status.value))
-    return "OK"
+    return Status.OK
 
 
-def _next_id(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, out: int) -> str:
+def _next_id(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, out: int) -> Status:
     store_name, key = ctx.read_str(sp, sl), ctx.read_str(kp, kl)
     ctx.check_writable(out, 8)
     value = ctx.component("sequencer", store_name).next_id(ctx.state_key(store_name, key, "sequencer"))
     ctx.write(out, struct.pack("<q", value))
-    return "OK"
+    return Status.OK
 
 
-def _get_secret(ctx: AbiContext, sp: int, sl: int, np_: int, nl: int, rpp: int, rlp: int) -> str:
+def _get_secret(ctx: AbiContext, sp: int, sl: int, np_: int, nl: int, rpp: int, rlp: int) -> Status:
     store_name, name = ctx.read_str(sp, sl), ctx.read_str(np_, nl)
     ctx.check_writable(rpp, 4)
     ctx.check_writable(rlp, 4)
-    try:
-        secret = ctx.component("secrets", store_name).get(ctx.secret_name(store_name, name))
-    except NotFound:
-        return "NOT_FOUND"
+    # a missing secret raises NotFound: NOT_FOUND (errors.abi_status)
+    secret = ctx.component("secrets", store_name).get(ctx.secret_name(store_name, name))
     ctx.give(rpp, rlp, encode_map([(k.encode(), v.encode()) for k, v in secret.items()]))
-    return "OK"
+    return Status.OK
 
 
 # --- Layotto's own ABI (module env) ----------------------------------------------------
 
 
-def _proxy_get_state(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, vpp: int, vlp: int) -> str:
+def _proxy_get_state(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, vpp: int, vlp: int) -> Status:
     store_name, key = ctx.read_str(sp, sl), ctx.read_str(kp, kl)
     ctx.check_writable(vpp, 4)
     ctx.check_writable(vlp, 4)
     item = ctx.component("state", store_name).get(ctx.state_key(store_name, key))
     if item is None:
-        return "NOT_FOUND"
+        return Status.NOT_FOUND
     ctx.give(vpp, vlp, item.value)
-    return "OK"
+    return Status.OK
 
 
 def _proxy_get_buffer_bytes(
     ctx: AbiContext, btype: int, start: int, max_size: int, dpp: int, dlp: int
-) -> str:
+) -> Status:
     if btype not in BUFFER_TYPES:
-        return "BAD_ARGUMENT"
+        return Status.BAD_ARGUMENT
     ctx.check_writable(dpp, 4)
     ctx.check_writable(dlp, 4)
     buf = ctx.buffers.get(btype)
     if buf is None:
-        return "NOT_FOUND"
+        return Status.NOT_FOUND
     if start < 0 or max_size < 0:
-        return "BAD_ARGUMENT"
+        return Status.BAD_ARGUMENT
     ctx.give(dpp, dlp, bytes(buf[start : start + max_size]))
-    return "OK"
+    return Status.OK
 
 
-def _proxy_set_buffer_bytes(ctx: AbiContext, btype: int, start: int, size: int, dp: int, dl: int) -> str:
+def _proxy_set_buffer_bytes(ctx: AbiContext, btype: int, start: int, size: int, dp: int, dl: int) -> Status:
     if btype not in BUFFER_TYPES or start < 0 or size < 0:
-        return "BAD_ARGUMENT"
+        return Status.BAD_ARGUMENT
     buffers = ctx.buffers
     buf = buffers.get(btype)
     length = len(buf) if buf is not None else 0
@@ -458,10 +451,10 @@ def _proxy_set_buffer_bytes(ctx: AbiContext, btype: int, start: int, size: int, 
     # changes nothing (start >= length appends, else `size` bytes at `start` are replaced).
     new_length = length + dl if start >= length else length - min(size, length - start) + dl
     if new_length > MAX_VALUE:
-        return "LIMIT_EXCEEDED"
+        return Status.LIMIT_EXCEEDED
     if sum(map(len, buffers.values())) - length + new_length > ctx.buffer_limit:
         ctx.note(f"proxy_set_buffer_bytes: the instance's buffers would exceed {ctx.buffer_limit} bytes")
-        return "LIMIT_EXCEEDED"
+        return Status.LIMIT_EXCEEDED
     data = ctx.read(dp, dl)
     if buf is None:
         buf = buffers[btype] = bytearray()
@@ -469,14 +462,14 @@ def _proxy_set_buffer_bytes(ctx: AbiContext, btype: int, start: int, size: int, 
         buf += data
     else:
         buf[start : start + size] = data
-    return "OK"
+    return Status.OK
 
 
-def _proxy_set_effective_context(ctx: AbiContext, _context_id: int) -> str:
-    return "OK"
+def _proxy_set_effective_context(ctx: AbiContext, _context_id: int) -> Status:
+    return Status.OK
 
 
-IMPLEMENTATIONS: dict[tuple[str, str], Callable[..., str]] = {
+IMPLEMENTATIONS: dict[tuple[str, str], Callable[..., Status]] = {
     ("layotto", "layotto_log"): _log,
     ("layotto", "layotto_time_now"): _time_now,
     ("layotto", "layotto_random"): _random,
@@ -516,6 +509,10 @@ def check_table() -> None:
             raise RuntimeError(f"{key}: the table says {fn.arity} parameters, the host takes {arity}")
 
 
+# Statuses a guest meets in normal operation: not written to the function's log.
+_QUIET = frozenset({Status.NOT_FOUND, Status.CAS_MISMATCH})
+
+
 def host_function(fn: abi_spec.Function) -> Callable[..., int]:
     """The wasm-callable host function for one ABI entry."""
     impl = IMPLEMENTATIONS[(fn.module, fn.name)]
@@ -524,30 +521,25 @@ def host_function(fn: abi_spec.Function) -> Callable[..., int]:
     def call(*args: int) -> int:
         ctx = current()
         if ctx is None:
-            return S["INTERNAL_FAILURE"]
+            return Status.INTERNAL_FAILURE
         ctx.reset_view()
         if capability not in ctx.capabilities:
             ctx.note(f"{fn.name}: permission denied (the pod does not grant {capability!r})")
-            return S["PERMISSION_DENIED"]
+            return Status.PERMISSION_DENIED
         try:
-            return S[impl(ctx, *args)]
-        except AbiStatus as exc:
-            if exc.status != "NOT_FOUND":
-                ctx.note(f"{fn.name}: {exc}")
-            return S[exc.status]
-        except ETagMismatch:
-            return S["CAS_MISMATCH"]
-        except NotFound:
-            return S["NOT_FOUND"]
-        except (ComponentError, OSError) as exc:
-            ctx.note(f"{fn.name}: component failure: {exc}")
-            return S["INTERNAL_FAILURE"]
+            return impl(ctx, *args)
         except (wasmtime.Trap, wasmtime.WasmtimeError):
             raise  # a trap inside a nested call (the guest allocator): the caller traps too
+        except (LayottoError, OSError) as exc:
+            status = abi_status(exc) or Status.INTERNAL_FAILURE
+            if status not in _QUIET:
+                failure = "" if isinstance(exc, AbiStatus) else "component failure: "
+                ctx.note(f"{fn.name}: {failure}{exc}")
+            return status
         except Exception as exc:  # never let guest input crash the host
             log.exception("ABI %s failed", fn.name)
             ctx.note(f"{fn.name}: internal error: {type(exc).__name__}: {exc}")
-            return S["INTERNAL_FAILURE"]
+            return Status.INTERNAL_FAILURE
 
     call.__name__ = fn.name
     return call
@@ -617,22 +609,22 @@ _OP = struct.Struct("<IIII")
 
 def decode_ops(data: bytes) -> list[tuple[OpKind, str, bytes, str]]:
     if len(data) < 4:
-        raise AbiStatus("PARSE_FAILURE", "transaction shorter than its count")
+        raise AbiStatus(Status.PARSE_FAILURE, "transaction shorter than its count")
     (count,) = struct.unpack_from("<I", data)
     pos = 4
     ops = []
     for _ in range(count):
         if pos + _OP.size > len(data):
-            raise AbiStatus("PARSE_FAILURE", "truncated transaction")
+            raise AbiStatus(Status.PARSE_FAILURE, "truncated transaction")
         kind, klen, vlen, elen = _OP.unpack_from(data, pos)
         pos += _OP.size
         if kind not in (0, 1) or pos + klen + vlen + elen > len(data) or klen > MAX_KEY:
-            raise AbiStatus("PARSE_FAILURE", "bad transaction operation")
+            raise AbiStatus(Status.PARSE_FAILURE, "bad transaction operation")
         try:
             key = data[pos : pos + klen].decode()
             etag = data[pos + klen + vlen : pos + klen + vlen + elen].decode()
         except UnicodeDecodeError as exc:
-            raise AbiStatus("BAD_ARGUMENT", "not valid UTF-8") from exc
+            raise AbiStatus(Status.BAD_ARGUMENT, "not valid UTF-8") from exc
         value = data[pos + klen : pos + klen + vlen]
         pos += klen + vlen + elen
         ops.append((OpKind.UPSERT if kind == 0 else OpKind.DELETE, key, value, etag))
@@ -683,14 +675,14 @@ class HostInvoker:
             request = Request(b"POST", path, b"", [(b"content-type", b"application/octet-stream")], data)
             response = fn.call_sync(request)
             if response.status == 404:
-                raise AbiStatus("NOT_FOUND", f"{target} answered 404")
+                raise AbiStatus(Status.NOT_FOUND, f"{target} answered 404")
             if response.status >= 400:
                 reason = response.body[:200].decode(errors="replace").strip()
-                raise AbiStatus("INTERNAL_FAILURE", f"{target} answered {response.status}: {reason}")
+                raise AbiStatus(Status.INTERNAL_FAILURE, f"{target} answered {response.status}: {reason}")
             return response.body
         base = self.apps.get(target)
         if base is None:
-            raise AbiStatus("NOT_FOUND", f"no function or application with id {target!r}")
+            raise AbiStatus(Status.NOT_FOUND, f"no function or application with id {target!r}")
         url = base.rstrip("/") + "/" + method.lstrip("/")
         request = urllib.request.Request(url, data=data, method="POST", headers={"id": target})
         try:
@@ -698,10 +690,10 @@ class HostInvoker:
                 return response.read(MAX_VALUE + 1)
         except urllib.error.HTTPError as exc:
             raise AbiStatus(
-                "NOT_FOUND" if exc.code == 404 else "INTERNAL_FAILURE", f"{url}: HTTP {exc.code}"
+                Status.NOT_FOUND if exc.code == 404 else Status.INTERNAL_FAILURE, f"{url}: HTTP {exc.code}"
             ) from exc
         except (urllib.error.URLError, OSError) as exc:
-            raise AbiStatus("INTERNAL_FAILURE", f"{url}: {exc}") from exc
+            raise AbiStatus(Status.INTERNAL_FAILURE, f"{url}: {exc}") from exc
 
 
 class WasmtimeMemory:

@@ -99,13 +99,14 @@ from google.protobuf import any_pb2, empty_pb2
 from google.protobuf.message import Message
 
 from layotto.host import scoping
-from layotto.host.components import (
+from layotto.host.components import OpKind, StateOp, UnlockStatus
+from layotto.host.errors import (
+    AbiStatus,
+    ApiError,
     ComponentError,
     ETagMismatch,
     NotFound,
-    OpKind,
-    StateOp,
-    UnlockStatus,
+    Status,
 )
 from layotto.shim.protocol import runtime_api_pb2 as pb
 
@@ -211,15 +212,6 @@ def load_identities(items: list[dict]) -> dict[str, AppIdentity]:
             raise ValueError(f"{where}: the same token is already given to {identities[token].app_id}")
         identities[token] = AppIdentity(namespace, app)
     return identities
-
-
-class ApiError(Exception):
-    """Answer the call with this gRPC status."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def _invalid(message: str) -> ApiError:
@@ -532,19 +524,40 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -
     raise AssertionError("unreachable")  # pragma: no cover - abort raises
 
 
-def _status_of(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
-    """The status an invoker's failure maps to (HostInvoker raises AbiStatus)."""
-    status = getattr(exc, "status", None)
-    if not isinstance(status, str):
-        return None
-    codes = {
-        "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
-        "BAD_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
-        "LIMIT_EXCEEDED": grpc.StatusCode.RESOURCE_EXHAUSTED,
-        "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
-        "UNIMPLEMENTED": grpc.StatusCode.UNIMPLEMENTED,
-    }
-    return codes.get(status, grpc.StatusCode.INTERNAL), str(exc)
+# The one mapping from the host's exceptions to gRPC status codes (an ApiError carries its
+# own): most specific first; a status the invoker raised maps by ``ABI_TO_GRPC``.
+GRPC_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (ETagMismatch, grpc.StatusCode.ABORTED),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (ComponentError, grpc.StatusCode.INTERNAL),
+    (OSError, grpc.StatusCode.INTERNAL),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # ScopeError included
+)
+ABI_TO_GRPC: Mapping[Status, grpc.StatusCode] = {
+    Status.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    Status.BAD_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    Status.LIMIT_EXCEEDED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Status.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
+    Status.UNIMPLEMENTED: grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
+def grpc_status(name: str, exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and message RPC ``name`` answers with when it raised ``exc``."""
+    if isinstance(exc, ApiError):
+        return exc.code, exc.message
+    if isinstance(exc, AbiStatus):  # from the invoker (HostInvoker)
+        return ABI_TO_GRPC.get(exc.status, grpc.StatusCode.INTERNAL), f"{name}: {exc}"
+    for kind, code in GRPC_CODES:
+        if isinstance(exc, kind):
+            if isinstance(exc, ETagMismatch):
+                return code, f"{name}: etag mismatch: {exc}"
+            if code is grpc.StatusCode.INTERNAL:
+                log.warning("gRPC %s: component failure: %s", name, exc)
+                return code, f"{name}: component failure: {exc}"
+            return code, f"{name}: {exc}"
+    log.exception("gRPC %s failed", name)
+    return grpc.StatusCode.INTERNAL, f"{name}: internal error: {type(exc).__name__}: {exc}"
 
 
 def _wrap(
@@ -557,23 +570,8 @@ def _wrap(
     def handler(request: Message, context: grpc.ServicerContext) -> Message:
         try:
             return impl(request, context, authenticate(context))
-        except ApiError as exc:
-            _abort(context, exc.code, exc.message)
-        except ETagMismatch as exc:
-            _abort(context, grpc.StatusCode.ABORTED, f"{name}: etag mismatch: {exc}")
-        except NotFound as exc:
-            _abort(context, grpc.StatusCode.NOT_FOUND, f"{name}: {exc}")
-        except (ComponentError, OSError) as exc:
-            log.warning("gRPC %s: component failure: %s", name, exc)
-            _abort(context, grpc.StatusCode.INTERNAL, f"{name}: component failure: {exc}")
-        except ValueError as exc:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{name}: {exc}")
         except Exception as exc:
-            mapped = _status_of(exc)
-            if mapped is not None:
-                _abort(context, mapped[0], f"{name}: {mapped[1]}")
-            log.exception("gRPC %s failed", name)
-            _abort(context, grpc.StatusCode.INTERNAL, f"{name}: internal error: {type(exc).__name__}: {exc}")
+            _abort(context, *grpc_status(name, exc))
 
     handler.__name__ = name
     return handler

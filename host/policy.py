@@ -47,8 +47,7 @@ from typing import Any
 
 import yaml
 
-from layotto.host.components.registry import UnknownComponent
-from layotto.host.errors import ModuleError
+from layotto.host.errors import ComponentDenied, PolicyError
 
 DEFAULT_POLICY_PATH = Path("/etc/layotto/policy.yaml")
 BUILT_IN = "the built-in default policy"
@@ -72,14 +71,6 @@ _UNITS = {
     "Gi": 1 << 30,
     "Ti": 1 << 40,
 }
-
-
-class PolicyError(ModuleError):
-    """A pod asks for more than the operator's policy allows (or the policy is malformed)."""
-
-
-class ComponentDenied(UnknownComponent):
-    """A component the caller's namespace is not granted (the Runtime ABI's PERMISSION_DENIED)."""
 
 
 def parse_bytes(value: object, where: str) -> int:

@@ -41,13 +41,10 @@ from dataclasses import replace
 from typing import Any
 
 from layotto.host.components import ConfigItem
+from layotto.host.errors import ScopeError
 
 SEPARATOR = "||"
 SECRET_SEPARATOR = "/"
-
-
-class ScopeError(ValueError):
-    """A name that would reach outside the caller's scope."""
 
 
 def _metadata(components: Any, kind: str, name: str) -> Mapping[str, object]:

@@ -3,9 +3,11 @@ random and hostile arguments (the host must answer with a status, never crash)."
 
 from __future__ import annotations
 
+import re
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import wasmtime
@@ -13,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from layotto.abi import spec as abi_spec
-from layotto.host import abi_host
+from layotto.host import abi_host, errors
 from layotto.host.abi_host import AbiContext, WasmtimeMemory, calling, host_function, parse_capabilities
 from layotto.host.components.registry import load_components
 from layotto.host.engine import WasmEngine
-from layotto.host.errors import ModuleError
+from layotto.host.errors import ModuleError, Status
 
 SPEC = abi_spec.load()
 STATUS = SPEC.status
@@ -86,6 +88,42 @@ class Guest:
 def test_generated_files_are_up_to_date() -> None:
     r = subprocess.run([sys.executable, "-m", "layotto.abi.spec", "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_status_codes_are_written_once() -> None:
+    """The host's Status and the Rust and AssemblyScript SDKs' constants are the table's."""
+    assert {s.name: s.value for s in Status} == STATUS
+    root = Path(abi_spec.__file__).resolve().parent
+    rust = (root / "rust" / "layotto" / "src" / "lib.rs").read_text()
+    ts = (root / "assemblyscript" / "assembly" / "layotto.ts").read_text()
+    assert dict(re.findall(r"pub const (\w+): Status = Status\((\d+)\);", rust)) == {
+        n: str(c) for n, c in STATUS.items()
+    }
+    ts_status = ts[ts.index("export namespace Status {") :].split("}", 1)[0]
+    assert dict(re.findall(r"export const (\w+): i32 = (\d+);", ts_status)) == {
+        n: str(c) for n, c in STATUS.items()
+    }
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (errors.AbiStatus(Status.LIMIT_EXCEEDED, "too big"), Status.LIMIT_EXCEEDED),
+        (errors.AbiStatus("BAD_ARGUMENT"), Status.BAD_ARGUMENT),
+        (errors.ETagMismatch("stale"), Status.CAS_MISMATCH),
+        (errors.NotFound("no secret"), Status.NOT_FOUND),
+        (errors.ComponentDenied("not granted"), Status.PERMISSION_DENIED),
+        (errors.UnknownComponent("no such store"), Status.NOT_FOUND),
+        (errors.ScopeError("key can't contain '||'"), Status.BAD_ARGUMENT),
+        (errors.ComponentError("connection refused"), Status.INTERNAL_FAILURE),
+        (OSError("disk full"), Status.INTERNAL_FAILURE),
+        (RuntimeError("a bug"), None),
+    ],
+)
+def test_exceptions_map_to_one_abi_status(exc: BaseException, status: Status | None) -> None:
+    assert errors.abi_status(exc) is status
+    if not isinstance(exc, OSError | RuntimeError):
+        assert isinstance(exc, errors.LayottoError)
 
 
 def test_the_host_implements_exactly_the_table() -> None:

@@ -14,18 +14,10 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Protocol, runtime_checkable
 
-
-class ComponentError(Exception):
-    """A backend failure (connection lost, bad configuration, ...)."""
-
-
-class ETagMismatch(ComponentError):
-    """A write or delete named an etag that is not the stored one (optimistic concurrency)."""
-
-
-class NotFound(ComponentError):
-    """No such item (where an API must tell missing from empty)."""
-
+# The components' errors live in the host's one exception tree (layotto.host.errors).
+from layotto.host.errors import ComponentError as ComponentError
+from layotto.host.errors import ETagMismatch as ETagMismatch
+from layotto.host.errors import NotFound as NotFound
 
 # --- state ------------------------------------------------------------------------------
 

@@ -73,6 +73,7 @@ from layotto.host.components import (
     StateStore,
 )
 from layotto.host.components.base import meta_float, meta_int, meta_str
+from layotto.host.errors import ComponentConfigError, UnknownComponent
 
 log = logging.getLogger("layotto.components")
 
@@ -93,14 +94,6 @@ sequencer:
 secrets:
   secret_demo: {type: env, metadata: {prefix: LAYOTTO_SECRET_}}
 """
-
-
-class ComponentConfigError(ComponentError):
-    """The components file is unreadable or describes something we cannot build."""
-
-
-class UnknownComponent(ComponentError):
-    """No component of that kind has that name."""
 
 
 @dataclass(frozen=True)
