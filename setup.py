@@ -1,4 +1,4 @@
-"""Build hooks: generate the protobuf modules before packaging (see shim/protocol/build_protos.py),
+"""Build hooks: generate the protobuf modules before packaging (see build_protos.py),
 and compile the handler ABI's hot path (host/_handler.c, a CPython extension)."""
 
 import runpy
@@ -11,7 +11,7 @@ from setuptools.command.build_py import build_py
 class BuildWithProtos(build_py):
     def run(self) -> None:
         here = Path(__file__).resolve().parent
-        runpy.run_path(str(here / "shim" / "protocol" / "build_protos.py"))["generate"]()
+        runpy.run_path(str(here / "build_protos.py"))["generate"]()
         super().run()
 
 

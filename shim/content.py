@@ -15,7 +15,6 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from layotto.host.compiler import DEFAULT_MAX_MODULE_BYTES
 from layotto.host.errors import ModuleError
 from layotto.shim.protocol import containers_pb2, content_pb2, images_pb2
 
@@ -32,7 +31,6 @@ INDEX_TYPES = frozenset(
         "application/vnd.docker.distribution.manifest.list.v2+json",
     }
 )
-MAX_MODULE_BYTES = DEFAULT_MAX_MODULE_BYTES  # one size cap for modules from any source (see host/engine.py)
 MAX_MANIFEST_BYTES = 4 << 20
 NAMESPACE_HEADER = "containerd-namespace"
 

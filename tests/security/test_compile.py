@@ -20,7 +20,7 @@ import wasmtime
 from layotto.host.engine import DEFAULT_MAX_MODULE_BYTES, WasmEngine
 from layotto.host.errors import ModuleError
 from layotto.host.runtime import NodeRuntime
-from layotto.shim.content import MAX_MODULE_BYTES
+from layotto.host.workload import MAX_MODULE_BYTES
 
 MiB = 1 << 20
 
