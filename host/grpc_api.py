@@ -2,7 +2,7 @@
 
 Non-wasm applications on the node reach the same components the functions reach through
 the Runtime ABI, over Layotto's own gRPC API: package ``spec.proto.runtime.v1``, service
-``Runtime`` (``shim/protocol/runtime_api.proto`` declares the served messages with
+``Runtime`` (``host/protocol/runtime_api.proto`` declares the served messages with
 Layotto's field numbers), so Layotto's SDKs and generated stubs work unchanged. Served:
 SayHello, InvokeService, GetConfiguration, TryLock, Unlock, GetNextId, GetState,
 GetBulkState, SaveState, DeleteState, ExecuteStateTransaction, PublishEvent, GetSecret.
@@ -108,7 +108,7 @@ from layotto.host.errors import (
     NotFound,
     Status,
 )
-from layotto.shim.protocol import runtime_api_pb2 as pb
+from layotto.host.protocol import runtime_api_pb2 as pb
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
 from layotto.host.components.registry import parse_config
+from layotto.host.protocol import runtime_api_pb2 as pb
 from layotto.images import builder
-from layotto.shim.protocol import runtime_api_pb2 as pb
 from tests.conftest import REPO_ROOT, require
 from tests.containerd_env import Containerd, default_snapshotter
 from tests.cri_client import CONTAINER_RUNNING, CriClient, Pod

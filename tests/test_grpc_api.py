@@ -28,9 +28,9 @@ from layotto.host.components.registry import Components, load_components, parse_
 from layotto.host.function import Function, HostServices
 from layotto.host.function_registry import FunctionRegistry
 from layotto.host.grpc_api import METHODS, SERVICE, AppIdentity, RuntimeApiServer, modified_key
+from layotto.host.protocol import runtime_api_pb2 as pb
 from layotto.host.runtime import NodeRuntime
 from layotto.host.scoping import scoped_topic
-from layotto.shim.protocol import runtime_api_pb2 as pb
 
 STATE = "state_demo"
 PUBSUB = "pub_subs_demo"

@@ -668,7 +668,7 @@ def seed_state(c: Containerd, timeout: float = 20.0) -> dict[str, Any]:
     import grpc
 
     from layotto.host.grpc_api import METHODS, SERVICE
-    from layotto.shim.protocol import runtime_api_pb2 as pb
+    from layotto.host.protocol import runtime_api_pb2 as pb
 
     sock = c.state / "layotto" / "runtime.sock"
     deadline = time.monotonic() + timeout

@@ -33,8 +33,8 @@ from layotto.host.components.registry import Components, load_components
 from layotto.host.function import Function, HostServices, Request
 from layotto.host.function_registry import FunctionRegistry
 from layotto.host.grpc_api import METHODS, SERVICE, AppIdentity, RuntimeApiServer, load_identities
+from layotto.host.protocol import runtime_api_pb2 as pb
 from layotto.host.scoping import scoped_topic, subscribe_configuration
-from layotto.shim.protocol import runtime_api_pb2 as pb
 
 VICTIM_TOKEN = "victim-" + uuid.uuid4().hex
 ATTACKER_TOKEN = "attacker-" + uuid.uuid4().hex

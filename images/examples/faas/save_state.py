@@ -27,7 +27,7 @@ import grpc
 from google.protobuf import empty_pb2
 from google.protobuf.message import Message
 
-from layotto.shim.protocol import runtime_api_pb2 as pb
+from layotto.host.protocol import runtime_api_pb2 as pb
 
 SERVICE = "spec.proto.runtime.v1.Runtime"
 DEFAULT_SOCKET = "/run/containerd/layotto/runtime.sock"
