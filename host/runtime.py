@@ -32,9 +32,11 @@ from layotto.host.engine import (
     WasmEngine,
     module_too_large,
 )
+from layotto.host.fiber_runner import FiberRunner
 from layotto.host.function_registry import FunctionRegistry
-from layotto.host.nanoprocess import Nanoprocess, ProcessSpec, build_linker
+from layotto.host.nanoprocess import Nanoprocess, ProcessSpec, Runner, build_linker, fits_a_fiber
 from layotto.host.policy import DEFAULT_POLICY, Policy
+from layotto.host.thread_runner import ThreadRunner
 from layotto.host.workload import ContainerSpec, Module, ModuleSource, Workload
 
 DIGEST_MEMO = 4096  # files remembered by their stat (see NodeRuntime.load)
@@ -66,9 +68,11 @@ class NodeRuntime:
         memory_cache_modules: int = DEFAULT_MEMORY_CACHE_MODULES,
         memory_cache_bytes: int = DEFAULT_MEMORY_CACHE_BYTES,
         context: HostContext | None = None,
+        fibers: bool = True,
     ) -> None:
         """``cache_limit`` and the other keyword arguments: see :class:`WasmEngine`;
-        ``context``: the rest of the node (none: no components, no ingress, the default policy)."""
+        ``context``: the rest of the node (none: no components, no ingress, the default policy);
+        ``fibers``: run the command modules that fit a fiber as fibers (else each on a thread)."""
         cache = state_dir / "modules" if state_dir is not None else None
         self.engine = WasmEngine(
             cache,
@@ -81,7 +85,10 @@ class NodeRuntime:
             memory_cache_modules=memory_cache_modules,
             memory_cache_bytes=memory_cache_bytes,
         )
-        self.linker = build_linker(self.engine)
+        # The two ways of running a command module; functions share the threads' linker.
+        self.threads = ThreadRunner(self.engine)
+        self.fibers = FiberRunner(self.engine) if fibers else None
+        self.linker = self.threads.linker
         self._pooled_linker: wasmtime.Linker | None = None
         self.context = context if context is not None else HostContext()
         self._digests: collections.OrderedDict[tuple[int, ...], str] = collections.OrderedDict()
@@ -123,9 +130,20 @@ class NodeRuntime:
                 self._digests.popitem(last=False)  # the oldest
         return compiled
 
-    def spawn(self, compiled: CompiledModule, spec: ProcessSpec) -> Nanoprocess:
-        """A nanoprocess ready to ``start()``."""
-        return Nanoprocess(self.engine, self.linker, compiled, spec)
+    def runner_for(self, compiled: CompiledModule, spec: ProcessSpec, *, fiber: bool | None = None) -> Runner:
+        """The runner for a module: a fiber when it fits one and the node runs fibers
+        (``fiber``: force the choice, for tests)."""
+        if fiber is None:
+            fiber = self.fibers is not None and fits_a_fiber(compiled, spec)
+        if fiber:
+            if self.fibers is None:
+                self.fibers = FiberRunner(self.engine)
+            return self.fibers
+        return self.threads
+
+    def spawn(self, compiled: CompiledModule, spec: ProcessSpec, *, fiber: bool | None = None) -> Nanoprocess:
+        """A nanoprocess ready to ``start()`` (on :meth:`runner_for` its module)."""
+        return Nanoprocess(self.runner_for(compiled, spec, fiber=fiber), compiled, spec)
 
     # --- the seam (layotto.host.workload.WorkloadHost) ----------------------------------
 

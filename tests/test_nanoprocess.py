@@ -17,19 +17,21 @@ import pytest
 import wasmtime
 
 from layotto.host import nanoprocess
-from layotto.host.engine import WasmEngine
 from layotto.host.errors import ModuleError
+from layotto.host.fiber_runner import FiberRunner
 from layotto.host.function import DEFAULT_MEMORY_LIMIT
-from layotto.host.nanoprocess import KILL_GRACE, ExitInfo, Nanoprocess, ProcessSpec, build_linker
+from layotto.host.nanoprocess import KILL_GRACE, ExitInfo, Nanoprocess, ProcessSpec
 from layotto.host.rootpath import DirMount
+from layotto.host.runtime import NodeRuntime
 
 
 class Host:
-    """An engine, its linker and the nanoprocesses a test started (all killed at teardown)."""
+    """A node runtime (engine and runners) and the nanoprocesses a test started (all
+    killed at teardown)."""
 
     def __init__(self, wasm_dir: Path, tmp: Path) -> None:
-        self.engine = WasmEngine(None)
-        self.linker = build_linker(self.engine)
+        self.runtime = NodeRuntime(None)
+        self.engine = self.runtime.engine
         self.wasm_dir = wasm_dir
         self.tmp = tmp
         self.rootfs = tmp / "rootfs"
@@ -41,7 +43,8 @@ class Host:
         self, module: str | bytes, *args: str, fiber: bool | None = None, **spec: object
     ) -> Nanoprocess:
         """A nanoprocess of ``module`` (a name in build/wasm, or the bytes of a module);
-        ``fiber`` forces how it runs; ``spec`` overrides ProcessSpec fields."""
+        ``fiber`` picks its runner (None: the runtime's choice); ``spec`` overrides
+        ProcessSpec fields."""
         if isinstance(module, bytes):
             wasm, module = module, "inline"
         else:
@@ -51,9 +54,7 @@ class Host:
         out = self.tmp / f"out-{self._serial}.txt"
         fields: dict[str, object] = {"stdout": f"file://{out}", "stderr": f"file://{out}"}
         fields.update(spec)
-        proc = Nanoprocess(
-            self.engine,
-            self.linker,
+        proc = self.runtime.spawn(
             compiled,
             ProcessSpec(
                 name=f"test/{self._serial}",
@@ -62,9 +63,8 @@ class Host:
                 rootfs=self.rootfs,
                 **fields,
             ),  # type: ignore[arg-type]
+            fiber=fiber,
         )
-        if fiber is not None:
-            proc.fiber = fiber
         self.procs.append(proc)
         return proc
 
@@ -85,6 +85,10 @@ def wait_exit(proc: Nanoprocess, timeout: float) -> ExitInfo:
     assert done.wait(timeout), f"{proc.spec.name} still running after {timeout}s"
     assert proc.exit is not None
     return proc.exit
+
+
+def is_fiber(proc: Nanoprocess) -> bool:
+    return isinstance(proc.runner, FiberRunner)
 
 
 def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> None:
@@ -110,7 +114,7 @@ def test_plain_wasi_modules_run_as_fibers_on_a_few_threads(host: Host) -> None:
     before = threading.active_count()
     procs = [host.spawn("sleeper", "3600") for _ in range(20)]
     for proc in procs:
-        assert proc.fiber
+        assert is_fiber(proc)
         assert proc.start().wait(10)
     wait_for(lambda: all("sleeping" in host.output(p) for p in procs))
     # One scheduler thread per CPU (at most 4) and the epoch ticker, not one per module.
@@ -198,7 +202,7 @@ def test_memory_limit_ends_in_oom(host: Host, fiber: bool) -> None:
 
 def test_a_module_that_fails_to_instantiate_reports_it(host: Host) -> None:
     proc = host.spawn("sleeper", memory_limit=64 << 10)  # smaller than its linear memory
-    assert proc.fiber
+    assert is_fiber(proc)
     assert proc.start().wait(10)
     assert proc.start_error is not None and "cannot instantiate" in str(proc.start_error)
     assert wait_exit(proc, 5).status == 1
@@ -239,14 +243,14 @@ STDIN_ECHO = bytes(
 
 def test_runtime_abi_users_and_stdin_readers_keep_a_thread(host: Host) -> None:
     abi = host.spawn(ABI_USER, capabilities=frozenset({"time"}))
-    assert not abi.fiber
+    assert not is_fiber(abi)
     assert abi.start().wait(10)
     assert wait_exit(abi, 10).status == 7
 
     fifo = host.tmp / "stdin"
     os.mkfifo(fifo)
     reader = host.spawn(STDIN_ECHO, stdin=str(fifo))
-    assert not reader.fiber  # its read blocks: it must not hold a scheduler thread
+    assert not is_fiber(reader)  # its read blocks: it must not hold a scheduler thread
     assert reader.start().wait(10)
     sleeper = host.spawn("sleeper", "3600")
     assert sleeper.start().wait(10)
@@ -257,7 +261,7 @@ def test_runtime_abi_users_and_stdin_readers_keep_a_thread(host: Host) -> None:
     wait_for(lambda: "sleeping" in host.output(sleeper))
     # Without a stdin to read, a module importing fd_read runs as a fiber (EOF at once).
     no_stdin = host.spawn(STDIN_ECHO)
-    assert no_stdin.fiber
+    assert is_fiber(no_stdin)
     assert no_stdin.start().wait(10)
     assert wait_exit(no_stdin, 10).status == 0
 
