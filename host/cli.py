@@ -45,14 +45,26 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _names(row: dict[str, Any]) -> tuple[str, str]:
+    """A task's POD and CONTAINER columns: CRI's pod and container names (``-`` for a pod's
+    sandbox, which has no container name); a container outside a pod by its id."""
+    pod, container = row.get("pod") or "", row.get("container") or ""
+    if not pod:
+        return "-", container or row["id"]
+    return pod, container or "-"
+
+
 def ps(run_dir: Path, as_json: bool = False) -> int:
+    """Print the node host's tasks: by tenant namespace, pod and container name (CRI's
+    names; a container outside a pod by its id), or every field as JSON."""
     _status, rows = admin_get(run_dir, "/tasks")
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
     header = (
         "NAMESPACE",
-        "ID",
+        "POD",
+        "CONTAINER",
         "KIND",
         "STATE",
         "FUNCTION",
@@ -63,11 +75,11 @@ def ps(run_dir: Path, as_json: bool = False) -> int:
         "ERRORS",
     )
     table = [header]
-    for r in sorted(rows, key=lambda r: (r["namespace"], r["id"])):
+    for r in sorted(rows, key=lambda r: (r["namespace"], *_names(r), r["id"])):
         table.append(
             (
                 r["namespace"],
-                r["id"],
+                *_names(r),
                 r["kind"],
                 r["state"] if r["exit_status"] is None else f"{r['state']} ({r['exit_status']})",
                 r.get("function_id", "-"),

@@ -252,14 +252,18 @@ class Node:
 
     def logs(self, name: str) -> str:
         """``layotto logs NAME`` against this containerd's node host."""
+        return self.layotto("logs", name)
+
+    def layotto(self, *args: str) -> str:
+        """The output of ``layotto ARGS`` against this containerd's node host."""
         layotto = Path(sys.executable).parent / "layotto"
         r = subprocess.run(
-            [str(layotto), "logs", "--run-dir", str(self.run_dir), name],
+            [str(layotto), *args, "--run-dir", str(self.run_dir)],
             capture_output=True,
             text=True,
             timeout=30,
         )
-        assert r.returncode == 0, f"layotto logs {name}: {r.returncode}\n{r.stdout}\n{r.stderr}"
+        assert r.returncode == 0, f"layotto {' '.join(args)}: {r.returncode}\n{r.stdout}\n{r.stderr}"
         return r.stdout
 
     def remove_pods(self) -> None:
@@ -425,6 +429,11 @@ def test_quickstart_from_the_manifests(node: Node):
     assert (r.status, r.body) == (404, "id_2 failed: NOT_FOUND\n")
     # function_2 directly, as function_1 calls it (the body is the book).
     assert node.get("/?name=book1", "id_2").body == "100"
+    # `layotto ps` names each container as Kubernetes does: namespace, pod, container.
+    table = [line.split() for line in node.layotto("ps").splitlines()]
+    assert table[0][:3] == ["NAMESPACE", "POD", "CONTAINER"]
+    for spec in (fn1, fn2):
+        assert [spec.namespace, spec.name, spec.name, "function", "running"] in [r[:5] for r in table], table
 
 
 @pytest.mark.integration
