@@ -56,6 +56,7 @@ def _task_pids(c: Containerd, namespace: str = "default") -> dict[str, int]:
     return {f[0]: int(f[1]) for f in (line.split() for line in lines) if len(f) >= 3}
 
 
+@pytest.mark.integration  # needs root
 def test_answers_on_its_own_address(ctd: Containerd) -> None:
     r = ctd.ctr("version")
     assert "Server:" in r.stdout and "Version:" in r.stdout
@@ -66,6 +67,7 @@ def test_answers_on_its_own_address(ctd: Containerd) -> None:
     assert ctd.startup_seconds is not None and ctd.startup_seconds < 20
 
 
+@pytest.mark.integration  # needs root
 def test_ctr_error_carries_command_and_output(ctd: Containerd) -> None:
     with pytest.raises(CtrError) as info:
         ctd.ctr("containers", "info", "no-such-container")
@@ -74,6 +76,7 @@ def test_ctr_error_carries_command_and_output(ctd: Containerd) -> None:
     assert ctd.ctr("containers", "info", "no-such-container", check=False).returncode == 1
 
 
+@pytest.mark.integration  # needs root
 @pytest.mark.parametrize("cri", [False, True], ids=["plain", "cri"])
 def test_cri_plugin_only_when_asked(cri: bool) -> None:
     for tool in ("containerd", "ctr"):
@@ -88,11 +91,13 @@ def test_cri_plugin_only_when_asked(cri: bool) -> None:
             assert not cri_lines, plugins
 
 
+@pytest.mark.integration  # needs root
 def test_runc_runs_busybox_from_a_rootfs_dir(ctd: Containerd) -> None:
     r = ctd.ctr("run", "--rm", "--rootfs", str(_rootfs(ctd)), "t-echo", "/bin/echo", "hi")
     assert r.stdout == "hi\n"
 
 
+@pytest.mark.integration  # needs root
 def test_runc_runs_an_imported_image(ctd: Containerd) -> None:
     _import_busybox(ctd)
     assert IMAGE in ctd.ctr("images", "ls", "-q").stdout.split()
@@ -100,6 +105,7 @@ def test_runc_runs_an_imported_image(ctd: Containerd) -> None:
     assert ctd.ctr("run", "--rm", IMAGE, "t-img2", "/bin/echo", "args").stdout == "args\n"
 
 
+@pytest.mark.integration  # needs root
 @pytest.mark.parametrize("graceful", [True, False], ids=["graceful", "forced"])
 def test_stop_leaves_nothing_behind(graceful: bool) -> None:
     for tool in ("containerd", "ctr", "runc", "busybox"):
@@ -131,6 +137,7 @@ def test_stop_leaves_nothing_behind(graceful: bool) -> None:
     shutil.rmtree(c.base)  # removable: nothing mounted, nothing busy
 
 
+@pytest.mark.integration  # needs root
 def test_restart_keeps_tasks_running(ctd: Containerd) -> None:
     cid = f"{ctd.base.name}-r"
     ctd.ctr("run", "-d", "--rootfs", str(_rootfs(ctd)), cid, "/bin/sleep", "1000")
@@ -156,6 +163,7 @@ def test_long_base_is_refused(tmp_path: Path) -> None:
         Containerd(tmp_path / ("x" * 60))
 
 
+@pytest.mark.integration  # needs root
 def test_cli_runs_in_foreground_and_stops_on_sigterm() -> None:
     for tool in ("containerd", "ctr"):
         require(tool)
@@ -183,12 +191,14 @@ def test_cli_runs_in_foreground_and_stops_on_sigterm() -> None:
         Containerd(base).stop(remove_base=True)
 
 
+@pytest.mark.integration  # needs root
 def test_session_fixture_finds_the_project_shim(containerd: Containerd, project_bin: Path) -> None:
     path = containerd.environ()["PATH"]
     assert path.split(os.pathsep)[0] == str(project_bin)
     assert shutil.which(SHIM_NAME, path=path) == str(project_bin / SHIM_NAME)
 
 
+@pytest.mark.integration  # needs root
 @pytest.mark.parametrize("how", ["cmdline", "environ"])
 def test_stop_kills_a_detached_host_process(ctd: Containerd, host_proc, how: str) -> None:
     """A stand-in for the layotto node host, detached like the shim's ``start`` leaves

@@ -282,6 +282,7 @@ def test_delete_with_host_down(shim, fake, leftovers):
     assert host_processes(fake.run_dir) == []
 
 
+@pytest.mark.integration  # needs root
 def test_delete_unmounts_rootfs(shim, fake):
     bundle = fake.bundle("c2")
     rootfs = bundle / "rootfs"

@@ -442,6 +442,7 @@ def _connect_as_nobody(sock: Path) -> str:
     return done.stdout.strip()
 
 
+@pytest.mark.integration  # needs root
 def test_another_user_cannot_connect(api: tuple[RuntimeApiServer, Path, int]) -> None:
     _, sock, _ = api
     assert _connect_as_nobody(sock) == "PermissionError 13"
