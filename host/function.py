@@ -31,61 +31,74 @@ Bounds a function cannot get past:
 from __future__ import annotations
 
 import asyncio
-import bisect
-import collections
 import logging
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import wasmtime
 
-from layotto.abi.maps import encode_map
 from layotto.host.abi_host import (
-    BUFFER_CALL_DATA,
     BUFFER_LIMIT,
-    BUFFER_REQUEST_BODY,
-    BUFFER_RESPONSE_BODY,
     AbiContext,
-    calling,
 )
-from layotto.host.capi import RESUME, Decision, Resume, Stop
+from layotto.host.capi import Decision
 from layotto.host.engine import TICK, WASI_MODULES, CompiledModule, WasmEngine, module_facts
 from layotto.host.errors import ModuleError, describe_error
 from layotto.host.fastcall import (
-    EXTERN_FUNC,
-    EXTERN_MEMORY,
-    Func,
-    HandlerStatus,
-    HandlerStore,
-    MalformedHeaders,
     Memory,
-    MissingExport,
     OutOfBounds,
     RawStore,
-    set_epoch_deadline,
 )
+from layotto.host.function_instances import (
+    CHECK_TICKS,
+    HANDLER_EXPORT,
+    INLINE_BUDGET,
+    INLINE_BUDGET_TICKS,
+    BaseInstance,
+    BudgetExceeded,
+    DeadlineExceeded,
+    HandlerError,
+    Instance,
+    Killed,
+    ProxyInstance,
+    Request,
+    Response,
+    encode_request,
+)
+from layotto.host.function_pool import Unavailable, WorkerPool, stopped_response
+from layotto.host.function_stats import LATENCY_BUCKETS, LOG_LINE_LIMIT, FunctionLog, Stats
 
 log = logging.getLogger(__name__)
 
-HANDLER_EXPORT = "layotto_http_handle"
+__all__ = [
+    "BACK_INLINE_AFTER",
+    "CHECK_TICKS",
+    "DEFAULT_MEMORY_LIMIT",
+    "INLINE_BUDGET",
+    "INLINE_BUDGET_TICKS",
+    "LATENCY_BUCKETS",
+    "LOG_LINE_LIMIT",
+    "BudgetExceeded",
+    "DeadlineExceeded",
+    "Function",
+    "FunctionLog",
+    "HandlerError",
+    "HostServices",
+    "Killed",
+    "Request",
+    "Response",
+    "Unavailable",
+    "encode_request",
+    "is_function_module",
+]
+
 DEFAULT_MEMORY_LIMIT = 128 << 20
-INLINE_BUDGET_TICKS = 2  # first look after 5-10 ms ...
-INLINE_BUDGET = 0.010  # ... an inline call may run 10 ms before its function moves to threads
 BACK_INLINE_AFTER = 2000  # consecutive fast calls on threads before a function returns inline
 FAST_CALL = 0.001
-# A call's deadline callback runs at least every CHECK_TICKS ticks (50 ms), whatever its
-# timeout: that is how soon a stopped function's calls in flight are interrupted.
-CHECK_TICKS = 10
-LOG_LINE_LIMIT = 16 << 10  # a longer line (or output without a newline) is cut into lines this long
-LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-
-_HEADER = struct.Struct("<5I")
-
 
 PROXY_EXPORTS = ("proxy_on_request_body", "proxy_on_request_headers")
 
@@ -101,477 +114,6 @@ class HostServices:
 
     components: Any = None
     invoker: Any = None
-
-
-@dataclass(slots=True)
-class Request:
-    method: bytes
-    path: bytes
-    query: bytes
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-
-
-@dataclass(slots=True)
-class Response:
-    status: int
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    body: bytes = b""
-
-
-class BudgetExceeded(Exception):
-    """An inline call ran past its CPU budget (it will be re-run on a worker thread)."""
-
-
-class DeadlineExceeded(Exception):
-    """A call ran past its request deadline."""
-
-
-class Killed(Exception):
-    """The function was stopped while the call ran."""
-
-
-_STOPPED: dict[Stop, type[Exception]] = {
-    Stop.INLINE_BUDGET: BudgetExceeded,
-    Stop.DEADLINE: DeadlineExceeded,
-    Stop.KILLED: Killed,
-}
-
-
-class Unavailable(Exception):
-    """No instance for this call: the function is stopped, or its pool is full and stays so."""
-
-    def __init__(self, response: Response) -> None:
-        super().__init__(response.body.decode(errors="replace").strip())
-        self.response = response
-
-
-def _stopped() -> Response:
-    return Response(503, body=b"function stopped\n")
-
-
-def encode_request(req: Request) -> bytes:
-    """The request as the handler ABI lays it out in linear memory (abi/http.md). The host's
-    own calls lay it out in C (host/_handler.c); this is the reference the tests hold it to."""
-    headers = encode_map(req.headers)
-    return (
-        _HEADER.pack(len(req.method), len(req.path), len(req.query), len(headers), len(req.body))
-        + req.method
-        + req.path
-        + req.query
-        + headers
-        + req.body
-    )
-
-
-_STDOUT_STREAMS = frozenset({"stdout", "trace", "debug", "info", "warn"})
-
-
-class FunctionLog:
-    """The last lines a function wrote (stdout, stderr, traps), for `layotto logs`."""
-
-    def __init__(self, limit: int = 500, line_limit: int = LOG_LINE_LIMIT) -> None:
-        self.lines: collections.deque[str] = collections.deque(maxlen=limit)
-        self.line_limit = line_limit
-        self._partial = {"stdout": b"", "stderr": b""}
-        self._write_lock = threading.Lock()  # instances on several threads share a stream
-        # The container's own stdout/stderr (containerd's fifos, so `kubectl logs` and
-        # `ctr` see the function's output too); set by the Task service.
-        self.sinks: dict[str, Callable[[bytes], None]] = {}
-
-    def writer(self, stream: str) -> Callable[[bytes], None]:
-        """A WASI output callback: complete lines go to the log; an unfinished line is kept
-        until its newline, but never more than ``line_limit`` bytes of it (a longer one is
-        logged in pieces of that size), so the host holds a bounded amount per stream."""
-
-        def write(data: bytes) -> None:
-            limit = self.line_limit
-            with self._write_lock:
-                pending = self._partial[stream]
-                start, size = 0, len(data)
-                while start < size:
-                    newline = data.find(b"\n", start)
-                    end = size if newline < 0 else newline
-                    while len(pending) + (end - start) > limit:
-                        take = limit - len(pending)
-                        self.add(stream, (pending + data[start : start + take]).decode(errors="replace"))
-                        pending, start = b"", start + take
-                    if newline < 0:
-                        pending += data[start:end]
-                        break
-                    self.add(stream, (pending + data[start:end]).decode(errors="replace"))
-                    pending, start = b"", newline + 1
-                self._partial[stream] = pending
-
-        return write
-
-    def add(self, stream: str, line: str) -> None:
-        # Kept lines are cut at line_limit too (a layotto_log call may pass 64 KiB), so the
-        # log holds at most limit × line_limit characters.
-        kept = line if len(line) <= self.line_limit else line[: self.line_limit] + " [cut]"
-        self.lines.append(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {stream} {kept}")
-        if self.sinks:
-            # The module's own output and its log calls go to stdout; what the host says
-            # about it (traps, denied calls, deadlines) goes to stderr.
-            sink = self.sinks.get("stdout" if stream in _STDOUT_STREAMS else "stderr")
-            if sink is not None:
-                sink(line.encode() + b"\n")
-
-
-class BaseInstance:
-    """What every kind of function instance shares: its Store, deadlines and budgets."""
-
-    fn: Function
-    raw: HandlerStore | RawStore
-    ctx: int
-    deadline_kind: str
-    ticker: Any
-    _deadline_at: int
-    _started: float
-
-    def _on_deadline(self) -> Decision:
-        """Called on the calling thread when the store's epoch deadline passes: stop the
-        call, or look again after some ticks. Budgets are checked against the clock, so an
-        epoch bump from elsewhere (another module's kill, a ticker running late) never cuts
-        a call short."""
-        if self.fn.stopped:
-            return Stop.KILLED
-        elapsed = time.perf_counter() - self._started
-        if self.deadline_kind == "inline":
-            return Stop.INLINE_BUDGET if elapsed >= INLINE_BUDGET else RESUME
-        left = self.fn.timeout - elapsed
-        if left <= 0:
-            return Stop.DEADLINE
-        # Look again at the deadline, or sooner: a kill must not wait for the deadline.
-        return Resume(min(CHECK_TICKS, int(left / TICK) + 1))
-
-    def close(self) -> None:
-        """Free the Store (its linear memory) now rather than at garbage collection."""
-        self.raw.delete()
-
-    def _arm(self, ticks: int, kind: str) -> None:
-        self._started = time.perf_counter()
-        self.raw.watch.stopped = None
-        # Resetting the deadline is needed only once the ticker has moved on since the
-        # last reset (it ticks far less often than requests arrive). The first look comes
-        # after at most CHECK_TICKS ticks; the callback then decides (it reads the clock).
-        now = self.ticker.ticks
-        if now != self._deadline_at or kind != self.deadline_kind:
-            self.deadline_kind = kind
-            self._deadline_at = now
-            set_epoch_deadline(self.ctx, ticks if ticks < CHECK_TICKS else CHECK_TICKS)
-
-    def _classify(self) -> None:
-        """After a call failed: raise what the host's deadline stopped it for, if it did."""
-        stop = self.raw.watch.take_stop()
-        if stop is not None:
-            raise _STOPPED[stop]() from None
-
-    def call(self, request: Request, ticks: int, kind: str) -> Response:
-        raise NotImplementedError
-
-
-class Instance(BaseInstance):
-    """One instance of a function module written against our handler ABI (its own Store).
-
-    Creating it and each call are one C call each (host/_handler.c, through
-    :class:`HandlerStore`); the Python views of its memory and exports are made only when
-    something asks for them (the Runtime ABI, diagnostics).
-    """
-
-    def __init__(self, fn: Function) -> None:
-        self.fn = fn
-        self.deadline_kind = "inline"
-        self.ticker = fn.engine.ticker
-        self._deadline_at = -1
-        self._started = 0.0
-        self.calls = 0
-        self._memory: Memory | None = None
-        self._alloc: Func | None = None
-        try:
-            self.raw = HandlerStore(
-                fn.engine.engine,
-                fn.pre,
-                HANDLER_EXPORT,
-                memory_limit=fn.memory_limit,
-                on_deadline=self._on_deadline,
-                wasi=fn.wasi_config(),
-            )
-        except MissingExport as exc:
-            raise ModuleError(
-                f"{fn.name}: a function module must export {HANDLER_EXPORT}, memory and "
-                f"proxy_on_memory_allocate (or malloc); it lacks {exc}"
-            ) from None
-        except MemoryError as exc:
-            raise ModuleError(f"{fn.name}: {exc}") from None
-        self.ctx = self.raw.ctx
-        self.out = self.raw.out
-        self.abi = fn.abi_context(self.memory, self.alloc.call1) if fn.uses_abi else None
-
-    @property
-    def memory(self) -> Memory:
-        if self._memory is None:
-            self._memory = Memory(self.ctx, self.raw.mem_addr)
-        return self._memory
-
-    @property
-    def alloc(self) -> Func:
-        if self._alloc is None:
-            self._alloc = Func(self.ctx, self.raw.alloc_addr, 1)
-        return self._alloc
-
-    def call(self, request: Request, ticks: int, kind: str) -> Response:
-        """Run the handler on one request."""
-        abi = self.abi
-        if abi is None:
-            return self._call(request, ticks, kind)
-        with calling(abi):
-            try:
-                return self._call(request, ticks, kind)
-            finally:
-                if abi.buffers:  # what the guest left in Layotto's buffers lives one request
-                    abi.buffers = {}
-
-    def _call(self, request: Request, ticks: int, kind: str) -> Response:
-        self.calls += 1
-        self._arm(ticks, kind)  # the budget covers the allocation too
-        try:
-            code, headers, body = self.raw.call(
-                request.method, request.path, request.query, request.headers, request.body
-            )
-        except (wasmtime.WasmtimeError, wasmtime.Trap):
-            self._classify()
-            raise
-        except HandlerStatus as exc:
-            raise HandlerError(str(exc)) from None
-        except MalformedHeaders as exc:
-            raise HandlerError(f"malformed response headers: {exc}") from None
-        if code == 0:
-            code = 200
-        elif not 100 <= code <= 599:
-            raise HandlerError(f"invalid HTTP status {code}")
-        return Response(code, headers, body)
-
-
-class ProxyInstance(BaseInstance):
-    """An instance of a module written against Layotto's own ABI (proxy-wasm callbacks).
-
-    Per request, as Layotto's HTTP filter does: ``proxy_on_context_create``, then
-    ``proxy_on_request_headers`` and ``proxy_on_request_body`` (a request without a body
-    gets its query string as the body), then ``proxy_on_done`` and ``proxy_on_delete``;
-    the response is what the module appended to the response-body buffer. At start-up the
-    module runs ``_start`` (or ``_initialize``), names itself through ``proxy_get_id``
-    (call-data buffer 8) and gets its root context created.
-    """
-
-    CALLBACKS = (
-        "proxy_on_context_create",
-        "proxy_on_vm_start",
-        "proxy_on_configure",
-        "proxy_on_request_headers",
-        "proxy_on_request_body",
-        "proxy_on_done",
-        "proxy_on_delete",
-        "proxy_get_id",
-    )
-    ROOT = 1
-
-    def __init__(self, fn: Function) -> None:
-        self.fn = fn
-        self.deadline_kind = "thread"
-        self.ticker = fn.engine.ticker
-        self._deadline_at = -1
-        self._started = 0.0
-        self.calls = 0
-        self._next_context = self.ROOT + 1
-        self.raw = fn.new_store(self._on_deadline)
-        try:
-            ctx = self.ctx = self.raw.ctx
-            alloc = self.raw.export(b"proxy_on_memory_allocate", EXTERN_FUNC) or self.raw.export(
-                b"malloc", EXTERN_FUNC
-            )
-            memory = self.raw.export(b"memory", EXTERN_MEMORY)
-            if alloc is None or memory is None:
-                raise ModuleError(f"{fn.name}: a Layotto function must export memory and malloc")
-            self.alloc = Func(ctx, alloc, 1)
-            self.memory = Memory(ctx, memory)
-            abi = fn.abi_context(self.memory, self.alloc.call1, always=True)
-            assert abi is not None  # always=True
-            self.abi: AbiContext = abi
-            arity = fn.export_arity
-            self.callbacks: dict[str, tuple[Func, int]] = {}
-            for name in self.CALLBACKS:
-                addr = self.raw.export(name.encode(), EXTERN_FUNC)
-                if addr is not None:
-                    self.callbacks[name] = (Func(ctx, addr, max(arity.get(name, 0), 1)), arity.get(name, 0))
-            with calling(self.abi):
-                self._arm(max(1, int(fn.timeout / TICK)), "thread")
-                for start in (b"_initialize", b"_start"):
-                    addr = self.raw.export(start, EXTERN_FUNC)
-                    if addr is not None:
-                        try:
-                            Func(ctx, addr, 0).call0()
-                        except wasmtime.ExitTrap as exc:
-                            if exc.code != 0:
-                                raise ModuleError(
-                                    f"{fn.name}: {start.decode()} exited with {exc.code}"
-                                ) from exc
-                        break
-                self.abi.buffers = {}
-                self._callback("proxy_get_id")
-                module_id = (
-                    bytes(self.abi.buffers.get(BUFFER_CALL_DATA, b"")).decode(errors="replace").strip()
-                )
-                if module_id and not fn.module_id:
-                    fn.module_id = module_id
-                self._callback("proxy_on_context_create", self.ROOT, 0)
-                self._callback("proxy_on_vm_start", self.ROOT, 0)
-                self._callback("proxy_on_configure", self.ROOT, 0)
-                self.abi.buffers = {}
-        except BaseException:
-            self.raw.delete()
-            raise
-
-    def _callback(self, name: str, *args: int) -> None:
-        found = self.callbacks.get(name)
-        if found is not None:
-            func, arity = found
-            func.call(*args[:arity])
-
-    def call(self, request: Request, ticks: int, kind: str) -> Response:
-        with calling(self.abi):
-            self.calls += 1
-            self._arm(ticks, kind)
-            context = self._next_context
-            self._next_context += 1
-            body = request.body or request.query
-            self.abi.buffers = {BUFFER_REQUEST_BODY: bytearray(body), BUFFER_RESPONSE_BODY: bytearray()}
-            try:
-                self._callback("proxy_on_context_create", context, self.ROOT)
-                self._callback("proxy_on_request_headers", context, len(request.headers), 0 if body else 1)
-                if body:
-                    self._callback("proxy_on_request_body", context, len(body), 1)
-                self._callback("proxy_on_done", context)
-                self._callback("proxy_on_delete", context)
-                body_out = bytes(self.abi.buffers.get(BUFFER_RESPONSE_BODY, b""))
-            except (wasmtime.WasmtimeError, wasmtime.Trap):
-                self._classify()
-                raise
-            finally:
-                self.abi.buffers = {}  # the buffers live one request, whatever happened
-        return Response(200, [(b"content-type", b"text/plain; charset=utf-8")], body_out)
-
-
-class WorkerPool:
-    """The worker threads of one function (at most ``pool_size``), fed from a bounded queue.
-
-    Cheaper than an executor per request: a worker takes requests until the queue is
-    empty (no wake-up per request under load), and answers reach the event loop in
-    batches (one ``call_soon_threadsafe`` per batch, not per request).
-    """
-
-    def __init__(self, fn: Function, loop: asyncio.AbstractEventLoop) -> None:
-        self.fn = fn
-        self.loop = loop
-        self.queue: collections.deque[tuple[Request, int, asyncio.Future[Response]]] = collections.deque()
-        self.cond = threading.Condition()
-        self.threads: list[threading.Thread] = []
-        self.idle = 0
-        self.stopped = False
-        self._done: list[tuple[asyncio.Future[Response], Response]] = []
-        self._done_lock = threading.Lock()
-
-    def submit(self, request: Request, ticks: int) -> asyncio.Future[Response]:
-        future: asyncio.Future[Response] = self.loop.create_future()
-        with self.cond:
-            if self.stopped:
-                future.set_result(Response(503, body=b"function stopped\n"))
-                return future
-            busy = len(self.threads) - self.idle
-            if len(self.queue) >= self.fn.queue_limit and busy >= self.fn.pool_size:
-                future.set_result(Response(503, body=b"function busy: request queue is full\n"))
-                return future
-            self.queue.append((request, ticks, future))
-            if self.idle:
-                self.cond.notify()
-            elif len(self.threads) < self.fn.pool_size:
-                thread = threading.Thread(
-                    target=self._work, name=f"fn-{self.fn.id[:20]}-{len(self.threads)}", daemon=True
-                )
-                self.threads.append(thread)
-                thread.start()
-        return future
-
-    def _work(self) -> None:
-        while True:
-            with self.cond:
-                while not self.queue and not self.stopped:
-                    self.idle += 1
-                    self.cond.wait()
-                    self.idle -= 1
-                if not self.queue:
-                    return  # stopped and drained
-                request, ticks, future = self.queue.popleft()
-            if self.stopped:
-                response = _stopped()
-            else:
-                # Admitted by the queue already: waits for an instance without a limit on
-                # waiters (there are at most pool_size workers), up to the timeout.
-                response = self.fn._threaded_call(request, ticks, limit_waiters=False)
-            self._answer(future, response)
-
-    def _answer(self, future: asyncio.Future[Response], response: Response) -> None:
-        with self._done_lock:
-            self._done.append((future, response))
-            first = len(self._done) == 1
-        if first:
-            try:
-                self.loop.call_soon_threadsafe(self._flush)
-            except RuntimeError:  # the event loop is closed: the host is going away
-                pass
-
-    def _flush(self) -> None:
-        with self._done_lock:
-            done, self._done = self._done, []
-        for future, response in done:
-            if not future.done():
-                future.set_result(response)
-
-    def stop(self) -> None:
-        """Answer what is queued with 503 and let the workers end (the function's stop
-        interrupts their calls in flight)."""
-        with self.cond:
-            self.stopped = True
-            queued = list(self.queue)
-            self.queue.clear()
-            self.cond.notify_all()
-        for _request, _ticks, future in queued:
-            self._answer(future, Response(503, body=b"function stopped\n"))
-
-
-class HandlerError(Exception):
-    """The handler reported failure or returned a malformed response."""
-
-
-class Stats:
-    """Counters of one function, read by `layotto ps` and the metrics endpoint."""
-
-    def __init__(self) -> None:
-        self.invocations = 0
-        self.errors = 0
-        self.codes: collections.Counter[int] = collections.Counter()
-        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
-        self.replaced = 0
-        self.cpu_seconds = 0.0
-
-    def observe(self, code: int, seconds: float) -> None:
-        self.invocations += 1
-        self.codes[code] += 1
-        if code >= 500:
-            self.errors += 1
-        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.latency_sum += seconds
 
 
 class Function:
@@ -724,7 +266,7 @@ class Function:
         the function is stopped, the waiters are too many or the wait ran out."""
         with self._lock:
             if self.stopped:
-                raise Unavailable(_stopped())
+                raise Unavailable(stopped_response())
             if self._busy >= self.pool_size:
                 if wait is None:
                     return None
@@ -756,7 +298,7 @@ class Function:
         finally:
             self._waiting -= 1
         if self.stopped:
-            raise Unavailable(_stopped())
+            raise Unavailable(stopped_response())
 
     def _release_slot(self) -> None:
         """Give up the slot of an instance that could not be made."""
@@ -852,7 +394,7 @@ class Function:
         """Serve a request on the calling (event loop) thread, or return None when the
         function runs on worker threads: then ``await call_threaded(request)``."""
         if self.stopped:
-            return _stopped()
+            return stopped_response()
         if self.threaded:
             return None
         started = time.perf_counter()
@@ -919,7 +461,7 @@ class Function:
         the call has its own timeout), among at most ``queue_limit`` waiters; past either,
         503 "function busy"."""
         if self.stopped:
-            return _stopped()
+            return stopped_response()
         started = time.perf_counter()
         response = self._threaded_call(request, max(1, int(self.timeout / TICK)))
         self.stats.observe(response.status, time.perf_counter() - started)
