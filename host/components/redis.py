@@ -33,16 +33,13 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import redis
 
 from layotto.host.components import (
     ComponentError,
     ConfigItem,
-    Delivery,
     ETagMismatch,
-    Handler,
     Message,
     OpKind,
     StateItem,
@@ -52,7 +49,6 @@ from layotto.host.components import (
 from layotto.host.components.base import (
     ConfigSubscribers,
     Metadata,
-    call_handler,
     check_expire,
     deleted_item,
     matches,
@@ -60,8 +56,8 @@ from layotto.host.components.base import (
     meta_float,
     meta_int,
     meta_str,
-    with_attempt,
 )
+from layotto.host.components.delivery import Claim, DeliveryLoop, Subscription
 
 log = logging.getLogger("layotto.components.redis")
 
@@ -427,26 +423,14 @@ class RedisConfigStore(_RedisComponent):
 # --- pub/sub ------------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class _Subscription:
-    topic: str
-    group: str
-    durable: bool
-    handler: Handler
-    max_attempts: int
-    consumer: str = field(default_factory=lambda: uuid.uuid4().hex)
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-    unfinished: bytes | None = None  # the entry a cancel interrupted
-
-
-class RedisPubSub(_RedisComponent):
+class RedisPubSub(DeliveryLoop, _RedisComponent):
     """Pub/sub on Redis Streams: a stream per topic, a consumer group per subscription
     (created at ``$``, destroyed when cancelled) or per durable group (kept), XACK once a
-    message is finished. Semantics as ``SqlitePubSub``'s, except that a message whose
-    subscription died (a crash, a cancel mid-retry) is taken over by the group's other or
-    next subscription only once it has been idle for ``processingTimeout`` seconds (default
-    60; so is a message whose handler runs longer than that, as in Dapr).
+    message is finished; subscriptions and their delivery are ``DeliveryLoop``'s.
+    Semantics as ``SqlitePubSub``'s, except that a message whose subscription died (a
+    crash, a cancel mid-retry) is taken over by the group's other or next subscription
+    only once it has been idle for ``processingTimeout`` seconds (default 60; so is a
+    message whose handler runs longer than that, as in Dapr).
 
     A cancelled subscription's group is destroyed, but one a crash left behind stays in
     Redis (no other host can tell it is dead); it holds no messages, only a cursor. A
@@ -464,15 +448,14 @@ class RedisPubSub(_RedisComponent):
         metadata = metadata or {}
         super().__init__(metadata, name=name)
         self._idle_ms = int(meta_float(metadata, "processingTimeout", 60.0) * 1000)
-        self._retry_delay = meta_float(metadata, "retryDelay", 0.1)
         self._block_ms = max(1, int(meta_float(metadata, "pollInterval", 0.2) * 1000))
         self._maxlen = meta_int(metadata, "maxLenApprox", DEFAULT_MAX_LEN) or None
-        self._max_subscriptions = meta_int(metadata, "maxSubscriptions", DEFAULT_MAX_SUBSCRIPTIONS)
-        if self._max_subscriptions < 1:
+        max_subscriptions = meta_int(metadata, "maxSubscriptions", DEFAULT_MAX_SUBSCRIPTIONS)
+        if max_subscriptions < 1:
             raise ComponentError(f"pubsub {name!r}: maxSubscriptions must be at least 1")
-        self._subs: set[_Subscription] = set()
-        self._lock = threading.Lock()
-        self._closed = False
+        self._init_loop(
+            retry_delay=meta_float(metadata, "retryDelay", 0.1), max_subscriptions=max_subscriptions
+        )
 
     def _stream(self, topic: str) -> str:
         return self.prefix + topic
@@ -498,65 +481,27 @@ class RedisPubSub(_RedisComponent):
             )
         return message_id
 
-    def subscribe(
-        self, topic: str, handler: Handler, *, max_attempts: int = 3, group: str = ""
-    ) -> Callable[[], None]:
-        if not topic:
-            raise ValueError("topic must not be empty")
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
-        sub = _Subscription(topic, group or f"layotto-{uuid.uuid4().hex}", bool(group), handler, max_attempts)
-        with self._lock:
-            if self._closed:
-                raise ComponentError(f"pubsub {self.name!r} is closed")
-            if len(self._subs) >= self._max_subscriptions:
-                raise ComponentError(
-                    f"pubsub {self.name!r} has {len(self._subs)} subscriptions, its limit "
-                    "(metadata maxSubscriptions; each is a delivery thread)"
-                )
-            with _errors(f"pubsub {self.name!r}"):
-                try:
-                    self._client.xgroup_create(self._stream(topic), sub.group, id="$", mkstream=True)
-                except redis.ResponseError as e:
-                    if "BUSYGROUP" not in str(e):
-                        raise
-            sub.thread = threading.Thread(
-                target=self._run, args=(sub,), name=f"pubsub-{self.name}-{topic}", daemon=True
-            )
-            self._subs.add(sub)
-            sub.thread.start()
-        return lambda: self._cancel(sub)
+    # -- subscribing (DeliveryLoop's hooks) ----------------------------------------------
+
+    group_prefix = "layotto-"
+
+    def _open_group(self, sub: Subscription) -> None:
+        with _errors(f"pubsub {self.name!r}"):
+            try:
+                self._client.xgroup_create(self._stream(sub.topic), sub.group, id="$", mkstream=True)
+            except redis.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
 
     def delete_group(self, topic: str, group: str) -> None:
         """Forget durable group ``group`` of ``topic`` (it must have no subscription here)."""
-        with self._lock:
-            if any(s.topic == topic and s.group == group for s in self._subs):
+        with self._subs_lock:
+            if self._has_subscription(topic, group):
                 raise ComponentError(f"group {group!r} of topic {topic!r} still has subscriptions")
         with _errors(f"pubsub {self.name!r}"):
             self._client.xgroup_destroy(self._stream(topic), group)
 
-    def _cancel(self, sub: _Subscription) -> None:
-        sub.stop.set()
-        if sub.thread is not None and sub.thread is not threading.current_thread():
-            sub.thread.join()
-
-    def _run(self, sub: _Subscription) -> None:
-        try:
-            while not sub.stop.is_set():
-                try:
-                    claimed = self._claim(sub)
-                except ComponentError:
-                    log.exception("pubsub %s: cannot read topic %s", self.name, sub.topic)
-                    sub.stop.wait(1.0)
-                    continue
-                if claimed is not None:
-                    self._deliver(sub, *claimed)
-        finally:
-            self._release(sub)
-
-    def _release(self, sub: _Subscription) -> None:
-        with self._lock:
-            self._subs.discard(sub)
+    def _release(self, sub: Subscription) -> None:
         stream = self._stream(sub.topic)
         try:
             with _errors(f"pubsub {self.name!r}"):
@@ -581,7 +526,7 @@ class RedisPubSub(_RedisComponent):
         except ComponentError:
             log.exception("pubsub %s: cannot release a subscription to %s", self.name, sub.topic)
 
-    def _message(self, sub: _Subscription, fields: Mapping[bytes, bytes]) -> Message:
+    def _message(self, sub: Subscription, fields: Mapping[bytes, bytes]) -> Message:
         return Message(
             id=_text(fields.get(b"id", b"")),
             topic=sub.topic,
@@ -590,7 +535,7 @@ class RedisPubSub(_RedisComponent):
             metadata=json.loads(fields.get(b"metadata", b"{}")),
         )
 
-    def _claim(self, sub: _Subscription) -> tuple[bytes, int, Message] | None:
+    def _claim(self, sub: Subscription) -> Claim | None:
         """The group's next message: one a dead subscription left (idle for the processing
         timeout) first, else a new one. Returns (entry id, attempts so far, message)."""
         stream = self._stream(sub.topic)
@@ -624,44 +569,24 @@ class RedisPubSub(_RedisComponent):
             entry_id, fields = reply[0][1][0]
             return entry_id, 0, self._message(sub, fields)
 
-    def _deliver(self, sub: _Subscription, entry_id: bytes, attempts: int, message: Message) -> None:
-        stream = self._stream(sub.topic)
-        while True:
-            attempts += 1
-            result = call_handler(sub.handler, with_attempt(message, attempts), self.name)
-            if result is Delivery.RETRY and attempts < sub.max_attempts:
-                if sub.stop.wait(self._retry_delay):
-                    sub.unfinished = entry_id  # cancelled: _release hands it back
-                    return
-                try:
-                    with _errors(f"pubsub {self.name!r}"):
-                        # Claim it again: counts the delivery, and keeps the idle time short
-                        # so that no other consumer takes it over.
-                        self._client.xclaim(stream, sub.group, sub.consumer, 0, [entry_id])
-                except ComponentError:
-                    log.exception("pubsub %s: cannot reclaim a message on %s", self.name, sub.topic)
-                continue
-            if result is Delivery.RETRY:
-                log.warning(
-                    "pubsub %s: dropping message %s on %s after %d attempts",
-                    self.name,
-                    message.id,
-                    sub.topic,
-                    attempts,
-                )
-            try:
-                with _errors(f"pubsub {self.name!r}"):
-                    self._client.xack(stream, sub.group, entry_id)
-            except ComponentError:
-                log.exception("pubsub %s: cannot acknowledge a message on %s", self.name, sub.topic)
-            return
+    def _retry(self, sub: Subscription, ref: bytes) -> None:
+        try:
+            with _errors(f"pubsub {self.name!r}"):
+                # Claim it again: counts the delivery, and keeps the idle time short so
+                # that no other consumer takes it over.
+                self._client.xclaim(self._stream(sub.topic), sub.group, sub.consumer, 0, [ref])
+        except ComponentError:
+            log.exception("pubsub %s: cannot reclaim a message on %s", self.name, sub.topic)
+
+    def _finish(self, sub: Subscription, ref: bytes) -> None:
+        try:
+            with _errors(f"pubsub {self.name!r}"):
+                self._client.xack(self._stream(sub.topic), sub.group, ref)
+        except ComponentError:
+            log.exception("pubsub %s: cannot acknowledge a message on %s", self.name, sub.topic)
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            subs = list(self._subs)
-        for sub in subs:
-            self._cancel(sub)
+        self._close_subscriptions()
         super().close()
 
 

@@ -35,28 +35,20 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from layotto.host.components import (
     ComponentError,
     ConfigItem,
-    Delivery,
     ETagMismatch,
-    Handler,
     Message,
     OpKind,
     StateItem,
     StateOp,
     UnlockStatus,
 )
-from layotto.host.components.base import (
-    ConfigSubscribers,
-    call_handler,
-    check_expire,
-    deleted_item,
-    with_attempt,
-)
+from layotto.host.components.base import ConfigSubscribers, check_expire, deleted_item
+from layotto.host.components.delivery import Claim, DeliveryLoop, Subscription
 
 log = logging.getLogger("layotto.components.sqlite")
 
@@ -382,20 +374,9 @@ class SqliteConfigStore:
 # --- pub/sub ------------------------------------------------------------------------------
 
 
-@dataclass(eq=False)
-class _Subscription:
-    topic: str
-    group: str
-    durable: bool
-    handler: Handler
-    max_attempts: int
-    consumer: str = field(default_factory=lambda: uuid.uuid4().hex)
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-
-
-class SqlitePubSub:
-    """A durable message queue in the components database.
+class SqlitePubSub(DeliveryLoop):
+    """A durable message queue in the components database (its subscriptions and their
+    delivery are ``DeliveryLoop``'s).
 
     Semantics (shared with ``RedisPubSub``):
 
@@ -445,9 +426,8 @@ class SqlitePubSub:
             )
         self.name = name
         self._poll_interval = poll_interval
-        self._retry_delay = retry_delay
+        self.error_pause = poll_interval
         self._max_backlog = max_backlog
-        self._max_subscriptions = max_subscriptions
         digest = hashlib.sha256(name.encode()).hexdigest()[:16]
         self._owner_path = Path(f"{path}.pubsub-{digest}.lock")
         self._owner_fd = self._take_ownership(self._owner_path, name)
@@ -457,11 +437,9 @@ class SqlitePubSub:
         except BaseException:
             os.close(self._owner_fd)
             raise
-        self._wake = threading.Condition()
+        self._wakeup = threading.Condition()
         self._generation = 0
-        self._subs: set[_Subscription] = set()
-        self._subs_lock = threading.Lock()
-        self._closed = False
+        self._init_loop(retry_delay=retry_delay, max_subscriptions=max_subscriptions)
 
     @staticmethod
     def _take_ownership(path: Path, name: str) -> int:
@@ -536,7 +514,7 @@ class SqlitePubSub:
                 ),
             )
             self._bound(conn, topic)
-        self._poke()
+        self._wake()
         return message_id
 
     def _bound(self, conn: sqlite3.Connection, topic: str) -> None:
@@ -568,50 +546,36 @@ class SqlitePubSub:
             lagging,
         )
 
-    def _poke(self) -> None:
-        with self._wake:
+    def _wake(self) -> None:
+        with self._wakeup:
             self._generation += 1
-            self._wake.notify_all()
+            self._wakeup.notify_all()
 
-    # -- subscribing ---------------------------------------------------------------------
+    def _mark(self) -> object:
+        with self._wakeup:
+            return self._generation
 
-    def subscribe(
-        self, topic: str, handler: Handler, *, max_attempts: int = 3, group: str = ""
-    ) -> Callable[[], None]:
-        if not topic:
-            raise ValueError("topic must not be empty")
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, not {max_attempts}")
-        sub = _Subscription(topic, group or f"~{uuid.uuid4().hex}", bool(group), handler, max_attempts)
-        with self._subs_lock:
-            if self._closed:
-                raise ComponentError(f"pubsub {self.name!r} is closed")
-            if len(self._subs) >= self._max_subscriptions:
-                raise ComponentError(
-                    f"pubsub {self.name!r} has {len(self._subs)} subscriptions, its limit "
-                    "(metadata maxSubscriptions; each is a delivery thread)"
-                )
-            with self._db.write() as conn:
-                row = conn.execute(
-                    "SELECT seq FROM sqlite_sequence WHERE name = 'pubsub_messages'"
-                ).fetchone()
-                conn.execute(
-                    "INSERT INTO pubsub_groups (store, topic, grp, cursor, durable) VALUES (?, ?, ?, ?, ?) "
-                    "ON CONFLICT (store, topic, grp) DO NOTHING",
-                    (self.name, topic, sub.group, row[0] if row else 0, int(sub.durable)),
-                )
-            sub.thread = threading.Thread(
-                target=self._run, args=(sub,), name=f"pubsub-{self.name}-{topic}", daemon=True
+    def _idle(self, sub: Subscription, mark: object) -> None:
+        with self._wakeup:
+            if not sub.stop.is_set() and mark == self._generation:
+                self._wakeup.wait(self._poll_interval)
+
+    # -- subscribing (DeliveryLoop's hooks) ----------------------------------------------
+
+    def _open_group(self, sub: Subscription) -> None:
+        with self._db.write() as conn:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'pubsub_messages'").fetchone()
+            conn.execute(
+                "INSERT INTO pubsub_groups (store, topic, grp, cursor, durable) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (store, topic, grp) DO NOTHING",
+                (self.name, sub.topic, sub.group, row[0] if row else 0, int(sub.durable)),
             )
-            self._subs.add(sub)
-            sub.thread.start()
-        return lambda: self._cancel(sub)
 
     def delete_group(self, topic: str, group: str) -> None:
         """Forget durable group ``group`` of ``topic`` and its undelivered messages (the
         group must have no live subscription here)."""
         with self._subs_lock:
-            if any(s.topic == topic and s.group == group for s in self._subs):
+            if self._has_subscription(topic, group):
                 raise ComponentError(f"group {group!r} of topic {topic!r} still has subscriptions")
             self._drop_group(topic, group)
 
@@ -622,34 +586,7 @@ class SqlitePubSub:
             conn.execute("DELETE FROM pubsub_groups WHERE store = ? AND topic = ? AND grp = ?", key)
             self._collect(conn, topic)
 
-    def _cancel(self, sub: _Subscription) -> None:
-        sub.stop.set()
-        self._poke()
-        if sub.thread is not None and sub.thread is not threading.current_thread():
-            sub.thread.join()
-
-    def _run(self, sub: _Subscription) -> None:
-        try:
-            while not sub.stop.is_set():
-                with self._wake:
-                    generation = self._generation
-                try:
-                    claimed = self._claim(sub)
-                except ComponentError:
-                    log.exception("pubsub %s: cannot read topic %s", self.name, sub.topic)
-                    claimed = None
-                if claimed is not None:
-                    self._deliver(sub, *claimed)
-                    continue
-                with self._wake:
-                    if not sub.stop.is_set() and generation == self._generation:
-                        self._wake.wait(self._poll_interval)
-        finally:
-            self._release(sub)
-
-    def _release(self, sub: _Subscription) -> None:
-        with self._subs_lock:
-            self._subs.discard(sub)
+    def _release(self, sub: Subscription) -> None:
         try:
             if not sub.durable:
                 self._drop_group(sub.topic, sub.group)
@@ -660,11 +597,11 @@ class SqlitePubSub:
                         "AND owner = ?",
                         (self.name, sub.topic, sub.group, sub.consumer),
                     )
-            self._poke()
+            self._wake()
         except ComponentError:
             log.exception("pubsub %s: cannot release a subscription to %s", self.name, sub.topic)
 
-    def _claim(self, sub: _Subscription) -> tuple[int, int, Message] | None:
+    def _claim(self, sub: Subscription) -> Claim | None:
         """Take the group's next message: an unfinished one left by a cancelled or crashed
         subscription first, else the next new one. Returns (seq, attempts so far, message)."""
         key = (self.name, sub.topic, sub.group)
@@ -684,7 +621,7 @@ class SqlitePubSub:
                             sub.topic,
                             attempts,
                         )
-                        self._finish(conn, sub, seq)
+                        self._forget(conn, sub, seq)
                         continue
                     conn.execute(
                         "UPDATE pubsub_pending SET owner = ? WHERE store = ? AND topic = ? AND grp = ? "
@@ -729,46 +666,27 @@ class SqlitePubSub:
                     ),
                 )
 
-    def _finish(self, conn: sqlite3.Connection, sub: _Subscription, seq: int) -> None:
+    def _forget(self, conn: sqlite3.Connection, sub: Subscription, seq: int) -> None:
         conn.execute(
             "DELETE FROM pubsub_pending WHERE store = ? AND topic = ? AND grp = ? AND seq = ?",
             (self.name, sub.topic, sub.group, seq),
         )
         self._collect(conn, sub.topic)
 
-    def _deliver(self, sub: _Subscription, seq: int, attempts: int, message: Message) -> None:
-        key = (self.name, sub.topic, sub.group, seq)
-        while True:
-            attempts += 1
-            with self._db.write() as conn:
-                conn.execute(
-                    "UPDATE pubsub_pending SET attempts = ? WHERE store = ? AND topic = ? AND grp = ? "
-                    "AND seq = ?",
-                    (attempts, *key),
-                )
-            result = call_handler(sub.handler, with_attempt(message, attempts), self.name)
-            if result is Delivery.RETRY and attempts < sub.max_attempts:
-                if sub.stop.wait(self._retry_delay):
-                    return  # cancelled: _release hands the message back to the group
-                continue
-            if result is Delivery.RETRY:
-                log.warning(
-                    "pubsub %s: dropping message %s on %s after %d attempts",
-                    self.name,
-                    message.id,
-                    sub.topic,
-                    attempts,
-                )
-            with self._db.write() as conn:
-                self._finish(conn, sub, seq)
-            return
+    def _attempt(self, sub: Subscription, ref: int, attempts: int) -> None:
+        with self._db.write() as conn:
+            conn.execute(
+                "UPDATE pubsub_pending SET attempts = ? WHERE store = ? AND topic = ? AND grp = ? "
+                "AND seq = ?",
+                (attempts, self.name, sub.topic, sub.group, ref),
+            )
+
+    def _finish(self, sub: Subscription, ref: int) -> None:
+        with self._db.write() as conn:
+            self._forget(conn, sub, ref)
 
     def close(self) -> None:
-        with self._subs_lock:
-            self._closed = True
-            subs = list(self._subs)
-        for sub in subs:
-            self._cancel(sub)
+        self._close_subscriptions()
         self._db.close()
         if self._owner_fd >= 0:
             os.close(self._owner_fd)
