@@ -38,7 +38,6 @@ from layotto.host import compiler as _compiler_program
 from layotto.host.compiler import (
     DEFAULT_MAX_MODULE_BYTES,
     ENGINE_SETTINGS,
-    MAX_WASM_STACK,  # noqa: F401 (re-exported)
     OOM_MARKERS,
     apply_engine_settings,
 )

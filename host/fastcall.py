@@ -3,7 +3,7 @@
 wasmtime-py's ``Func.__call__`` rebuilds the function type and converts every value on
 each call (about 15 µs); ``Memory.read``/``write`` add about 7 µs. A request to a function
 needs a handful of calls and copies, so the host keeps raw addresses per instance, calls
-``wasmtime_func_call_unchecked`` through its own ctypes prototype (plain integers, no
+``wasmtime_func_call_unchecked`` through host/capi.py's prototype (plain integers, no
 per-argument conversion) with a preallocated argument array, and reads and writes linear
 memory through a memoryview over it, rebuilt only when the memory grows; every range is
 checked against the memory's current size.
