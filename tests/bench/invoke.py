@@ -255,7 +255,7 @@ def microbenchmarks(budget: float) -> dict[str, Any]:
                 ptr = alloc.call1(size)
                 view = memory.view()
                 view[ptr : ptr + size] = payload
-                return handle.call4(ptr, size, out, out + 4)
+                return handle.call(ptr, size, out, out + 4)
 
             return call
 
