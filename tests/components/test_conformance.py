@@ -1,10 +1,13 @@
 """One conformance suite for every component backend (as dapr/components-contrib has).
 
-Each building block's cases run against every backend that implements it: the embedded
-SQLite store, Redis (a real ``redis-server`` started by the ``redis_server`` fixture),
-files and environment variables. Backend-specific cases follow (durability after
-``kill -9``, Redis' plain-string values, the Kubernetes secret decoding), then the
-registry.
+Each building block's cases run against every backend that ``conformance.yml`` (beside
+this file) lists for it: the embedded SQLite store, Redis (a real ``redis-server`` started
+by the ``redis_server`` fixture), files and environment variables. A case's building
+block is the start of its name (``test_state_...``, ``test_pubsub_...``, ``test_config_...``
+for configuration); a case needing a feature says ``@pytest.mark.requires("etag")`` and
+runs only on the backends the file gives that feature. Backend-specific cases follow
+(durability after ``kill -9``, Redis' plain-string values, the Kubernetes secret
+decoding), then the registry.
 """
 
 from __future__ import annotations
@@ -60,16 +63,38 @@ from layotto.host.components.sqlite import (
     SqliteSequencer,
     SqliteStateStore,
 )
+from tests.support import wait_for
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+CONFORMANCE = yaml.safe_load((Path(__file__).resolve().parent / "conformance.yml").read_text())
+# A case's building block, from the start of its name; its backends, from conformance.yml.
+BLOCKS = {
+    "state": "state",
+    "lock": "lock",
+    "sequencer": "sequencer",
+    "pubsub": "pubsub",
+    "config": "configuration",
+    "secrets": "secrets",
+}
+HARNESSES = ("backend", "config", "secrets")  # the fixtures that open a backend's components
 
 
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.01)
+def features(block: str, backend: str) -> frozenset[str]:
+    return frozenset((CONFORMANCE[block][backend] or {}).get("features", ()))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each conformance case once per backend of its building block (conformance.yml)
+    that has the features the case requires."""
+    harness = next((name for name in HARNESSES if name in metafunc.fixturenames), None)
+    if harness is None:
+        return
+    block = BLOCKS[metafunc.function.__name__.removeprefix("test_").split("_", 1)[0]]
+    needed: set[str] = set()
+    for mark in metafunc.definition.iter_markers("requires"):
+        needed.update(mark.args)
+    backends = [name for name in CONFORMANCE[block] if needed <= features(block, name)]
+    metafunc.parametrize(harness, backends, indirect=True)
 
 
 class Backend:
@@ -113,12 +138,12 @@ class Backend:
 
         return self._keep(RedisSequencer(self._redis_meta(), name="seq"))
 
-    def pubsub(self) -> Any:
+    def pubsub(self, retry_delay: float = 0.01) -> Any:
         if self.kind == "sqlite":
-            return self._keep(SqlitePubSub(self.db, name="bus", poll_interval=0.1, retry_delay=0.01))
+            return self._keep(SqlitePubSub(self.db, name="bus", poll_interval=0.1, retry_delay=retry_delay))
         from layotto.host.components.redis import RedisPubSub
 
-        meta = self._redis_meta(retryDelay=0.01, pollInterval=0.05, processingTimeout=0.3)
+        meta = self._redis_meta(retryDelay=retry_delay, pollInterval=0.05, processingTimeout=0.3)
         return self._keep(RedisPubSub(meta, name="bus"))
 
     def close(self) -> None:
@@ -126,7 +151,7 @@ class Backend:
             component.close()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     b = Backend(request.param, request, tmp_path)
     try:
@@ -154,6 +179,7 @@ def test_state_get_set_delete(backend: Backend) -> None:
     assert store.delete("k") is False
 
 
+@pytest.mark.requires("etag")
 def test_state_etag_on_set(backend: Backend) -> None:
     store = backend.state()
     etag = store.set("k", b"v1")
@@ -168,6 +194,7 @@ def test_state_etag_on_set(backend: Backend) -> None:
     assert store.get("k").value == b"v3"  # type: ignore[union-attr]
 
 
+@pytest.mark.requires("etag")
 def test_state_etag_on_delete(backend: Backend) -> None:
     store = backend.state()
     etag = store.set("k", b"v1")
@@ -180,6 +207,7 @@ def test_state_etag_on_delete(backend: Backend) -> None:
         store.delete("k", etag=etag)
 
 
+@pytest.mark.requires("etag")
 def test_state_etag_not_reused_after_delete(backend: Backend) -> None:
     store = backend.state()
     old = store.set("k", b"v1")
@@ -210,6 +238,7 @@ def test_state_binary_values(backend: Backend) -> None:
     assert store.get("blob2").value == b"\xff\x00\xfe"  # type: ignore[union-attr]
 
 
+@pytest.mark.requires("transaction")
 def test_state_transaction_all_or_nothing(backend: Backend) -> None:
     store = backend.state()
     etag_a = store.set("a", b"a0")
@@ -244,6 +273,7 @@ def test_state_transaction_all_or_nothing(backend: Backend) -> None:
     assert store.get("a").etag != etag_a  # type: ignore[union-attr]
 
 
+@pytest.mark.requires("transaction")
 def test_state_transaction_sees_its_earlier_ops(backend: Backend) -> None:
     store = backend.state()
     etag = store.set("k", b"v")
@@ -254,6 +284,7 @@ def test_state_transaction_sees_its_earlier_ops(backend: Backend) -> None:
     assert store.get("k").value == b"w"  # type: ignore[union-attr]
 
 
+@pytest.mark.requires("etag")
 def test_state_concurrent_writers_one_wins(backend: Backend) -> None:
     stores = [backend.state(), backend.state()]  # two instances: two connections
     etag = stores[0].set("hot", b"start")
@@ -280,6 +311,7 @@ def test_state_concurrent_writers_one_wins(backend: Backend) -> None:
     assert stores[1].get("hot").value == f"writer {won[0]}".encode()  # type: ignore[union-attr]
 
 
+@pytest.mark.requires("durable")
 def test_state_persists_across_reopen(backend: Backend) -> None:
     first = backend.state()
     etag = first.set("k", b"kept")
@@ -363,6 +395,7 @@ def test_sequencer_strictly_increasing_across_threads(backend: Backend) -> None:
     assert seqs[0].next_id("other-key") == 1
 
 
+@pytest.mark.requires("durable")
 def test_sequencer_persists_across_reopen(backend: Backend) -> None:
     first = backend.sequencer()
     assert [first.next_id("k") for _ in range(3)] == [1, 2, 3]
@@ -391,7 +424,7 @@ class Inbox:
             return [m.data for m in self.got]
 
     def wait(self, count: int, timeout: float = 10.0) -> list[Message]:
-        wait_for(lambda: len(self.got) >= count, timeout, f"{count} deliveries (got {self.data()})")
+        wait_for(lambda: len(self.got) >= count, timeout, what=f"{count} deliveries (got {self.data()})")
         with self._lock:
             return list(self.got)
 
@@ -522,6 +555,7 @@ def test_pubsub_cancel_stops_delivery(backend: Backend) -> None:
     assert selfish.data() == [b"3"]
 
 
+@pytest.mark.requires("durable")
 def test_pubsub_durable_group_keeps_messages_while_away(backend: Backend) -> None:
     bus = backend.pubsub()
     first = Inbox()
@@ -556,8 +590,9 @@ def test_pubsub_group_members_share_messages(backend: Backend) -> None:
     assert solo.data() == sent
 
 
+@pytest.mark.requires("durable")
 def test_pubsub_durable_across_reopen(backend: Backend) -> None:
-    first = backend.pubsub()
+    first = backend.pubsub(retry_delay=30.0)  # closed while it waits to deliver again
     failing = Inbox(lambda m: Delivery.RETRY)
     first.subscribe("t", failing, max_attempts=5, group="g")
     first.publish("t", b"interrupted")
@@ -575,6 +610,7 @@ def test_pubsub_durable_across_reopen(backend: Backend) -> None:
     assert [(m.data, m.attempt) for m in got] == [(b"interrupted", 2), (b"while-away", 1)]
 
 
+@pytest.mark.requires("durable")
 def test_pubsub_attempts_bound_holds_across_reopen(backend: Backend) -> None:
     first = backend.pubsub()
     failing = Inbox(lambda m: Delivery.RETRY)
@@ -695,7 +731,7 @@ class ConfigHarness:
 
     def __init__(self, kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
         self.kind = kind
-        self.groups = kind != "env"
+        self.groups = "groups" in features("configuration", kind)
         self._items: dict[tuple[str, str, str], ConfigItem] = {}
         self._env = pytest.MonkeyPatch()
         self.prefix = f"LAYOTTO_TEST_{uuid.uuid4().hex[:8].upper()}_"
@@ -752,7 +788,7 @@ class ConfigHarness:
         self._env.undo()
 
 
-@pytest.fixture(params=["sqlite", "redis", "file", "env"])
+@pytest.fixture
 def config(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ConfigHarness]:
     h = ConfigHarness(request.param, request, tmp_path)
     try:
@@ -851,7 +887,7 @@ class SecretHarness:
         self._env.undo()
 
 
-@pytest.fixture(params=["file", "env"])
+@pytest.fixture
 def secrets(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SecretHarness]:
     h = SecretHarness(request.param, tmp_path)
     try:
