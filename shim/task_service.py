@@ -26,8 +26,6 @@ from layotto.host.workload import (
     ContainerSpec,
     ExitStatus,
     InvalidSpec,
-    Module,
-    ModuleSource,
     StartFailed,
     Workload,
     WorkloadError,
@@ -36,6 +34,7 @@ from layotto.host.workload import (
 from layotto.shim import bundle as oci
 from layotto.shim.content import ContainerdContent
 from layotto.shim.events import Publisher, bare_any, timestamp
+from layotto.shim.modules import ModuleFinder
 from layotto.shim.paths import TASK_DIR
 from layotto.shim.protocol import cgroups_v1_pb2, events_pb2, task_pb2, task_types_pb2
 from layotto.shim.ttrpc import Code, Context, Method, TtrpcError
@@ -45,7 +44,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAMES = ("containerd.task.v2.Task", "containerd.task.v3.Task")
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 SANDBOX_ANNOTATION = "io.kubernetes.cri.container-type"
-WASM_IMAGE_ANNOTATION = "layotto.io/wasm-image"  # for `ctr run --rootfs`, which records no image
 HOST_OVERHEAD_BYTES = 64 * 1024  # Store, instance and WASI context of one nanoprocess (measured order)
 
 Status = task_types_pb2.Status
@@ -92,7 +90,7 @@ class TaskService:
     ) -> None:
         self.host = host
         self.publisher = publisher
-        self.content = content
+        self.modules = ModuleFinder(host, content)
         self.tasks: dict[tuple[str, str], Task] = {}
         self.pid = os.getpid()
 
@@ -192,7 +190,7 @@ class TaskService:
             raise ttrpc_error(exc) from exc
         mounts = [oci.Mount(m.type, m.source, list(m.options)) for m in req.rootfs]
         # A function module is served without its rootfs mounted (see oci.find_in_layers).
-        module = await self._function_in_layers(spec, bundle_spec, mounts) if mounts else None
+        module = await self.modules.function_in_layers(spec, bundle_spec, mounts) if mounts else None
         rootfs, mounted = bundle_spec.root_path, False
         if module is None:
             try:
@@ -203,7 +201,7 @@ class TaskService:
                 raise TtrpcError(Code.INTERNAL, f"mounting the rootfs of {req.id}: {exc}") from exc
         try:
             if module is None and not spec.sandbox:
-                module = await self._locate_module(bundle_spec, rootfs, namespace, req.id)
+                module = await self.modules.locate(bundle_spec, rootfs, namespace, req.id)
             spec = replace(spec, rootfs=rootfs, module=module)
             workload = self.host.create(spec)
         except BaseException as exc:
@@ -244,84 +242,6 @@ class TaskService:
             ),
         )
         return task_pb2.CreateTaskResponse(pid=task.pid)
-
-    async def _function_in_layers(
-        self, spec: ContainerSpec, bundle_spec: oci.BundleSpec, mounts: list[oci.Mount]
-    ) -> Module | None:
-        """A function module read from the rootfs's layers, or None: not found plainly there,
-        a command module (it gets its filesystem), a pod sandbox, a host without an ingress,
-        or any error (the mounted path then reports it)."""
-        if spec.sandbox:
-            return None
-        try:
-            ref = await asyncio.to_thread(oci.locate_module_in_layers, bundle_spec, mounts)
-            if ref is None or ref.entry != "_start":
-                return None
-            source = ModuleSource(ref.image_path, ref.image_path, ref.entry, path=ref.host_path)
-            module = await asyncio.to_thread(self.host.load_module, source)
-        except (WorkloadError, ModuleError, OSError):
-            return None
-        return module if module.function else None
-
-    async def _locate_module(
-        self, bundle_spec: oci.BundleSpec, rootfs: Path, namespace: str, task_id: str
-    ) -> Module:
-        """The container's module: the file its args name in the rootfs, else the wasm layer
-        of its image. Raises TtrpcError or InvalidSpec."""
-        try:
-            try:
-                ref = await asyncio.to_thread(oci.locate_module, bundle_spec, rootfs)
-            except ModuleError as missing:
-                # No module file in the rootfs: the image may carry it as an OCI wasm layer.
-                found = await self._module_from_content(bundle_spec, namespace, task_id)
-                if found is None:
-                    raise missing from None
-                return found
-        except ModuleError as exc:
-            raise TtrpcError(Code.INVALID_ARGUMENT, str(exc)) from exc
-        except OSError as exc:
-            raise TtrpcError(Code.INVALID_ARGUMENT, f"reading the module: {exc}") from exc
-        source = ModuleSource(ref.image_path, ref.image_path, ref.entry, path=ref.host_path)
-        return await asyncio.to_thread(self.host.load_module, source)
-
-    async def _module_from_content(
-        self, bundle_spec: oci.BundleSpec, namespace: str, task_id: str
-    ) -> Module | None:
-        """The module from the image's wasm layer, or None for an image without one."""
-        if self.content is None:
-            return None
-        # The container's own image; layotto.io/wasm-image only for a container that has
-        # none (`ctr run --rootfs`): never another image's module for an image's container.
-        annotations = bundle_spec.annotations
-        image = annotations.get(CRI_IMAGE_NAME)
-        try:
-            if not image:
-                image = await asyncio.to_thread(self.content.image_of_container, namespace, task_id)
-            if not image:
-                image = annotations.get(WASM_IMAGE_ANNOTATION)
-            if not image:
-                return None
-            layers = await asyncio.to_thread(self.content.wasm_layers, namespace, image)
-            if not layers:
-                return None
-            if len(layers) > 1:
-                raise ModuleError(
-                    f"image {image} has {len(layers)} wasm layers; the layotto runtime runs one module"
-                )
-            layer = layers[0]
-            limit = self.host.max_module_bytes
-            wasm = await asyncio.to_thread(self.content.read, namespace, layer.digest, limit)
-        except ModuleError:
-            raise
-        except Exception as exc:  # grpc errors: containerd unreachable, image unknown, ...
-            log.info("no wasm layers for %s/%s: %s", namespace, task_id, exc)
-            return None
-        args = bundle_spec.process.args
-        entry = "_start"
-        if args and args[0].startswith("#"):
-            entry = args[0][1:] or "_start"
-        source = ModuleSource(f"{image} (layer {layer.digest[:19]})", image, entry, data=wasm)
-        return await asyncio.to_thread(self.host.load_module, source)
 
     async def start(self, req: task_pb2.StartRequest, ctx: Context) -> task_pb2.StartResponse:
         task = self._task(ctx, req.id, req.exec_id)

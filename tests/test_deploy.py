@@ -715,7 +715,7 @@ def built_payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
     work = tmp_path_factory.mktemp("built-payload")
     src = work / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "setup.py", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "build_protos.py", "README.md"):
         shutil.copy2(REPO_ROOT / name, src / name)
     for name in ("shim", "host", "abi", "images"):
         shutil.copytree(REPO_ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))

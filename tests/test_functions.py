@@ -726,12 +726,13 @@ def test_ps_logs_and_metrics(node: Node) -> None:
     table = node.layotto("ps")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split()[:4] == ["NAMESPACE", "ID", "KIND", "STATE"]
+    # a container outside a pod (ctr): no pod, named by its id
+    assert lines[0].split()[:5] == ["NAMESPACE", "POD", "CONTAINER", "KIND", "STATE"]
     assert "CALLS" in lines[0] and "ERRORS" in lines[0]
     hello_row = next(line.split() for line in lines if hello_task in line.split())
     bad_row = next(line.split() for line in lines if bad_task in line.split())
-    assert hello_row[2:5] == ["function", "running", hello]
-    assert bad_row[2:5] == ["function", "running", bad]
+    assert hello_row[1:6] == ["-", hello_task, "function", "running", hello]
+    assert bad_row[1:6] == ["-", bad_task, "function", "running", bad]
     assert hello_row[-2:] == ["3", "0"]
     assert bad_row[-2:] == ["5", "2"]
 
