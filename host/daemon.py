@@ -195,7 +195,10 @@ async def serve(args: argparse.Namespace) -> None:
     components = load_components(args.components, args.state_dir)
     invoker = HostInvoker(functions, apps, may_invoke=policy.may_invoke)
     context = HostContext(components=components, invoker=invoker, functions=functions, policy=policy)
-    runtime = NodeRuntime(args.state_dir, args.cache_limit, context=context)
+    # Command modules run as fibers on a few scheduler threads unless LAYOTTO_FIBERS=0
+    # (a thread each); read here, once, and handed to the runtime.
+    fibers = os.environ.get("LAYOTTO_FIBERS", "1") != "0"
+    runtime = NodeRuntime(args.state_dir, args.cache_limit, context=context, fibers=fibers)
     log.info("components: %s", ", ".join(f"{s.kind}/{s.name} ({s.type})" for s in components.specs))
     runtime_api: RuntimeApiServer | None = None
     if args.grpc_address != "-":
