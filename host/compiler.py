@@ -5,7 +5,7 @@ over a GiB), so the node host never compiles an uncached module itself: it runs
 
     python -I -S host/compiler.py LIBRARY OUTPUT CPU_SECONDS MEMORY_BYTES FILE_BYTES
 
-with the wasm on stdin (see ``ChildCompiler`` in engine.py). This file is the child's
+with the wasm on stdin (see ``ChildCompiler`` in child_compiler.py). This file is the child's
 whole program, and it stays small on purpose: only ``ctypes``, ``os``, ``resource`` and
 ``sys``, and libwasmtime through ctypes instead of ``import wasmtime`` (whose Python
 wrapper takes longer to import than most modules take to compile). The child

@@ -7,8 +7,8 @@ is written only by this host, in a directory only root can write; nothing that c
 an image is ever deserialized (wasmtime would run it as native code).
 
 Uncached modules are compiled in a child process bounded in CPU time, address space and
-wall time (host/compiler.py, run by :class:`ChildCompiler`): a module built to be costly
-to compile costs its own child, not the host serving every tenant.
+wall time (host/compiler.py, run by :class:`ChildCompiler` from host/child_compiler.py): a
+module built to be costly to compile costs its own child, not the host serving every tenant.
 """
 
 from __future__ import annotations
@@ -17,12 +17,8 @@ import collections
 import contextlib
 import hashlib
 import logging
-import math
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,11 +30,20 @@ from pathlib import Path
 import wasmtime
 
 from layotto.host import capi
-from layotto.host import compiler as _compiler_program
+from layotto.host.child_compiler import (
+    DEFAULT_COMPILE_CPU_SECONDS,
+    DEFAULT_COMPILE_MEMORY_BYTES,
+    DEFAULT_COMPILE_TIMEOUT,
+    DEFAULT_COMPILE_WORKERS,
+    ChildCompiler,
+    CompileFailure,
+    CompileReport,
+    innermost_cause,
+    mib,
+)
 from layotto.host.compiler import (
     DEFAULT_MAX_MODULE_BYTES,
     ENGINE_SETTINGS,
-    OOM_MARKERS,
     apply_engine_settings,
 )
 from layotto.host.errors import ModuleError
@@ -53,10 +58,6 @@ TICK = 0.005  # seconds per epoch tick while the ticker runs
 DEFAULT_CACHE_LIMIT = 1 << 30  # bytes of compiled modules kept on disk
 DEFAULT_MEMORY_CACHE_MODULES = 256  # compiled modules kept in memory ...
 DEFAULT_MEMORY_CACHE_BYTES = 1 << 30  # ... and their total serialized size
-DEFAULT_COMPILE_CPU_SECONDS = 60.0  # CPU time of one compile (all compiler threads together)
-DEFAULT_COMPILE_MEMORY_BYTES = 4 << 30  # address space of one compiling child
-DEFAULT_COMPILE_TIMEOUT = 120.0  # wall-clock seconds of one compile (waiting for a slot excluded)
-DEFAULT_COMPILE_WORKERS = 2  # compiles running at once; more wait for a slot
 FAILURE_MEMO = 1024  # modules remembered as refused (invalid or over a limit)
 
 
@@ -199,173 +200,13 @@ def _config(pooling: PoolSettings | None) -> wasmtime.Config:
     return config
 
 
-def _mib(size: int) -> str:
-    return f"{size / (1 << 20):.1f} MiB" if size % (1 << 20) else f"{size >> 20} MiB"
-
-
 def module_too_large(name: str, size: int, limit: int, *, at_least: bool = False) -> ModuleError:
     """The error for a module of ``size`` bytes (``at_least``: or more) over ``limit``."""
     more = "more than " if at_least else ""
     return ModuleError(
-        f"{name} is {more}{size} bytes ({more}{_mib(size)}), larger than the host's module size "
-        f"limit of {limit} bytes ({_mib(limit)})"
+        f"{name} is {more}{size} bytes ({more}{mib(size)}), larger than the host's module size "
+        f"limit of {limit} bytes ({mib(limit)})"
     )
-
-
-def _cause(text: str) -> str:
-    """The innermost cause of a wasmtime error message, in one line."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if not lines:
-        return "unknown error"
-    if "Caused by:" in lines:
-        cause = lines[-1]
-        return cause.split(": ", 1)[1] if cause[:1].isdigit() and ": " in cause else cause
-    return lines[0]
-
-
-# The child's whole environment: few malloc arenas (each reserves 64 MiB of address space),
-# and no Rust backtraces (symbolizing one near the memory limit can hang).
-_CHILD_ENV = {"MALLOC_ARENA_MAX": "2", "RUST_BACKTRACE": "0", "LC_ALL": "C"}
-
-
-class CompileFailure(ModuleError):
-    """A compile that failed; ``lasting``: it would fail again (the module is invalid or
-    exceeds a limit), as opposed to a timeout on a busy host or a crash."""
-
-    def __init__(self, message: str, *, lasting: bool) -> None:
-        super().__init__(message)
-        self.lasting = lasting
-
-
-@dataclass(frozen=True)
-class CompileReport:
-    """A compile the child finished: what it wrote and what it cost."""
-
-    size: int  # bytes of serialized code written
-    cpu_seconds: float  # the child's CPU time, all threads
-    max_rss: int  # the child's peak resident memory, bytes
-    seconds: float  # wall time, from starting the child to its exit
-
-
-class ChildCompiler:
-    """Compiles in child processes running host/compiler.py, at most ``workers`` at a time.
-
-    Limits per compile: ``cpu_seconds`` of CPU (RLIMIT_CPU), ``memory_bytes`` of address
-    space (RLIMIT_AS) and ``timeout`` wall-clock seconds (the child is killed). The child is
-    a fresh ``python -I -S`` (no site-packages, no environment) loading only libwasmtime:
-    starting it from a multi-threaded host is a plain fork+exec, and costs ~15 ms."""
-
-    def __init__(
-        self,
-        *,
-        cpu_seconds: float = DEFAULT_COMPILE_CPU_SECONDS,
-        memory_bytes: int = DEFAULT_COMPILE_MEMORY_BYTES,
-        timeout: float = DEFAULT_COMPILE_TIMEOUT,
-        workers: int = DEFAULT_COMPILE_WORKERS,
-    ) -> None:
-        self.cpu_seconds = max(1, math.ceil(cpu_seconds))  # RLIMIT_CPU counts whole seconds
-        self.memory_bytes = memory_bytes
-        self.timeout = timeout
-        self._slots = threading.BoundedSemaphore(max(1, workers))
-
-    def argv(self, output: Path) -> list[str]:
-        """The child's command line, writing to ``output``."""
-        return [
-            sys.executable,
-            "-I",
-            "-S",
-            str(Path(_compiler_program.__file__).resolve()),
-            capi.LIBRARY_PATH,
-            str(output),
-            str(self.cpu_seconds),
-            str(int(self.memory_bytes)),
-            str(max(int(self.memory_bytes), 1 << 20)),  # RLIMIT_FSIZE: no file larger than that
-        ]
-
-    def compile(self, wasm: bytes, output: Path, *, name: str) -> CompileReport:
-        """Compile ``wasm`` into the new file ``output``, or raise a ModuleError saying why."""
-        with self._slots:
-            started = time.perf_counter()
-            child = subprocess.Popen(
-                self.argv(output),
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=_CHILD_ENV,
-                cwd="/",
-                start_new_session=True,  # a terminal's ^C is for the host, not its compiles
-            )
-            try:
-                out, err = child.communicate(wasm, timeout=self.timeout)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.communicate()
-                raise CompileFailure(
-                    f"compiling {name} took more than {self.timeout:g} s (the host's wall-clock limit "
-                    "per compile)",
-                    lasting=False,
-                ) from None
-            except BaseException:
-                child.kill()
-                child.wait()
-                raise
-            seconds = time.perf_counter() - started
-        return self._outcome(name, child.returncode, out, err, seconds)
-
-    def _outcome(self, name: str, returncode: int, out: bytes, err: bytes, seconds: float) -> CompileReport:
-        head, _, detail_bytes = out.partition(b"\n")
-        fields = head.decode(errors="replace").split()
-        detail = detail_bytes.decode(errors="replace")
-        stderr = err.decode(errors="replace").strip()
-        kind = fields[1] if fields[:1] == ["error"] and len(fields) > 1 else ""
-        if fields[:1] == ["ok"] and returncode == 0 and len(fields) == 4:
-            return CompileReport(int(fields[1]), float(fields[2]), int(fields[3]), seconds)
-        if returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not kind:
-            kind = "cpu"  # SIGXCPU at the soft limit (SIGKILL at the hard one)
-        elif not kind and any(marker in stderr for marker in OOM_MARKERS):
-            kind = "memory"
-        cpu = f"{self.cpu_seconds:g} s"
-        if kind == "cpu":
-            message = f"compiling {name} took more than {cpu} of CPU (limit {cpu} per compile)"
-            raise CompileFailure(message, lasting=True)
-        if kind == "memory":
-            memory = _mib(self.memory_bytes)
-            message = (
-                f"compiling {name} needed more than {memory} (limit {memory} of address space per compile)"
-            )
-            raise CompileFailure(message, lasting=True)
-        if kind == "invalid":
-            if "multiple memories" in detail:
-                message = (
-                    f"{name} declares more than one linear memory: multi-memory modules are not allowed "
-                    "on this host"
-                )
-            else:
-                message = f"{name} is not a valid WebAssembly module: {_cause(detail)}"
-            raise CompileFailure(message, lasting=True)
-        if kind:
-            raise CompileFailure(f"compiling {name} failed: {_cause(detail)}", lasting=False)
-        if returncode < 0:
-            try:
-                how = f"was killed by {signal.Signals(-returncode).name}"
-            except ValueError:
-                how = f"was killed by signal {-returncode}"
-        else:
-            how = f"exited with status {returncode}"
-        said = _stderr_summary(stderr)
-        raise CompileFailure(
-            f"compiling {name} failed: the compiler {how}{': ' + said if said else ''}", lasting=False
-        )
-
-
-def _stderr_summary(stderr: str) -> str:
-    """The line of a child's stderr that says what went wrong (a Rust panic's message)."""
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    for i, line in enumerate(lines[:-1]):
-        if " panicked at " in line:
-            return lines[i + 1][:300]
-    lines = [line for line in lines if not line.startswith(("note:", "stack backtrace:"))]
-    return lines[-1][:300] if lines else ""
 
 
 class WasmEngine:
@@ -550,15 +391,15 @@ class WasmEngine:
             try:
                 module = wasmtime.Module.deserialize_file(self.engine, str(tmp))
             except wasmtime.WasmtimeError as exc:
-                raise ModuleError(f"compiling {name} failed: {_cause(str(exc))}") from exc
+                raise ModuleError(f"compiling {name} failed: {innermost_cause(str(exc))}") from exc
             self.last_compile = report
             log.info(
                 "compiled %s (%s) in a child: %.2f s, %.2f s CPU, peak %s",
                 name,
-                _mib(len(wasm)),
+                mib(len(wasm)),
                 report.seconds,
                 report.cpu_seconds,
-                _mib(report.max_rss),
+                mib(report.max_rss),
             )
             if path is not None:
                 try:
