@@ -30,9 +30,15 @@ ENGINE = (
     "layotto.host.function",
     "layotto.host.nanoprocess",
     "layotto.host.abi_host",
+    "layotto.host.abi_context",
+    "layotto.host.abi_functions",
+    "layotto.host.abi_linker",
+    "layotto.host.abi_invoker",
     "layotto.host.components",
     "layotto.host.policy",
     "layotto.host.ingress",
+    "layotto.host.ingress_limits",
+    "layotto.host.ingress_render",
     "layotto.host.runtime",
     "layotto.host.workloads",
 )
@@ -45,6 +51,9 @@ SIZE_CAPPED = (
     "host/runtime.py",
     "host/daemon.py",
     "host/cli.py",
+    "host/ingress.py",
+    "host/ingress_limits.py",
+    "host/ingress_render.py",
     "build_protos.py",
 )
 MAX_LINES = 600
