@@ -5,10 +5,10 @@ over a GiB), so the node host never compiles an uncached module itself: it runs
 
     python -I -S host/compiler.py LIBRARY OUTPUT CPU_SECONDS MEMORY_BYTES FILE_BYTES
 
-with the wasm on stdin (see ``ChildCompiler`` in child_compiler.py). This file is the child's
-whole program, and it stays small on purpose: only ``ctypes``, ``os``, ``resource`` and
-``sys``, and libwasmtime through ctypes instead of ``import wasmtime`` (whose Python
-wrapper takes longer to import than most modules take to compile). The child
+with the wasm on stdin (``ChildCompiler`` in child_compiler.py). This file is the child's
+whole program and stays small on purpose: the standard library only, and libwasmtime through
+its own few ctypes declarations (``import wasmtime`` takes longer than most compiles; the
+rest of the C API is declared in ``host/capi.py``). The child
 
 1. sets its rlimits before reading anything: address space, CPU seconds (SIGXCPU at the
    limit, SIGKILL a second later), file size, no core dumps;
@@ -20,10 +20,8 @@ wrapper takes longer to import than most modules take to compile). The child
    ``error KIND CPU MAXRSS`` followed by the detail (KIND: ``invalid``, ``memory`` or
    ``failed``).
 
-The host deserializes only that file, once its own child has exited successfully.
-
-The wasmtime C API is otherwise declared in ``host/capi.py``; this file keeps its own few
-declarations because it may import only the standard library.
+The host deserializes only that file, once its own child has exited successfully. The
+limits and the cache as operators see them: see docs/security.md ("Compilation").
 """
 
 from __future__ import annotations

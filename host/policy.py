@@ -1,40 +1,14 @@
 """The node operator's policy: what the pods of each namespace may ask of the node host.
 
-Pods describe what they want with annotations (``layotto.io/capabilities``, ``instances``,
-``timeout``, ...); pod authors are not trusted, so every such request is checked against the
-operator's policy before a container is created. The policy is a YAML file the node
-installer places (``/etc/layotto/policy.yaml``; ``--policy`` / ``LAYOTTO_POLICY`` name
-another); without one, :data:`DEFAULT_POLICY` applies. A request beyond the policy fails the
-container's creation with a message naming the rule, for example::
+Pod authors are not trusted, so every ``layotto.io/*`` request a pod makes (capabilities,
+instances, timeout, memory, subscriptions, ...) is checked against this policy before its
+container is created (``host/admission.py`` applies it); without a policy file
+:data:`DEFAULT_POLICY` applies. A request beyond the policy is a :class:`PolicyError` that
+names the rule, for example ``policy: namespace 'shop' may not request capability secrets
+(rule default.capabilities of /etc/layotto/policy.yaml allows ...)``.
 
-    policy: namespace 'shop' may not request capability 'secrets'
-    (rule namespaces.shop.capabilities of /etc/layotto/policy.yaml allows log, random, state, time)
-
-The file::
-
-    default:                  # every namespace not listed under namespaces
-      capabilities: [log, time, random, state, invoke, pubsub, configuration, lock, sequencer]
-      components: ["*"]       # component names ("redis") or kind/name ("state/redis"); "*": all
-      invokeNamespaces: []    # other namespaces whose functions this one may invoke
-      limits:
-        instances: 64         # layotto.io/instances
-        timeoutSeconds: 300   # layotto.io/timeout
-        queueLimit: 4096      # layotto.io/queue-limit
-        subscriptions: 32     # entries of layotto.io/subscriptions + config-subscriptions
-        memory: 1Gi           # the largest memory limit a container may have
-        defaultMemory: 128Mi  # the memory limit of a container that sets none
-    namespaces:
-      payments:               # replaces `default` for this namespace, key by key
-        capabilities: [log, time, random, state, secrets]
-        components: [state/default, secrets/vault]
-    runtimeApi:               # the gRPC Runtime API for sidecar applications
-      tcp: ""                 # host:port to listen on besides the unix socket ("" : none)
-      socketGroup: ""         # group that may connect to the unix socket (mode 0660)
-      apps:                   # who may call it: one bearer token per application
-        - {namespace: shop, app: cart, tokenFile: /etc/layotto/tokens/cart}
-
-A namespace's entry replaces the default's keys it names (``limits`` key by key); the keys
-it leaves out come from ``default``.
+The file's format, its defaults and how a namespace's entry overrides ``default``: see
+docs/security.md ("The operator policy").
 """
 
 from __future__ import annotations

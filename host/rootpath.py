@@ -1,27 +1,16 @@
 """Paths of a container image, resolved inside its rootfs and never outside it.
 
-Every path a container brings (its working directory, ``process.args[0]``, a mount's
-destination) names a place *in the container*. Joining such a path to the rootfs's host
-path and letting the host's kernel follow it is an escape: ``..`` climbs out of the
-rootfs, and a symlink in an image layer (``w -> /``) points at the node's root. So these
-paths are resolved with ``openat2(2)`` and ``RESOLVE_IN_ROOT``, from a descriptor of the
-rootfs:
+A path a container brings (its working directory, ``process.args[0]``, a mount's
+destination) joined to the rootfs's host path and followed by the host's kernel could climb
+out with ``..`` or a symlink in a layer. So it is resolved with ``openat2(2)`` and
+``RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS`` from a descriptor of the rootfs. The result is
+an ``O_PATH`` descriptor of the exact inode, taken in one system call, so nothing can swap a
+component between the check and the use; a consumer that only takes a path (wasmtime's
+``preopen_dir``, ``open()``) gets :func:`fd_path`, ``/proc/self/fd/<n>``, which resolves to
+that same inode while the descriptor is open. Without openat2 resolution fails, never
+falling back to an unsafe join.
 
-* ``..`` at the rootfs stays at the rootfs, as ``..`` at ``/`` does;
-* an absolute symlink is resolved from the rootfs, a relative one from its directory,
-  and neither can leave the rootfs (the kernel clamps every step);
-* "magic" links (``/proc/<pid>/fd/*``, ``/proc/<pid>/root``) are refused
-  (``RESOLVE_NO_MAGICLINKS``);
-* a symlink loop, or more than 40 links, fails with ``ELOOP``.
-
-The result is a descriptor (``O_PATH``) of the exact inode the path resolved to, taken
-in one system call: nothing can swap a component between the check and the use. A
-consumer that only takes a path (wasmtime's ``preopen_dir``, ``open()``) is given
-:func:`fd_path`, ``/proc/self/fd/<n>``, which the kernel resolves to that same inode while
-the descriptor stays open.
-
-Linux 5.6 or later is required (openat2 on x86_64 and aarch64 is syscall 437); without
-it resolution fails with an error saying so, never with an unsafe fallback.
+See docs/security.md ("Filesystem").
 """
 
 from __future__ import annotations

@@ -1,37 +1,15 @@
 """Who owns what in the node's shared components: one rule for every caller.
 
-The Runtime ABI (functions and nanoprocesses, ``host/abi_host.py``), the gRPC Runtime API
-(sidecar applications, ``host/grpc_api.py``) and the task service's subscription wiring
-all name components on behalf of a tenant. The names they pass to a component go through
-this module, so a tenant only ever reaches its own part of a shared store:
+The Runtime ABI (``host/abi_host.py``), the gRPC Runtime API (``host/grpc_api.py``) and the
+subscription wiring all name components on behalf of a tenant; every name they pass goes
+through this module, so the rule is written once. :func:`owner` scopes an app id under the
+caller's namespace (an id a module chose for itself becomes ``<namespace>.<id>``); keys and
+configuration items are per app (the store's ``keyPrefix``), topics and secrets per
+namespace (``topicPrefix`` / ``secretPrefix: none`` opt out), and a name that could step out
+of its scope raises :class:`ScopeError`. A caller with no namespace (``None``) is the host
+itself or a test harness: its names are used as given, its keys prefixed by its app id alone.
 
-- **The owner.** A caller is an app of a namespace; its app id is ``<namespace>.<app>``
-  (a function's ``layotto.io/app-id``, else its function id; a sidecar's provisioned
-  identity). :func:`owner` makes sure the id a key is scoped by carries the caller's
-  namespace: an app id that does not start with ``<namespace>.`` (a module that chose its
-  own id) is scoped as ``<namespace>.<app id>``, so no id can name another namespace's app.
-- **State, lock and sequencer keys**, and **configuration items**, are per app, as
-  Layotto's key prefix strategies do: the store's ``keyPrefix`` metadata ``appid`` (the
-  default) stores key ``k`` as ``<app id>||k``, ``name`` as ``<store>||k`` (shared by
-  everyone using the store), ``none`` as ``k`` (shared with everyone, and with whatever
-  writes the backend directly). A configuration item ``k`` of app ``shop.cart`` is the
-  store's item whose key is ``shop.cart||k`` (in a ``file`` store: the YAML key
-  ``"shop.cart||k"``); the caller sees it as ``k``, and a subscription sees only its own
-  app's items.
-- **Pub/sub topics** are per namespace: topic ``T`` published or subscribed from
-  namespace ``N`` is the component's topic ``N||T``, unless the pub/sub component's
-  metadata says ``topicPrefix: none`` (the operator's opt-out: a node-wide bus).
-- **Secrets** are per namespace: secret ``S`` requested from namespace ``N`` is the
-  store's secret ``N/S``, unless the secret store's metadata says ``secretPrefix: none``
-  (the node-wide secrets the operator deliberately shares). How a store keeps ``N/S`` is
-  its own: a ``file`` store's YAML key ``"N/S"``, an ``env`` store's variable
-  ``<prefix>N__S``, a ``kubernetes`` store's Secret ``S`` in the Kubernetes namespace ``N``.
-
-A name that could step out of its scope is refused (:class:`ScopeError`, a ValueError:
-BAD_ARGUMENT through the ABI, INVALID_ARGUMENT through gRPC): a key or topic containing
-``||``, a secret name containing ``/``. A caller with no namespace (``None``) is the host
-itself (or a test harness): its names are used as given, and its keys are prefixed by its
-app id alone.
+See docs/components.md ("Who sees what", "keyPrefix") and docs/security.md.
 """
 
 from __future__ import annotations

@@ -1,27 +1,13 @@
 """Write OCI image layout archives that ``ctr images import`` accepts.
 
-Two shapes are supported:
+:func:`build_image` writes an ordinary OCI image (one gzip-compressed layer holding the
+files, a config with Entrypoint/Cmd/Env/WorkingDir); :func:`build_wasm_artifact` writes
+an OCI wasm artifact (config ``application/vnd.wasm.config.v0+json``, one
+``application/wasm`` layer that is the module). Builds are reproducible (fixed timestamps
+and owners). Only the standard library is used, so the builder runs anywhere Python does;
+pushing an archive to a registry is :mod:`layotto.images.registry`.
 
-* :func:`build_image`: an ordinary OCI image (one gzip-compressed layer holding the
-  files, an image config with Entrypoint/Cmd/Env/WorkingDir). The shim finds the module
-  through ``process.args[0]`` in the rootfs.
-* :func:`build_wasm_artifact`: the OCI wasm artifact layout (config media type
-  ``application/vnd.wasm.config.v0+json``, one ``application/wasm`` layer holding the raw
-  module bytes).
-
-The archive is a tar of an OCI image layout (``oci-layout``, ``index.json``,
-``blobs/sha256/<hex>``). ``index.json`` names the image with the annotation
-``io.containerd.image.name`` (containerd's import uses it as the image name verbatim)
-and ``org.opencontainers.image.ref.name`` (the tag, for tools that follow the OCI layout
-convention, and for ``ctr images import --base-name``).
-
-Builds are reproducible: every timestamp is ``SOURCE_DATE_EPOCH`` (default 0), files
-are owned by root, so the same inputs give the same manifest digest.
-
-``layotto image push ARCHIVE REFERENCE`` and ``layotto image build ... --push REFERENCE``
-upload an archive to a registry (:mod:`layotto.images.registry`).
-
-Only the standard library is used, so the builder runs anywhere Python does.
+See docs/ctr.md, docs/oci-artifacts.md and docs/registries.md.
 """
 
 from __future__ import annotations

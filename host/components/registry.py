@@ -1,55 +1,14 @@
-"""The node's named components, from a YAML file like Layotto's config.json or Dapr's
-component files::
+"""The node's named components, read from one YAML file (like Layotto's config.json or Dapr's
+component files), or from :data:`DEFAULT_CONFIG` without one.
 
-    state:
-      state_demo: {type: sqlite}
-      cache: {type: redis, metadata: {redisHost: "localhost:6379", redisPassword: ""}}
-    pubsub:
-      pub_subs_demo: {type: sqlite}
-    configuration:
-      config_demo: {type: file, metadata: {path: /etc/layotto/config.yaml}}
-    lock:
-      lock_demo: {type: sqlite}
-    sequencer:
-      sequencer_demo: {type: sqlite}
-    secrets:
-      secret_demo: {type: env, metadata: {prefix: "SECRET_"}}
+The file maps each kind (``state``, ``pubsub``, ``configuration``, ``lock``, ``sequencer``,
+``secrets``; Layotto's ``pub_subs``, ``config_store`` and ``secret_store`` too) to its
+components by name, and each to its ``type`` and ``metadata``. Unknown kinds, types and
+fields are errors; every component is built when the host starts, so a bad file stops the
+host then instead of failing a call later; a backend's module (Redis, Kubernetes) is
+imported only when a component of its type is declared.
 
-Kinds and their types (Layotto's kind names ``pub_subs``, ``config_store`` and
-``secret_store`` are accepted too):
-
-=============  ==========================================================
-state          sqlite, redis
-pubsub         sqlite, redis
-configuration  sqlite, redis, file, env
-lock           sqlite, redis
-sequencer      sqlite, redis
-secrets        file, env, kubernetes
-=============  ==========================================================
-
-Metadata per type:
-
-- ``sqlite``: ``path`` of the database (default ``components.db``; relative paths are in
-  the host's state directory); pubsub also ``pollInterval`` and ``retryDelay`` (seconds),
-  ``maxBacklog`` (undelivered messages a topic keeps, default 10000) and
-  ``maxSubscriptions`` (default 128).
-  Each component keeps its rows apart under its own name.
-- ``redis``: see ``layotto.host.components.redis`` (``redisHost``, ``redisPassword``,
-  ``redisKeyPrefix``, ...); every type also takes ``keyPrefix``: ``appid`` (default),
-  ``name`` or ``none``, how the Runtime ABI and API namespace the keys apps use.
-- every pubsub component takes ``topicPrefix: none`` (topics shared by every namespace
-  instead of per namespace), every secret store ``secretPrefix: none`` (secrets shared
-  by every namespace); see ``layotto.host.scoping``.
-- ``file``: ``path`` (relative paths are beside the YAML file), ``pollInterval``.
-- ``env``: ``prefix``; configuration also ``pollInterval``.
-- ``kubernetes``: see ``layotto.host.components.k8s`` (``namespace``, ``kubeconfigPath``).
-
-Without a file, ``DEFAULT_CONFIG`` applies, so a single node works with no extra service:
-``state_demo``, ``pub_subs_demo``, ``config_demo``, ``lock_demo``, ``sequencer_demo`` on
-SQLite in ``<state_dir>/components.db`` (Layotto's demo names), and ``secret_demo`` from
-the environment variables ``LAYOTTO_SECRET_<name>``. A file replaces the defaults as a
-whole. The empty name asks for a kind's default component: the one named ``default``
-if there is one, else the first one declared.
+The format, every type's metadata and the defaults: see docs/components.md.
 """
 
 from __future__ import annotations
