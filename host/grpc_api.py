@@ -1,96 +1,21 @@
-"""The gRPC Runtime API for sidecar-mode applications: a Layotto-compatible subset.
+"""The gRPC Runtime API for sidecar-mode applications: a Layotto-compatible subset of
+``spec.proto.runtime.v1.Runtime`` over the components the functions reach through the
+Runtime ABI. :class:`RuntimeApi` implements the RPCs, :class:`RuntimeApiServer` serves them
+on a unix socket (and TCP when asked), every call authenticated by its bearer token
+(host/grpc_identity.py).
 
-Non-wasm applications on the node reach the same components the functions reach through
-the Runtime ABI, over Layotto's own gRPC API: package ``spec.proto.runtime.v1``, service
-``Runtime`` (``host/protocol/runtime_api.proto`` declares the served messages with
-Layotto's field numbers), so Layotto's SDKs and generated stubs work unchanged. Served:
-SayHello, InvokeService, GetConfiguration, TryLock, Unlock, GetNextId, GetState,
-GetBulkState, SaveState, DeleteState, ExecuteStateTransaction, PublishEvent, GetSecret.
-Any other Layotto RPC answers UNIMPLEMENTED.
-
-The server is grpcio's synchronous server on its own bounded thread pool (and a bound on
-calls in flight: beyond it, RESOURCE_EXHAUSTED): component calls block (SQLite, Redis, a
-function invoked in process), so they never run on the host's event loop.
-
-**Who is calling.** The node host is a boundary between tenants, so a caller's word about
-itself counts for nothing. Every call, on every listener, carries the gRPC metadata
-``authorization: Bearer <token>``, a token the node operator provisioned for one app of
-one namespace (``runtimeApi.apps`` of the node policy, read by :func:`load_identities`);
-the server keeps only the tokens' SHA-256 digests. A call without a valid token is
-UNAUTHENTICATED. The token's :class:`AppIdentity` decides everything: the app id
-``<namespace>.<app>`` that prefixes the caller's keys (the form functions' app ids take, so
-a sidecar provisioned as app ``A`` of namespace ``N`` shares the keys of the functions of
-``N`` whose app is ``A``), its pub/sub topics, secrets and configuration items (see
-``host.scoping``), the functions InvokeService reaches (only those of its namespace), and
-the ``source`` of its events. Layotto's ``layotto-app-id`` metadata is not trusted: naming
-an app other than the token's is PERMISSION_DENIED.
-
-**Where it listens.** On its unix socket, created owner-only (mode 0600; 0660 and the
-operator's group with ``socket_group``), so other users of the node cannot even connect.
-A TCP address (Layotto's default is ``127.0.0.1:34904``) only when the daemon is told to;
-the same token check applies there.
-
-Semantics follow Layotto's ``pkg/grpc/default_api`` and ``pkg/grpc/dapr``:
-
-- An unknown store (state, pub/sub, lock, sequencer, secret, configuration) is
-  INVALID_ARGUMENT, as Layotto answers; no component registry at all is
-  FAILED_PRECONDITION. An empty store name is the kind's default component (the
-  registry's rule, as for the Runtime ABI).
-- GetState of a missing key answers empty data and etag "" (not an error); GetBulkState
-  answers one item per requested key, in order, a missing key with empty data.
-- SaveState and DeleteState with a stale etag answer ABORTED (Layotto's
-  ``wrapDaprComponentError`` maps ``state.ETagMismatch`` to ``codes.Aborted``). An empty
-  etag means "no etag" (unconditional write). ExecuteStateTransaction is all or nothing;
-  a stale etag inside it is ABORTED too (Layotto answers INTERNAL for every transaction
-  failure; ABORTED says more and matches SaveState). A store without the TRANSACTIONAL
-  feature, or an operation type other than "upsert"/"delete", is UNIMPLEMENTED.
-  ``StateOptions`` (concurrency, consistency) are accepted and ignored: the components
-  are strongly consistent and last-write-wins unless an etag is given.
-- **Scoping** (``host.scoping``, the Runtime ABI's rule too). State, lock and sequencer
-  keys, and configuration items, are per app: the store's ``keyPrefix`` metadata ``appid``
-  (the default) prefixes ``<app id>||``, ``name`` prefixes ``<store>||``, ``none`` leaves
-  keys alone. Pub/sub topics are per namespace (``<namespace>||<topic>`` unless the
-  component says ``topicPrefix: none``), and so are secrets (``<namespace>/<name>`` unless
-  the store says ``secretPrefix: none``). A key or topic containing ``||``, or a secret
-  name containing ``/``, is INVALID_ARGUMENT.
-- PublishEvent publishes ``data`` as is (no CloudEvents envelope: the host's subscribers
-  are functions and component-level handlers that take raw bytes), with
-  ``data_content_type`` (default ``application/octet-stream``) and the request's metadata,
-  with ``source: <app id>`` of the token's app (a ``source`` in the request is replaced).
-  An empty topic is INVALID_ARGUMENT.
-- TryLock needs a resource id, an owner and a positive expiry (INVALID_ARGUMENT
-  otherwise); Unlock answers Layotto's status enum (SUCCESS, LOCK_UNEXIST,
-  LOCK_BELONG_TO_OTHERS, INTERNAL_ERROR).
-- GetNextId is always STRONG (strictly increasing per key); the WEAK option is served the
-  same way.
-- GetConfiguration answers the caller's items for the keys (all of its items when none),
-  group and label; ``app_id`` and ``subscribe_update`` are ignored (there is no app
-  callback).
-- GetSecret answers the secret's key/value map; an unknown secret is NOT_FOUND (Layotto
-  reports component errors as INTERNAL; ours can tell "missing" apart).
-- InvokeService calls function ``id`` of the caller's namespace on this node (or a
-  configured application) through the host's invoker: method ``message.method``, body
-  ``message.data.value``; the answer is ``InvokeResponse{data: Any{value: <body>},
-  content_type}`` (an untyped Any, as Layotto builds it). A target that does not exist
-  (or is another namespace's function) is NOT_FOUND.
-- SayHello answers ``hello: "hello, <name>"`` (just ``"hello"`` without a name) and
-  echoes ``data``, as Layotto's helloworld component configured with "hello" does; there
-  are no hello components here, so every ``service_name`` is served.
+See docs/grpc-api.md for the RPCs served, their semantics and the callers' identity.
 """
 
 from __future__ import annotations
 
 import contextlib
 import grp
-import hashlib
 import logging
 import os
-import re
-import stat
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -108,110 +33,36 @@ from layotto.host.errors import (
     NotFound,
     Status,
 )
+from layotto.host.grpc_identity import (
+    APP_ID_METADATA,
+    AUTHORIZATION_METADATA,
+    AppIdentity,
+    Caller,
+    Tokens,
+    load_identities,
+)
 from layotto.host.protocol import runtime_api_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "APP_ID_METADATA",
+    "AUTHORIZATION_METADATA",
+    "DEFAULT_ADDRESS",
+    "METHODS",
+    "SERVICE",
+    "AppIdentity",
+    "RuntimeApi",
+    "RuntimeApiServer",
+    "grpc_status",
+    "load_identities",
+    "modified_key",
+]
+
 SERVICE = "spec.proto.runtime.v1.Runtime"
 DEFAULT_ADDRESS = "127.0.0.1:34904"  # Layotto's gRPC listener (configs/config_standalone.json)
-APP_ID_METADATA = "layotto-app-id"
-AUTHORIZATION_METADATA = "authorization"
 MAX_MESSAGE = 16 << 20
 SEPARATOR = scoping.SEPARATOR
-MIN_TOKEN_LENGTH = 16
-UNAUTHENTICATED_MESSAGE = (
-    "the Runtime API needs a bearer token the node operator provisioned for the app "
-    "(gRPC metadata 'authorization: Bearer <token>'; the operator lists it under "
-    "runtimeApi.apps in the node policy)"
-)
-# A namespace is one DNS-label-like word (no dots: "<namespace>.<app>" must split one way).
-_NAMESPACE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_-]*[A-Za-z0-9])?")
-_APP = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
-
-
-@dataclass(frozen=True)
-class AppIdentity:
-    """Who a Runtime API caller is: app ``app`` of namespace ``namespace``, as its bearer
-    token says (never as the caller says)."""
-
-    namespace: str
-    app: str
-
-    @property
-    def app_id(self) -> str:
-        """The app id, in the form functions' app ids take: ``<namespace>.<app>``."""
-        return f"{self.namespace}.{self.app}"
-
-
-@dataclass(frozen=True)
-class _Caller:
-    """The invoker's view of a Runtime API caller (HostInvoker reads ``namespace``)."""
-
-    namespace: str
-    app_id: str
-
-
-def _token_digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
-
-
-def load_identities(items: list[dict]) -> dict[str, AppIdentity]:
-    """Token → identity, from the operator's list (``runtimeApi.apps`` of the node policy)::
-
-        [{"namespace": "shop", "app": "cart", "token": "..."},
-         {"namespace": "shop", "app": "billing", "tokenFile": "/etc/layotto/tokens/billing"}]
-
-    Each entry has ``namespace``, ``app`` and exactly one of ``token`` (the token itself)
-    or ``tokenFile`` (a file holding it; surrounding whitespace is ignored). A token is at
-    least 16 characters and belongs to one app. Raises ValueError naming the bad entry."""
-    if items is None:
-        return {}
-    if not isinstance(items, list):
-        raise ValueError(
-            f"runtimeApi.apps must be a list of {{namespace, app, token|tokenFile}}, not {items!r}"
-        )
-    identities: dict[str, AppIdentity] = {}
-    for index, entry in enumerate(items):
-        where = f"runtimeApi.apps[{index}]"
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"{where}: expected a mapping with namespace, app and token or tokenFile")
-        unknown = sorted(str(k) for k in set(entry) - {"namespace", "app", "token", "tokenFile"})
-        if unknown:
-            raise ValueError(f"{where}: unknown fields {unknown} (known: namespace, app, token, tokenFile)")
-        namespace, app = entry.get("namespace"), entry.get("app")
-        if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
-            raise ValueError(
-                f"{where}: namespace must be letters, digits, '-' or '_' (no dots), not {namespace!r}"
-            )
-        if not isinstance(app, str) or not _APP.fullmatch(app):
-            raise ValueError(f"{where}: app must be letters, digits, '.', '-' or '_', not {app!r}")
-        where = f"{where} ({namespace}.{app})"
-        if ("token" in entry) == ("tokenFile" in entry):
-            raise ValueError(f"{where}: give exactly one of token or tokenFile")
-        if "token" in entry:
-            token = entry["token"]
-            if not isinstance(token, str):
-                raise ValueError(f"{where}: token must be a string")
-        else:
-            path = entry["tokenFile"]
-            if not isinstance(path, str) or not path:
-                raise ValueError(f"{where}: tokenFile must be a file path")
-            try:
-                token = Path(path).read_text().strip()
-                mode = Path(path).stat().st_mode
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ValueError(f"{where}: cannot read tokenFile {path}: {exc}") from exc
-            if mode & (stat.S_IROTH | stat.S_IWOTH):
-                log.warning("Runtime API token file %s is readable by every user: chmod 0600 it", path)
-        if len(token) < MIN_TOKEN_LENGTH or token != token.strip():
-            raise ValueError(
-                f"{where}: the token must be at least {MIN_TOKEN_LENGTH} characters without surrounding "
-                "whitespace (make one with: openssl rand -hex 32)"
-            )
-        if token in identities:
-            raise ValueError(f"{where}: the same token is already given to {identities[token].app_id}")
-        identities[token] = AppIdentity(namespace, app)
-    return identities
 
 
 def _invalid(message: str) -> ApiError:
@@ -232,31 +83,13 @@ class RuntimeApi:
     ) -> None:
         self.components = components
         self.invoker = invoker
-        # Only the tokens' digests are kept; a presented token is looked up by its digest.
-        self._by_digest = {_token_digest(token): who for token, who in (identities or {}).items()}
+        self.tokens = Tokens(identities)
 
     # --- helpers ---------------------------------------------------------------------
 
     def authenticate(self, context: grpc.ServicerContext) -> AppIdentity:
-        """The caller's identity, from its bearer token (UNAUTHENTICATED without a valid one).
-        A ``layotto-app-id`` naming another app is PERMISSION_DENIED."""
-        token = claimed = None
-        for key, value in context.invocation_metadata() or ():
-            text = value if isinstance(value, str) else value.decode(errors="replace")
-            if key == AUTHORIZATION_METADATA and token is None:
-                scheme, _, rest = text.strip().partition(" ")
-                token = rest.strip() if scheme.lower() == "bearer" else ""
-            elif key == APP_ID_METADATA:
-                claimed = text
-        who = self._by_digest.get(_token_digest(token)) if token else None
-        if who is None:
-            raise ApiError(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
-        if claimed is not None and claimed not in ("", who.app_id):
-            raise ApiError(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{APP_ID_METADATA} {claimed!r} is not the app of this token ({who.app_id})",
-            )
-        return who
+        """The caller's identity, from its bearer token (:meth:`Tokens.identify`)."""
+        return self.tokens.identify(context.invocation_metadata())
 
     def component(self, kind: str, name: str, what: str) -> Any:
         if self.components is None:
@@ -292,7 +125,7 @@ class RuntimeApi:
             raise ApiError(grpc.StatusCode.UNIMPLEMENTED, "service invocation is not configured")
         message = request.message
         # The caller reaches functions of its own namespace only (HostInvoker scopes by it).
-        caller = _Caller(who.namespace, who.app_id)
+        caller = Caller(who.namespace, who.app_id)
         body = self.invoker.invoke(caller, request.id, message.method, message.data.value)
         return pb.InvokeResponse(data=any_pb2.Any(value=bytes(body)), content_type="application/octet-stream")
 

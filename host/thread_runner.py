@@ -13,7 +13,6 @@ import threading
 import time
 
 from layotto.host import capi
-from layotto.host.abi_host import calling
 from layotto.host.capi import Stop
 from layotto.host.engine import WasmEngine
 from layotto.host.nanoprocess import Nanoprocess, build_linker
@@ -103,7 +102,7 @@ class ThreadRun:
             proc.cpu_used = time.thread_time()
             proc.start_failed(exc, ready)
             return
-        abi = proc.abi_context(store, instance)
+        proc.abi_context(store, instance)  # the store's host calls act for it from here on
         ready.set()
         quota = bool(proc.spec.cpu_quota_us)
         if quota:
@@ -112,8 +111,7 @@ class ThreadRun:
             proc.engine.ticker.acquire()
         error: BaseException | None = None
         try:
-            with calling(abi):
-                entry(store)
+            entry(store)
         except Exception as exc:
             error = exc
         finally:

@@ -1,0 +1,221 @@
+"""The Runtime ABI's caller: :class:`AbiContext`, what a host function knows of the guest
+that called it, with every guest pointer and length checked against its linear memory.
+
+A store's host calls act for the context its owner attached to the store's
+:class:`~layotto.host.capi.EpochWatch` (``watch.owner``); see host/abi_linker.py and
+docs/abi.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import wasmtime
+
+from layotto.abi import spec as abi_spec
+from layotto.host import scoping
+from layotto.host.components import ConfigItem
+from layotto.host.errors import AbiStatus, ComponentDenied, ComponentError, Status
+
+SPEC = abi_spec.load()
+S = SPEC.status  # status name -> code (errors.Status is the typed form)
+MAX_KEY = SPEC.limits.get("max_key", 1024)
+MAX_VALUE = SPEC.limits.get("max_value", 4 << 20)
+KNOWN_CAPABILITIES = frozenset(SPEC.capabilities)
+
+BUFFER_REQUEST_BODY = 0
+BUFFER_RESPONSE_BODY = 1
+BUFFER_CALL_DATA = 8
+# Of proxy-wasm's BufferType values, the ones this host serves (layotto_abi.yaml); any
+# other type is BAD_ARGUMENT, never a new host-side buffer.
+BUFFER_TYPES = frozenset({BUFFER_REQUEST_BODY, BUFFER_RESPONSE_BODY, BUFFER_CALL_DATA})
+# All the buffers of one instance together hold at most this much (a largest request body
+# and a largest response); a write past it is LIMIT_EXCEEDED. The host empties them after
+# every request.
+BUFFER_LIMIT = 2 * MAX_VALUE
+
+
+class GuestMemory(Protocol):
+    def view(self) -> memoryview: ...
+
+
+class Invoker(Protocol):
+    def invoke(self, caller: AbiContext, target: str, method: str, data: bytes) -> bytes: ...
+
+
+@dataclass
+class AbiContext:
+    """Everything a host function needs to know about its caller."""
+
+    name: str
+    memory: GuestMemory
+    allocate: Callable[[int], int]
+    capabilities: frozenset[str]
+    app_id: str
+    components: Any  # host.components.registry.Components (or None: every component call fails)
+    invoker: Invoker | None = None
+    logger: Callable[[str, str], None] | None = None
+    namespace: str | None = None  # the caller's namespace (None: not scoped, host-internal)
+    buffers: dict[int, bytearray] = field(default_factory=dict)  # proxy-wasm's, per request
+    buffer_limit: int = BUFFER_LIMIT  # what ``buffers`` may hold in all
+    _view: memoryview | None = field(default=None, repr=False)
+
+    # --- guest memory, checked --------------------------------------------------------
+
+    def view(self) -> memoryview:
+        """The guest's memory, fetched once per host call (until the guest allocates)."""
+        view = self._view
+        if view is None:
+            view = self._view = self.memory.view()
+        return view
+
+    def reset_view(self) -> None:
+        self._view = None
+
+    def guest_alloc(self, size: int) -> int:
+        addr = self.allocate(size)
+        self._view = None  # the allocator may have grown (moved) the memory
+        return addr
+
+    def read(self, ptr: int, length: int, limit: int = MAX_VALUE) -> bytes:
+        if length > limit:
+            raise AbiStatus(Status.LIMIT_EXCEEDED, f"{length} bytes exceeds the limit of {limit}")
+        view = self.view()
+        if ptr < 0 or length < 0 or ptr + length > len(view):
+            raise AbiStatus(Status.INVALID_MEMORY_ACCESS, f"[{ptr:#x}, +{length}) is outside linear memory")
+        return bytes(view[ptr : ptr + length])
+
+    def read_str(self, ptr: int, length: int) -> str:
+        raw = self.read(ptr, length, MAX_KEY)
+        try:
+            return raw.decode()
+        except UnicodeDecodeError as exc:
+            raise AbiStatus(Status.BAD_ARGUMENT, "not valid UTF-8") from exc
+
+    def check_writable(self, ptr: int, length: int) -> None:
+        view = self.view()
+        if ptr < 0 or length < 0 or ptr + length > len(view):
+            raise AbiStatus(Status.INVALID_MEMORY_ACCESS, f"[{ptr:#x}, +{length}) is outside linear memory")
+
+    def write(self, ptr: int, data: bytes) -> None:
+        view = self.view()
+        if ptr < 0 or ptr + len(data) > len(view):
+            raise AbiStatus(
+                Status.INVALID_MEMORY_ACCESS, f"[{ptr:#x}, +{len(data)}) is outside linear memory"
+            )
+        view[ptr : ptr + len(data)] = data
+
+    def give(self, ptr_ptr: int, len_ptr: int, data: bytes) -> None:
+        """Copy ``data`` into a guest-allocated buffer and return it through the out-pointers."""
+        if len(data) > MAX_VALUE:
+            raise AbiStatus(Status.LIMIT_EXCEEDED, f"a result of {len(data)} bytes exceeds {MAX_VALUE}")
+        self.check_writable(ptr_ptr, 4)
+        self.check_writable(len_ptr, 4)
+        addr = 0
+        if data:
+            addr = self.guest_alloc(len(data))
+            if not addr:
+                raise AbiStatus(Status.INVALID_MEMORY_ACCESS, "the guest allocator returned 0")
+            self.write(addr, data)
+        self.write(ptr_ptr, struct.pack("<I", addr))
+        self.write(len_ptr, struct.pack("<I", len(data)))
+
+    # --- components ---------------------------------------------------------------------
+
+    def component(self, kind: str, name: str) -> Any:
+        if self.components is None:
+            raise AbiStatus(Status.INTERNAL_FAILURE, "no components are configured")
+        try:
+            return getattr(self.components, kind)(name)
+        except ComponentDenied as exc:  # the operator's policy does not grant it
+            raise AbiStatus(Status.PERMISSION_DENIED, str(exc)) from exc
+        except (KeyError, LookupError, ComponentError) as exc:
+            raise AbiStatus(Status.NOT_FOUND, f"no {kind} component named {name!r}") from exc
+
+    def state_key(self, store: str, key: str, kind: str = "state") -> str:
+        """``key`` as stored: the shared rule of ``host.scoping.state_key`` (per app unless
+        the store says ``keyPrefix: name`` or ``none``)."""
+        try:
+            return scoping.state_key(self.components, kind, store, key, self.app_id, self.namespace)
+        except scoping.ScopeError as exc:
+            raise AbiStatus(Status.BAD_ARGUMENT, str(exc)) from exc
+
+    def topic(self, pubsub_name: str, topic: str) -> str:
+        """The component topic for ``topic``: per namespace (``host.scoping.scoped_topic``)."""
+        try:
+            return scoping.scoped_topic(self.components, pubsub_name, self.namespace, topic)
+        except scoping.ScopeError as exc:
+            raise AbiStatus(Status.BAD_ARGUMENT, str(exc)) from exc
+
+    def secret_name(self, store: str, name: str) -> str:
+        """The store's name for secret ``name``: per namespace (``host.scoping.scoped_secret``)."""
+        try:
+            return scoping.scoped_secret(self.components, store, self.namespace, name)
+        except scoping.ScopeError as exc:
+            raise AbiStatus(Status.BAD_ARGUMENT, str(exc)) from exc
+
+    def configuration(self, store: str, keys: list[str], group: str, label: str) -> list[ConfigItem]:
+        """This app's configuration items (``host.scoping.get_configuration``)."""
+        self.component("configuration", store)  # NOT_FOUND for an unknown store
+        try:
+            return scoping.get_configuration(
+                self.components, store, self.namespace, self.app_id, keys, group=group, label=label
+            )
+        except scoping.ScopeError as exc:
+            raise AbiStatus(Status.BAD_ARGUMENT, str(exc)) from exc
+
+    def note(self, line: str) -> None:
+        if self.logger is not None:
+            self.logger("abi", line)
+
+
+def is_known_import(module: str, name: str) -> bool:
+    return SPEC.lookup(module, name) is not None
+
+
+def parse_capabilities(value: str | None) -> frozenset[str]:
+    """The capabilities a pod grants (annotation ``layotto.io/capabilities``)."""
+    granted = set(SPEC.default_capabilities)
+    if value:
+        for item in value.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            if item == "all":
+                granted |= KNOWN_CAPABILITIES
+            elif item not in KNOWN_CAPABILITIES:
+                raise ValueError(
+                    f"unknown capability {item!r} (known: {', '.join(sorted(KNOWN_CAPABILITIES))})"
+                )
+            else:
+                granted.add(item)
+    return frozenset(granted)
+
+
+class WasmtimeMemory:
+    """A GuestMemory over wasmtime-py's Memory (for callers without raw handles)."""
+
+    def __init__(self, store: wasmtime.Store, memory: wasmtime.Memory) -> None:
+        self.store = store
+        self.memory = memory
+
+    def view(self) -> memoryview:
+        size = self.memory.data_len(self.store)
+        if not size:
+            return memoryview(bytearray())
+        base = ctypes.addressof(self.memory.data_ptr(self.store).contents)
+        return memoryview((ctypes.c_ubyte * size).from_address(base)).cast("B")
+
+
+def wasmtime_allocator(store: wasmtime.Store, exports: Any) -> Callable[[int], int]:
+    """The guest allocator (``proxy_on_memory_allocate``, else ``malloc``) as a callable;
+    one that always fails (returns 0) when the module exports neither."""
+    for name in ("proxy_on_memory_allocate", "malloc"):
+        func = exports.get(name) if hasattr(exports, "get") else None
+        if isinstance(func, wasmtime.Func):
+            return lambda size, f=func: int(f(store, size)) & 0xFFFFFFFF
+    return lambda size: 0
