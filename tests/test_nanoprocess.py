@@ -10,7 +10,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +23,7 @@ from layotto.host.function import DEFAULT_MEMORY_LIMIT
 from layotto.host.nanoprocess import KILL_GRACE, ExitInfo, Nanoprocess, ProcessSpec
 from layotto.host.rootpath import DirMount
 from layotto.host.runtime import NodeRuntime
+from tests.support import wait_for
 
 
 class Host:
@@ -89,13 +90,6 @@ def wait_exit(proc: Nanoprocess, timeout: float) -> ExitInfo:
 
 def is_fiber(proc: Nanoprocess) -> bool:
     return isinstance(proc.runner, FiberRunner)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
 
 
 @pytest.fixture

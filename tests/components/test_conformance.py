@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -22,6 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,7 @@ class Backend:
         self.redis = request.getfixturevalue("redis_server") if kind == "redis" else ""
         self.prefix = f"test-{uuid.uuid4().hex[:12]}:"
         self._opened: list[Any] = []
+        self._raw: Any = None  # a plain Redis client, for unfinished()
 
     def _keep(self, component: Any) -> Any:
         self._opened.append(component)
@@ -146,9 +149,27 @@ class Backend:
         meta = self._redis_meta(retryDelay=retry_delay, pollInterval=0.05, processingTimeout=0.3)
         return self._keep(RedisPubSub(meta, name="bus"))
 
+    def unfinished(self, topic: str) -> int:
+        """How many messages of ``topic`` (on the pub/sub named bus) a subscription has been
+        handed and not finished: SQLite's pending rows, the pending entries of the Redis
+        stream's consumer groups."""
+        if self.kind == "sqlite":
+            return sqlite_unfinished(self.db, topic)
+        if self._raw is None:
+            import redis
+
+            self._raw = redis.Redis.from_url(f"redis://{self.redis}")
+        return sum(int(g["pending"]) for g in self._raw.xinfo_groups(self.prefix + topic))
+
+    def settle(self, bus: PubSub, topic: str, *receivers: Inbox | tuple[Inbox, ...]) -> None:
+        """``settle`` with this backend's count of unfinished messages."""
+        settle(bus, topic, lambda: self.unfinished(topic), *receivers)
+
     def close(self) -> None:
         for component in reversed(self._opened):
             component.close()
+        if self._raw is not None:
+            self._raw.close()
 
 
 @pytest.fixture
@@ -406,16 +427,25 @@ def test_sequencer_persists_across_reopen(backend: Backend) -> None:
 # --- pub/sub ------------------------------------------------------------------------------
 
 
+MARKER = b"-- marker: the messages under test were published before this one --"
+
+
 class Inbox:
-    """A handler recording what it gets, answering with ``answer(message)``."""
+    """A handler recording what it gets, answering with ``answer(message)``. The marker
+    (see ``settle``) is not recorded in ``got`` and always answered SUCCESS; ``marked_at``
+    is how many messages had come before it (None: it has not come)."""
 
     def __init__(self, answer: Callable[[Message], Delivery] = lambda m: Delivery.SUCCESS) -> None:
         self.answer = answer
         self.got: list[Message] = []
+        self.marked_at: int | None = None
         self._lock = threading.Lock()
 
     def __call__(self, message: Message) -> Delivery:
         with self._lock:
+            if message.data == MARKER:
+                self.marked_at = len(self.got)
+                return Delivery.SUCCESS
             self.got.append(message)
         return self.answer(message)
 
@@ -427,6 +457,47 @@ class Inbox:
         wait_for(lambda: len(self.got) >= count, timeout, what=f"{count} deliveries (got {self.data()})")
         with self._lock:
             return list(self.got)
+
+
+def sqlite_unfinished(db: Path, topic: str, store: str = "bus") -> int:
+    """Messages of ``topic`` handed to a subscription of SQLite pub/sub ``store`` and not
+    finished yet (its pending rows; the store writes in WAL mode, so reading does not wait)."""
+    with closing(sqlite3.connect(db)) as conn:
+        (count,) = conn.execute(
+            "SELECT COUNT(*) FROM pubsub_pending WHERE store = ? AND topic = ?", (store, topic)
+        ).fetchone()
+    return int(count)
+
+
+def settle(
+    bus: PubSub, topic: str, unfinished: Callable[[], int], *receivers: Inbox | tuple[Inbox, ...]
+) -> None:
+    """Return once ``receivers`` have had every message of ``topic`` they will ever get, so
+    that a test can then assert that nothing more came (no redelivery, no duplicate, no
+    dropped message coming back) without sleeping through a quiet window. A receiver is a
+    subscription's Inbox, or a tuple of the Inboxes of one group's subscriptions.
+
+    A group (a subscription's own, or a durable one) gets its messages in publish order, one
+    at a time, a message a cancel, crash or RETRY left unfinished before the next new one
+    (delivery.py delivers each subscription on one thread; the backends' ``_claim``). So a
+    marker published now reaches a receiver only after everything ordered before it. One
+    path is ordered by time instead: Redis hands a message nobody acknowledged to the group
+    again once it has been idle for processingTimeout. Waiting, after the markers, until no
+    message of the topic is unfinished (``unfinished()``, handed out and not finished) closes
+    it too: nothing is left to deliver again, and nothing was published after the marker.
+    A single subscription must have had nothing after its marker."""
+    bus.publish(topic, MARKER)
+    for receiver in receivers:
+        inboxes = receiver if isinstance(receiver, tuple) else (receiver,)
+        wait_for(
+            lambda group=inboxes: any(inbox.marked_at is not None for inbox in group),
+            what=f"the marker on {topic} (got {[inbox.data() for inbox in inboxes]})",
+        )
+    wait_for(lambda: unfinished() == 0, what=f"every message of {topic} finished")
+    for receiver in receivers:
+        if isinstance(receiver, Inbox):
+            late = receiver.data()[receiver.marked_at :]
+            assert not late, f"delivered after the marker: {late}"
 
 
 def test_pubsub_delivers_in_order(backend: Backend) -> None:
@@ -471,7 +542,7 @@ def test_pubsub_only_subscriptions_existing_at_publish_time(backend: Backend) ->
     bus.publish("t", b"m2")
     first.wait(2)
     second.wait(1)
-    time.sleep(0.3)
+    backend.settle(bus, "t", first, second)
     assert first.data() == [b"m1", b"m2"]
     assert second.data() == [b"m2"]
 
@@ -483,7 +554,7 @@ def test_pubsub_retry_redelivers_with_attempt_count(backend: Backend) -> None:
     bus.publish("t", b"flaky")
     bus.publish("t", b"next")
     got = inbox.wait(4)
-    time.sleep(0.2)
+    backend.settle(bus, "t", inbox)
     assert [(m.data, m.attempt) for m in inbox.got] == [
         (b"flaky", 1),
         (b"flaky", 2),
@@ -514,7 +585,7 @@ def test_pubsub_max_attempts_then_dropped(backend: Backend) -> None:
     bus.publish("t", b"poison")
     bus.publish("t", b"after")
     inbox.wait(4)
-    time.sleep(0.3)
+    backend.settle(bus, "t", inbox)
     assert [(m.data, m.attempt) for m in inbox.got] == [
         (b"poison", 1),
         (b"poison", 2),
@@ -530,7 +601,7 @@ def test_pubsub_drop_is_not_redelivered(backend: Backend) -> None:
     bus.publish("t", b"bad")
     bus.publish("t", b"good")
     inbox.wait(2)
-    time.sleep(0.3)
+    backend.settle(bus, "t", inbox)
     assert [(m.data, m.attempt) for m in inbox.got] == [(b"bad", 1), (b"good", 1)]
 
 
@@ -542,6 +613,10 @@ def test_pubsub_cancel_stops_delivery(backend: Backend) -> None:
     inbox.wait(1)
     cancel()
     bus.publish("t", b"2")
+    # A quiet window, not a marker: a cancelled subscription gets no later message that
+    # could mark the end of its deliveries, and another subscription's marker shows
+    # nothing about this one (each subscription has a delivery thread of its own, with no
+    # order between them). So the test watches a short while for "2" not to come.
     time.sleep(0.4)
     assert inbox.data() == [b"1"]
     # cancelling from inside the handler works too
@@ -551,7 +626,7 @@ def test_pubsub_cancel_stops_delivery(backend: Backend) -> None:
     bus.publish("t", b"3")
     bus.publish("t", b"4")
     selfish.wait(1)
-    time.sleep(0.4)
+    time.sleep(0.4)  # a quiet window, as above: "4" must not come
     assert selfish.data() == [b"3"]
 
 
@@ -568,7 +643,7 @@ def test_pubsub_durable_group_keeps_messages_while_away(backend: Backend) -> Non
     second = Inbox()
     bus.subscribe("t", second, group="workers")
     second.wait(2)
-    time.sleep(0.2)
+    backend.settle(bus, "t", second)  # first: cancel() returned once its delivery thread ended
     assert first.data() == [b"m1"]
     assert second.data() == [b"m2", b"m3"]
 
@@ -584,7 +659,7 @@ def test_pubsub_group_members_share_messages(backend: Backend) -> None:
         bus.publish("t", data)
     wait_for(lambda: len(a.got) + len(b.got) >= 30, what="the group's deliveries")
     solo.wait(30)
-    time.sleep(0.2)
+    backend.settle(bus, "t", (a, b), solo)  # the group's marker goes to a or to b
     assert sorted(a.data() + b.data()) == sorted(sent)
     assert a.data() == sorted(a.data(), key=sent.index)  # each member sees publish order
     assert solo.data() == sent
@@ -623,7 +698,8 @@ def test_pubsub_attempts_bound_holds_across_reopen(backend: Backend) -> None:
     second.subscribe("t", inbox, max_attempts=2, group="g")
     second.publish("t", b"fresh")
     inbox.wait(1)
-    time.sleep(0.5)
+    # poison, were it delivered again: before the marker, or (Redis) while still unfinished
+    backend.settle(second, "t", inbox)
     assert inbox.data() == [b"fresh"]
 
 
@@ -679,7 +755,7 @@ def test_sqlite_pubsub_backlog_is_bounded(tmp_path: Path) -> None:
         inbox = Inbox()
         cancel = bus.subscribe("t", inbox, group="slow")
         inbox.wait(5)
-        time.sleep(0.3)
+        settle(bus, "t", lambda: sqlite_unfinished(tmp_path / "c.db", "t"), inbox)
         cancel()
         assert inbox.data() == [str(i).encode() for i in range(15, 20)]
     finally:

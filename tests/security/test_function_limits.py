@@ -28,6 +28,7 @@ import wasmtime
 from layotto.host.abi_host import BUFFER_LIMIT, MAX_VALUE, S
 from layotto.host.function import LOG_LINE_LIMIT, Function, FunctionLog, Request
 from layotto.host.runtime import NodeRuntime
+from tests.support import wait_for
 
 MIB = 1 << 20
 CAPABILITIES = frozenset({"log", "time", "random"})
@@ -42,16 +43,6 @@ def runtime() -> NodeRuntime:
 def own_runtime() -> NodeRuntime:
     """A runtime (engine, epoch ticker) no other function uses."""
     return NodeRuntime(None)
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.002)
-    raise AssertionError(f"{what}: not met within {timeout}s")
 
 
 def make(runtime: NodeRuntime, wasm: bytes, name: str, **options: object) -> Function:
