@@ -1,9 +1,8 @@
 """The Runtime ABI's caller: :class:`AbiContext`, what a host function knows of the guest
 that called it, with every guest pointer and length checked against its linear memory.
 
-A store's host calls act for the context its owner attached to the store's
-:class:`~layotto.host.capi.EpochWatch` (``watch.owner``); see host/abi_linker.py and
-docs/abi.md.
+Whoever calls into a guest makes its context the caller for the call
+(``abi_linker.calling``); the rules are in docs/abi.md.
 """
 
 from __future__ import annotations

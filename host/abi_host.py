@@ -3,7 +3,7 @@
 - host/abi_context.py: the ABI's limits and :class:`AbiContext`, the caller as host
   functions see it, guest memory checked;
 - host/abi_functions.py: the host functions and their table;
-- host/abi_linker.py: the table in a linker, each call finding its caller from its store;
+- host/abi_linker.py: the table in a linker, and the caller lookup (``calling``);
 - host/abi_invoker.py: :class:`HostInvoker`, ``layotto_invoke``'s reach.
 
 This module gathers their public names in one place.
@@ -32,7 +32,7 @@ from layotto.host.abi_context import (
 )
 from layotto.host.abi_functions import IMPLEMENTATIONS, check_table, decode_ops
 from layotto.host.abi_invoker import HostInvoker
-from layotto.host.abi_linker import define_imports, host_function
+from layotto.host.abi_linker import calling, current, define_imports, host_function
 
 __all__ = [
     "BUFFER_CALL_DATA",
@@ -51,7 +51,9 @@ __all__ = [
     "Invoker",
     "S",
     "WasmtimeMemory",
+    "calling",
     "check_table",
+    "current",
     "decode_ops",
     "define_imports",
     "host_function",

@@ -1,15 +1,17 @@
 """The Runtime ABI in a linker: every entry of abi/layotto_abi.yaml defined as a raw
 wasmtime host function that finds its caller and runs its implementation.
 
-A host call acts for the :class:`~layotto.host.abi_context.AbiContext` its store's owner
-put on the store's :class:`~layotto.host.capi.EpochWatch` (``watch.owner``); a store
-without one gets INTERNAL_FAILURE. Each linker definition owns its callback (wasmtime
-frees it with the definition). The rules are in docs/abi.md.
+The caller is found through a thread-local stack: whoever calls into a guest (a function
+instance, a nanoprocess) pushes its :class:`AbiContext` for the call (``with
+calling(ctx)``); with none pushed a host call answers INTERNAL_FAILURE. Each linker
+definition owns its callback (wasmtime frees it with the definition). The rules are in
+docs/abi.md.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -23,17 +25,45 @@ from layotto.host.errors import AbiStatus, LayottoError, Status, abi_status
 
 log = logging.getLogger(__name__)
 
+_local = threading.local()
+
+
+def current() -> AbiContext | None:
+    """The innermost ABI caller of this thread (None outside every ``calling``)."""
+    stack = getattr(_local, "stack", None)
+    return stack[-1] if stack else None
+
+
+class calling:  # noqa: N801 - used as a context manager, reads like a clause
+    """``with calling(ctx): <call into the guest>`` makes ``ctx`` the ABI caller."""
+
+    __slots__ = ("ctx",)
+
+    def __init__(self, ctx: AbiContext | None) -> None:
+        self.ctx = ctx
+
+    def __enter__(self) -> None:
+        stack = getattr(_local, "stack", None)
+        if stack is None:
+            stack = _local.stack = []
+        stack.append(self.ctx)
+
+    def __exit__(self, *exc: object) -> None:
+        _local.stack.pop()
+
+
 # Statuses a guest meets in normal operation: not written to the function's log.
 _QUIET = frozenset({Status.NOT_FOUND, Status.CAS_MISMATCH})
 
 
 def host_function(fn: abi_spec.Function) -> Callable[..., int]:
-    """The host function for one ABI entry, as ``call(caller, *args)``: the capability
-    check, the implementation, and every failure turned into a status."""
+    """The wasm-callable host function for one ABI entry: the caller (:func:`current`),
+    the capability check, the implementation, and every failure turned into a status."""
     impl = IMPLEMENTATIONS[(fn.module, fn.name)]
     capability = fn.capability
 
-    def call(ctx: AbiContext | None, *args: int) -> int:
+    def call(*args: int) -> int:
+        ctx = current()
         if ctx is None:
             return Status.INTERNAL_FAILURE
         ctx.reset_view()
@@ -61,18 +91,16 @@ def host_function(fn: abi_spec.Function) -> Callable[..., int]:
 
 def _raw_callback(fn: abi_spec.Function) -> object:
     """wasmtime's unchecked host-function callback for ``fn``: arguments straight from
-    the raw value array (about 1 µs per call, against 7-10 µs through ``define_func``),
-    the caller from the store the call came from. Pointers and lengths are read unsigned,
-    ``i32`` parameters signed."""
+    the raw value array (about 1 µs per call, against 7-10 µs through ``define_func``).
+    Pointers and lengths are read unsigned, ``i32`` parameters signed."""
     host = host_function(fn)
-    owner = capi.caller_owner
     signed = tuple(suffix == "" for p in fn.params for suffix in abi_spec.LOWERING[p.type])
     arity = fn.arity
 
-    def callback(_env: object, caller: int, vals: Any, _count: int) -> int:
+    def callback(_env: object, _caller: object, vals: Any, _count: int) -> int:
         try:
             args = [vals[i].i32 if signed[i] else vals[i].i32 & 0xFFFFFFFF for i in range(arity)]
-            vals[0].i32 = host(owner(caller), *args)
+            vals[0].i32 = host(*args)
             return 0
         except BaseException as exc:  # a trap in a nested guest call (the allocator)
             return capi.new_trap(f"{fn.name}: {exc}")

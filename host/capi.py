@@ -13,8 +13,6 @@ modules on threads or fibers): the store's callback environment is an
 :class:`EpochWatch`, whose handler returns a typed decision, :class:`Resume` or a
 :class:`Stop`. A stop becomes a trap, and the watch keeps the :class:`Stop` it came
 from, so the caller learns why its call ended from that field, never from error text.
-The watch is also the store's data: a host function finds the store it was called from,
-and through it its owner (:func:`caller_owner`), with no thread-local lookup.
 
 The compiling child (host/compiler.py) keeps its own few declarations: it may import
 only the standard library.
@@ -22,7 +20,6 @@ only the standard library.
 
 from __future__ import annotations
 
-import _ctypes
 import ctypes
 import enum
 import inspect
@@ -80,8 +77,6 @@ store_epoch_deadline_callback = _keeps_gil("wasmtime_store_epoch_deadline_callba
 context_set_epoch_deadline = _keeps_gil("wasmtime_context_set_epoch_deadline", None, _vp, _u64)
 context_set_wasi = _keeps_gil("wasmtime_context_set_wasi", _vp, _vp, _vp)
 caller_context = _keeps_gil("wasmtime_caller_context", _vp, _vp)
-context_get_data = _keeps_gil("wasmtime_context_get_data", _vp, _vp)
-context_set_data = _keeps_gil("wasmtime_context_set_data", None, _vp, _vp)
 
 # --- instances, exports, memory ----------------------------------------------------------
 instance_pre_instantiate = _releases_gil("wasmtime_instance_pre_instantiate", _vp, _vp, _vp, _vp, _vp)
@@ -293,13 +288,9 @@ class EpochWatch:
 
     A bound method is held weakly, so that a store's owner is not kept alive by its own
     store; once the owner is gone, every deadline stops the call.
-
-    The watch is also the store's data (:func:`mark_store`): ``owner`` is what the store's
-    host calls act for (the Runtime ABI's caller context, or None), found from the caller
-    by :func:`caller_owner`.
     """
 
-    __slots__ = ("_handler", "stopped", "owner")
+    __slots__ = ("_handler", "stopped")
 
     def __init__(self, handler: Callable[[], Decision]) -> None:
         if inspect.ismethod(handler):
@@ -308,7 +299,6 @@ class EpochWatch:
         else:
             self._handler = lambda: handler
         self.stopped: Stop | None = None
-        self.owner: Any = None
 
     def decide(self) -> Decision:
         handler = self._handler()
@@ -344,28 +334,8 @@ EPOCH_CALLBACK_ADDRESS: int = address(_EPOCH_CALLBACK)
 
 def watch_store(store: int, watch: EpochWatch) -> None:
     """Route the epoch deadlines of ``store`` (a wasmtime_store_t address) to ``watch``,
-    and make it the store's data (:func:`mark_store`); the caller keeps ``watch`` alive for
-    as long as the store."""
+    which the caller keeps alive for as long as the store."""
     store_epoch_deadline_callback(store, EPOCH_CALLBACK_ADDRESS, id(watch), None)
-    mark_store(store_context(store), watch)
-
-
-def mark_store(ctx: int, watch: EpochWatch) -> None:
-    """Make ``watch`` the data of the store whose context is ``ctx``, so that its host
-    calls find their owner (:func:`caller_owner`). The caller keeps ``watch`` alive for as
-    long as the store, as for its epoch deadlines. A store's data is always such a watch or
-    NULL: the host never gives wasmtime-py's ``Store`` a ``data`` of its own."""
-    context_set_data(ctx, id(watch))
-
-
-_object_at = _ctypes.PyObj_FromPtr  # the object at an address (a new reference)
-
-
-def caller_owner(caller: int) -> Any:
-    """The ``owner`` of the calling store's watch (the store a host call came from), or
-    None when the store has no watch."""
-    data = context_get_data(caller_context(caller))
-    return _object_at(data).owner if data else None
 
 
 # --- the handler ABI's hot path, in C (host/_handler.c) -----------------------------------

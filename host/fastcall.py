@@ -189,7 +189,6 @@ class HandlerStore(_Exports):
         self.instance: _handler.Instance = result[1]
         addresses = self.instance.addresses()
         self.ctx, self.alloc_addr, self.handler_addr, self.mem_addr, self.out, self.instance_addr = addresses
-        capi.mark_store(self.ctx, self.watch)  # the instance holds the watch until the store is freed
 
     def call(
         self, method: bytes, path: bytes, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes

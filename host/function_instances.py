@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 import wasmtime
 
 from layotto.abi.maps import encode_map
-from layotto.host.abi_context import (
+from layotto.host.abi_host import (
     BUFFER_CALL_DATA,
     BUFFER_REQUEST_BODY,
     BUFFER_RESPONSE_BODY,
     AbiContext,
+    calling,
 )
 from layotto.host.capi import RESUME, Decision, Resume, Stop
 from layotto.host.engine import TICK
@@ -196,7 +197,6 @@ class Instance(BaseInstance):
         self.ctx = self.raw.ctx
         self.out = self.raw.out
         self.abi = fn.abi_context(self.memory, self.alloc.call1) if fn.uses_abi else None
-        self.raw.watch.owner = self.abi  # the store's host calls act for it
 
     @property
     def memory(self) -> Memory:
@@ -215,11 +215,12 @@ class Instance(BaseInstance):
         abi = self.abi
         if abi is None:
             return self._call(request, ticks, kind)
-        try:
-            return self._call(request, ticks, kind)
-        finally:
-            if abi.buffers:  # what the guest left in Layotto's buffers lives one request
-                abi.buffers = {}
+        with calling(abi):
+            try:
+                return self._call(request, ticks, kind)
+            finally:
+                if abi.buffers:  # what the guest left in Layotto's buffers lives one request
+                    abi.buffers = {}
 
     def _call(self, request: Request, ticks: int, kind: str) -> Response:
         self.calls += 1
@@ -287,32 +288,36 @@ class ProxyInstance(BaseInstance):
             abi = fn.abi_context(self.memory, self.alloc.call1, always=True)
             assert abi is not None  # always=True
             self.abi: AbiContext = abi
-            self.raw.watch.owner = abi  # the store's host calls act for it
             arity = fn.export_arity
             self.callbacks: dict[str, tuple[Func, int]] = {}
             for name in self.CALLBACKS:
                 addr = self.raw.export(name.encode(), EXTERN_FUNC)
                 if addr is not None:
                     self.callbacks[name] = (Func(ctx, addr, max(arity.get(name, 0), 1)), arity.get(name, 0))
-            self._arm(max(1, int(fn.timeout / TICK)), "thread")
-            for start in (b"_initialize", b"_start"):
-                addr = self.raw.export(start, EXTERN_FUNC)
-                if addr is not None:
-                    try:
-                        Func(ctx, addr, 0).call0()
-                    except wasmtime.ExitTrap as exc:
-                        if exc.code != 0:
-                            raise ModuleError(f"{fn.name}: {start.decode()} exited with {exc.code}") from exc
-                    break
-            self.abi.buffers = {}
-            self._callback("proxy_get_id")
-            module_id = bytes(self.abi.buffers.get(BUFFER_CALL_DATA, b"")).decode(errors="replace").strip()
-            if module_id and not fn.module_id:
-                fn.module_id = module_id
-            self._callback("proxy_on_context_create", self.ROOT, 0)
-            self._callback("proxy_on_vm_start", self.ROOT, 0)
-            self._callback("proxy_on_configure", self.ROOT, 0)
-            self.abi.buffers = {}
+            with calling(self.abi):
+                self._arm(max(1, int(fn.timeout / TICK)), "thread")
+                for start in (b"_initialize", b"_start"):
+                    addr = self.raw.export(start, EXTERN_FUNC)
+                    if addr is not None:
+                        try:
+                            Func(ctx, addr, 0).call0()
+                        except wasmtime.ExitTrap as exc:
+                            if exc.code != 0:
+                                raise ModuleError(
+                                    f"{fn.name}: {start.decode()} exited with {exc.code}"
+                                ) from exc
+                        break
+                self.abi.buffers = {}
+                self._callback("proxy_get_id")
+                module_id = (
+                    bytes(self.abi.buffers.get(BUFFER_CALL_DATA, b"")).decode(errors="replace").strip()
+                )
+                if module_id and not fn.module_id:
+                    fn.module_id = module_id
+                self._callback("proxy_on_context_create", self.ROOT, 0)
+                self._callback("proxy_on_vm_start", self.ROOT, 0)
+                self._callback("proxy_on_configure", self.ROOT, 0)
+                self.abi.buffers = {}
         except BaseException:
             self.raw.delete()
             raise
@@ -324,23 +329,24 @@ class ProxyInstance(BaseInstance):
             func.call(*args[:arity])
 
     def call(self, request: Request, ticks: int, kind: str) -> Response:
-        self.calls += 1
-        self._arm(ticks, kind)
-        context = self._next_context
-        self._next_context += 1
-        body = request.body or request.query
-        self.abi.buffers = {BUFFER_REQUEST_BODY: bytearray(body), BUFFER_RESPONSE_BODY: bytearray()}
-        try:
-            self._callback("proxy_on_context_create", context, self.ROOT)
-            self._callback("proxy_on_request_headers", context, len(request.headers), 0 if body else 1)
-            if body:
-                self._callback("proxy_on_request_body", context, len(body), 1)
-            self._callback("proxy_on_done", context)
-            self._callback("proxy_on_delete", context)
-            body_out = bytes(self.abi.buffers.get(BUFFER_RESPONSE_BODY, b""))
-        except (wasmtime.WasmtimeError, wasmtime.Trap):
-            self._classify()
-            raise
-        finally:
-            self.abi.buffers = {}  # the buffers live one request, whatever happened
+        with calling(self.abi):
+            self.calls += 1
+            self._arm(ticks, kind)
+            context = self._next_context
+            self._next_context += 1
+            body = request.body or request.query
+            self.abi.buffers = {BUFFER_REQUEST_BODY: bytearray(body), BUFFER_RESPONSE_BODY: bytearray()}
+            try:
+                self._callback("proxy_on_context_create", context, self.ROOT)
+                self._callback("proxy_on_request_headers", context, len(request.headers), 0 if body else 1)
+                if body:
+                    self._callback("proxy_on_request_body", context, len(body), 1)
+                self._callback("proxy_on_done", context)
+                self._callback("proxy_on_delete", context)
+                body_out = bytes(self.abi.buffers.get(BUFFER_RESPONSE_BODY, b""))
+            except (wasmtime.WasmtimeError, wasmtime.Trap):
+                self._classify()
+                raise
+            finally:
+                self.abi.buffers = {}  # the buffers live one request, whatever happened
         return Response(200, [(b"content-type", b"text/plain; charset=utf-8")], body_out)

@@ -25,8 +25,7 @@ from typing import Protocol
 import wasmtime
 
 from layotto.host import capi
-from layotto.host.abi_context import AbiContext, WasmtimeMemory, wasmtime_allocator
-from layotto.host.abi_linker import define_imports
+from layotto.host.abi_host import AbiContext, WasmtimeMemory, define_imports, wasmtime_allocator
 from layotto.host.capi import EpochWatch
 from layotto.host.engine import CompiledModule, WasmEngine, module_facts
 from layotto.host.errors import ModuleError, describe_error
@@ -290,12 +289,11 @@ class Nanoprocess:
         return entry
 
     def abi_context(self, store: wasmtime.Store, instance: wasmtime.Instance) -> AbiContext | None:
-        """The Runtime ABI's view of the instance, which the store's host calls act for from
-        now on (None when the module does not import it)."""
+        """The Runtime ABI's view of the instance (None when the module does not import it)."""
         if not module_facts(self.compiled.module).uses_abi:
             return None
         services = self.spec.services
-        abi = AbiContext(
+        return AbiContext(
             name=self.spec.name,
             memory=WasmtimeMemory(store, self._memory) if self._memory is not None else _NoMemory(),
             allocate=wasmtime_allocator(store, instance.exports(store)),
@@ -306,9 +304,6 @@ class Nanoprocess:
             logger=self.log.add,
             namespace=self.spec.namespace,
         )
-        if self._watch is not None:  # configure() made it the store's watch
-            self._watch.owner = abi
-        return abi
 
     def start_failed(self, exc: BaseException, ready: threading.Event) -> None:
         """Instantiation failed: report it from Start, and the exit."""
@@ -358,8 +353,6 @@ class Nanoprocess:
         """Drop the Store now: its linear memory and WASI descriptors go with it."""
         self._memory = None
         self._store = None
-        if self._watch is not None:  # its ABI context holds the store too
-            self._watch.owner = None
 
     def _hit_memory_limit(self) -> bool:
         """Did the module end up against its memory cap?

@@ -13,6 +13,7 @@ import threading
 import time
 
 from layotto.host import capi
+from layotto.host.abi_host import calling
 from layotto.host.capi import Stop
 from layotto.host.engine import WasmEngine
 from layotto.host.nanoprocess import Nanoprocess, build_linker
@@ -102,7 +103,7 @@ class ThreadRun:
             proc.cpu_used = time.thread_time()
             proc.start_failed(exc, ready)
             return
-        proc.abi_context(store, instance)  # the store's host calls act for it from here on
+        abi = proc.abi_context(store, instance)
         ready.set()
         quota = bool(proc.spec.cpu_quota_us)
         if quota:
@@ -111,7 +112,8 @@ class ThreadRun:
             proc.engine.ticker.acquire()
         error: BaseException | None = None
         try:
-            entry(store)
+            with calling(abi):
+                entry(store)
         except Exception as exc:
             error = exc
         finally:

@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from layotto.abi import spec as abi_spec
-from layotto.host import abi_host, capi, errors
-from layotto.host.abi_host import AbiContext, WasmtimeMemory, host_function, parse_capabilities
+from layotto.host import abi_host, errors
+from layotto.host.abi_host import AbiContext, WasmtimeMemory, calling, host_function, parse_capabilities
 from layotto.host.components.registry import load_components
 from layotto.host.engine import WasmEngine
 from layotto.host.errors import ModuleError, Status
@@ -81,7 +81,8 @@ class Guest:
     def call(self, name: str, *args: int) -> int:
         fn = SPEC.lookup("layotto", name) or SPEC.lookup("env", name)
         assert fn is not None
-        return host_function(fn)(self.ctx, *args)
+        with calling(self.ctx):
+            return host_function(fn)(*args)
 
 
 def test_generated_files_are_up_to_date() -> None:
@@ -280,16 +281,11 @@ def test_calls_from_wasm_go_through_the_raw_import_table(components) -> None:
         components=components,
         logger=lambda stream, line: logged.append((stream, line)),
     )
-    # Without a caller context (a store nobody gave a watch) the host answers, it does not crash.
-    assert exports["log_ok"](store) == STATUS["INTERNAL_FAILURE"]
-    # The store's host calls act for the owner of its watch, and for nothing once it is gone.
-    watch = capi.EpochWatch(lambda: capi.RESUME)
-    capi.watch_store(capi.store_address(store), watch)
-    watch.owner = ctx
-    assert exports["log_ok"](store) == STATUS["OK"]
-    assert exports["get_far"](store) == STATUS["INVALID_MEMORY_ACCESS"]
+    with calling(ctx):
+        assert exports["log_ok"](store) == STATUS["OK"]
+        assert exports["get_far"](store) == STATUS["INVALID_MEMORY_ACCESS"]
     assert ("info", "hello from wasm") in logged
-    watch.owner = None
+    # Without a caller context (no ABI caller pushed) the host answers, it does not crash.
     assert exports["log_ok"](store) == STATUS["INTERNAL_FAILURE"]
 
 

@@ -397,7 +397,7 @@ def _in_process(workdir: Path, redis_address: str | None, budget: float, progres
     import wasmtime
     import yaml
 
-    from layotto.host.abi_host import IMPLEMENTATIONS, HostInvoker, parse_capabilities
+    from layotto.host.abi_host import IMPLEMENTATIONS, HostInvoker, calling, parse_capabilities
     from layotto.host.components.registry import load_components
     from layotto.host.engine import CompiledModule
     from layotto.host.fastcall import EXTERN_FUNC, Func, set_epoch_deadline
@@ -482,10 +482,12 @@ def _in_process(workdir: Path, redis_address: str | None, budget: float, progres
 
         def looped(name: str, *args: int) -> Callable[[int], int]:
             func = export(name, 1 + len(args))
+            ctx = inst.abi
 
             def call(n: int) -> int:
                 set_epoch_deadline(inst.ctx, 1 << 40)
-                return func.call(n, *args)
+                with calling(ctx):
+                    return func.call(n, *args)
 
             return call
 
