@@ -265,10 +265,14 @@ async def serve(args: argparse.Namespace) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
-    await server.close()
     await ingress.close()
-    await admin.close()
+    # Every task's exit (143 for those still running) is published and answered to Wait,
+    # and reaches containerd, before the connections close: containerd's cleanup after
+    # the host's end (the shim's `delete`) comes after, and reports the same exits.
     await service.close()
+    await publisher.drain(2.0)
+    await server.close(grace=2.0)
+    await admin.close()
     if runtime_api is not None:
         await asyncio.to_thread(runtime_api.stop)
     components.close()

@@ -9,7 +9,9 @@ start:  make sure the node host runs (bind and listen on its socket here, under 
         immediate dial never races the host's start), write ``<bundle>/address`` and print
         ``unix://<socket>`` and nothing else (containerd reads stdout and stderr together).
 delete: ask a live host to kill and forget the task, unmount the rootfs if it is still
-        mounted, print a protobuf DeleteResponse. Idempotent; works while the host is down.
+        mounted, print a protobuf DeleteResponse: the exit the host recorded in the bundle
+        as it stopped, else 137 and now (the host is gone: the task was killed).
+        Idempotent; works while the host is down.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from layotto.shim import wire
 from layotto.shim.mounts import unmount_rootfs
-from layotto.shim.paths import HostPaths, host_paths_for_bundle, state_dir_for_bundle
+from layotto.shim.paths import HostPaths, host_paths_for_bundle, read_exit_record, state_dir_for_bundle
 
 VERSION = "0.1.0"
 TASK_SERVICE = "containerd.task.v2.Task"
@@ -200,8 +202,10 @@ def delete(args: argparse.Namespace) -> int:
     if args.id and _can_connect(paths.socket):
         _ask_host_to_forget(paths, args.id, args.namespace or "default")
     unmount_rootfs(bundle)  # also drops the mount marker
-    # What runc answers for a container whose shim is gone: killed, now.
-    response = wire.field_varint(2, 128 + SIGKILL) + wire.field_message(3, wire.timestamp())
+    # The exit a host recorded as it went away (SIGTERM); else what runc answers for a
+    # container whose shim is gone: killed, now (when the host was found gone).
+    status, exited_at = read_exit_record(bundle) or (128 + SIGKILL, time.time())
+    response = wire.field_varint(2, status) + wire.field_message(3, wire.timestamp(exited_at))
     sys.stdout.buffer.write(response)
     sys.stdout.flush()
     return 0

@@ -79,3 +79,24 @@ def host_paths_for_bundle(bundle: Path) -> HostPaths:
 
 MOUNT_MARKER = ".layotto-mounted"
 """Created in the bundle while the host holds the container's rootfs mounted."""
+
+EXIT_RECORD = ".layotto-exit"
+"""Written in the bundle by a node host that is going away (SIGTERM): the task's exit
+status and time, which the shim's ``delete`` reports once the host is gone. Without it,
+``delete`` after the host's end reports what a killed process would: 137, now."""
+
+
+def write_exit_record(bundle: Path, status: int, exited_at: float) -> None:
+    """Record how a task ended, for the shim's ``delete`` (atomically: it may be reading)."""
+    tmp = bundle / f"{EXIT_RECORD}.tmp"
+    tmp.write_text(f"{status} {exited_at!r}\n")
+    tmp.replace(bundle / EXIT_RECORD)
+
+
+def read_exit_record(bundle: Path) -> tuple[int, float] | None:
+    """The (status, exited_at) a host recorded for the task in ``bundle``, if any."""
+    try:
+        status, exited_at = (bundle / EXIT_RECORD).read_text().split()
+        return int(status), float(exited_at)
+    except (OSError, ValueError):
+        return None

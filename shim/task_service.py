@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -35,7 +36,7 @@ from layotto.shim import bundle as oci
 from layotto.shim.content import ContainerdContent
 from layotto.shim.events import Publisher, bare_any, timestamp
 from layotto.shim.modules import ModuleFinder
-from layotto.shim.paths import TASK_DIR
+from layotto.shim.paths import TASK_DIR, write_exit_record
 from layotto.shim.protocol import cgroups_v1_pb2, events_pb2, task_pb2, task_types_pb2
 from layotto.shim.ttrpc import Code, Context, Method, TtrpcError
 
@@ -420,12 +421,31 @@ class TaskService:
     # --- host shutdown -------------------------------------------------------------------
 
     async def close(self) -> None:
-        """Stop every workload and unmount every rootfs (the host is going away)."""
-        for task in list(self.tasks.values()):
+        """The host is going away: every task it has not seen end ends now, as a process
+        sent SIGTERM would (status 143, this time), its exit published and its Wait
+        answered; every task's exit is recorded in its bundle, for the shim's ``delete``
+        that containerd runs once the host is gone. Then every workload is stopped and
+        every rootfs unmounted."""
+        now = time.time()
+        tasks = list(self.tasks.values())
+        for task in tasks:
+            if task.status != Status.STOPPED:
+                self._on_exit(task, ExitStatus(128 + signal.SIGTERM, now, "the node host stopped"))
+        records = [(task.bundle, task.exit_status, task.exited_at or now) for task in tasks]
+        await asyncio.to_thread(_record_exits, records)
+        for task in tasks:
             task.workload.close()
             if task.mounted:
                 await asyncio.to_thread(oci.unmount_rootfs, task.bundle)
                 task.mounted = False
+
+
+def _record_exits(records: list[tuple[Path, int, float]]) -> None:
+    for bundle, status, exited_at in records:
+        try:
+            write_exit_record(bundle, status, exited_at)
+        except OSError as exc:
+            log.warning("recording the exit of %s: %s", bundle.name, exc)
 
 
 def _container_spec(req: task_pb2.CreateTaskRequest, namespace: str, bundle: oci.BundleSpec) -> ContainerSpec:

@@ -142,11 +142,20 @@ class Server:
         sock.setblocking(False)
         self._server = await asyncio.start_unix_server(self._on_connection, sock=sock, limit=MAX_MESSAGE * 2)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop accepting connections and close every one. With ``grace`` (seconds), the
+        requests in flight are given that long to be answered, and the answers are flushed
+        to the peers before this returns."""
         if self._server is not None:
             self._server.close()
-        for conn in list(self._connections):
+        connections = list(self._connections)
+        in_flight = {task for conn in connections for task in conn.tasks}
+        if grace > 0 and in_flight:
+            await asyncio.wait(in_flight, timeout=grace)
+        for conn in connections:
             conn.close()
+        if grace > 0 and connections:
+            await asyncio.wait([asyncio.ensure_future(conn.closed()) for conn in connections], timeout=grace)
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _ServerConnection(self, reader, writer)
@@ -167,6 +176,11 @@ class _ServerConnection:
 
     def close(self) -> None:
         self.writer.close()
+
+    async def closed(self) -> None:
+        """Wait until what was written is flushed and the connection is closed."""
+        with contextlib.suppress(Exception):
+            await self.writer.wait_closed()
 
     async def run(self) -> None:
         try:

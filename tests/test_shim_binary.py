@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from layotto.shim.paths import MOUNT_MARKER
+from layotto.shim.paths import MOUNT_MARKER, write_exit_record
 from layotto.shim.protocol import task_pb2, ttrpc_pb2
 
 SHIM_NAME = "containerd-shim-layotto-v1"
@@ -280,6 +280,23 @@ def test_delete_with_host_down(shim, fake, leftovers):
         assert result.stderr == b""
         assert_killed_now(result.stdout, before)
     assert host_processes(fake.run_dir) == []
+
+
+@pytest.mark.parametrize("host_up", [False, True], ids=["host-gone", "host-stopping"])
+def test_delete_reports_the_exit_a_stopping_host_recorded(shim, fake, host_up):
+    """A host stopping on SIGTERM records each task's exit (143) in its bundle; `delete`
+    reports that, not 0 (the fast path's empty answer) nor 137, even while the host is
+    still up."""
+    bundle = fake.bundle("c1")
+    if host_up:
+        started = run_shim(shim, fake, bundle, *start_args("c1"), combined=True)
+        assert started.returncode == 0, started.stdout
+    write_exit_record(bundle, 143, 1767225600.25)
+    result = run_shim(shim, fake, bundle, *delete_args("c1", bundle))
+    assert result.returncode == 0, result.stderr
+    resp = task_pb2.DeleteResponse.FromString(result.stdout)
+    assert resp.exit_status == 143
+    assert (resp.exited_at.seconds, resp.exited_at.nanos // 1000) == (1767225600, 250000)
 
 
 @pytest.mark.integration  # needs root
