@@ -147,7 +147,7 @@ class Nanoprocess:
         self.start_error: BaseException | None = None
         self.cpu_used = 0.0  # CPU seconds of the finished module (or of the slices so far)
         self._run: Run | None = None
-        self._exit_callbacks: list[Callable[[ExitInfo], None]] = []
+        self._exit_callbacks: list[Callable[[ExitInfo], None]] | None = []  # None: exit reported
         self._exit_lock = threading.Lock()
         self._store: wasmtime.Store | None = None
         self._memory: wasmtime.Memory | None = None
@@ -162,9 +162,10 @@ class Nanoprocess:
 
     def on_exit(self, callback: Callable[[ExitInfo], None]) -> None:
         with self._exit_lock:
-            if self.exit is None:
+            if self._exit_callbacks is not None:
                 self._exit_callbacks.append(callback)
                 return
+        assert self.exit is not None
         callback(self.exit)
 
     def start(self) -> threading.Event:
@@ -331,18 +332,38 @@ class Nanoprocess:
         return TRAP_EXIT, f"host error: {exc}"
 
     def finish(self, status: int, reason: str) -> None:
-        """Record the exit (once), close what the module had open, tell the callbacks."""
+        """Record the exit (once), close what the module had open, and tell the callbacks
+        once its output has reached the reader (or was given up for lack of one): a
+        reader told of the exit first (ctr) may stop reading."""
         with self._exit_lock:
             if self.exit is not None:
                 return
             oom = status != 0 and not self.killed and self._hit_memory_limit()
             self.exit = ExitInfo(status, time.time(), reason, oom)
-            callbacks, self._exit_callbacks = self._exit_callbacks, []
-        for out in self._outputs:
-            out.close()
         close_preopens(self._take_preopens())  # still there if killed before configured
         if self._stdin is not None:
             self._stdin.close()
+        outputs = list(dict.fromkeys(self._outputs))  # stdout may be stderr too
+        if not outputs:
+            self._report_exit()
+            return
+        left = [len(outputs)]
+        count = threading.Lock()
+
+        def closed() -> None:
+            with count:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self._report_exit()
+
+        for out in outputs:
+            out.close(closed)
+
+    def _report_exit(self) -> None:
+        with self._exit_lock:
+            callbacks, self._exit_callbacks = self._exit_callbacks or [], None
+        assert self.exit is not None
         for callback in callbacks:
             try:
                 callback(self.exit)
@@ -384,12 +405,13 @@ class Nanoprocess:
 
     def memory_bytes(self) -> int:
         """Linear memory currently allocated by the module."""
+        kept = sum(out.buffered for out in self._outputs)  # output awaiting its reader
         if self._memory is None or self._store is None or self.exit is not None:
-            return 0
+            return kept
         try:
-            return self._memory.data_len(self._store)
+            return self._memory.data_len(self._store) + kept
         except Exception:
-            return 0
+            return kept
 
     def cpu_seconds(self) -> float:
         """CPU time the module has used (its thread's, or its fiber's slices)."""
