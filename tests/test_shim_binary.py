@@ -282,6 +282,22 @@ def test_delete_with_host_down(shim, fake, leftovers):
     assert host_processes(fake.run_dir) == []
 
 
+def test_a_host_socket_without_its_pid_file_prints_nothing_on_stderr(shim, fake):
+    """While a host is starting, its socket exists before its pid file. The fast path must
+    not print the shell's "cannot open" then: containerd reads start's stdout and stderr
+    together as the address."""
+    bundle = fake.bundle("c1")
+    fake.run_dir.mkdir(parents=True)
+    starting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    starting.bind(str(fake.socket))
+    try:
+        result = run_shim(shim, fake, bundle, *delete_args("c1", bundle))
+    finally:
+        starting.close()
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""
+
+
 @pytest.mark.parametrize("host_up", [False, True], ids=["host-gone", "host-stopping"])
 def test_delete_reports_the_exit_a_stopping_host_recorded(shim, fake, host_up):
     """A host stopping on SIGTERM records each task's exit (143) in its bundle; `delete`
