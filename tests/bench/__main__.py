@@ -37,6 +37,7 @@ QUICK = {
     "startrate": ["--n", "24"],
     "invoke": ["--duration", "2", "--micro-seconds", "0.2"],
     "scale": ["--max", "100", "--probe-seconds", "1"],
+    "soak": ["--cycles", "20"],
 }
 
 
@@ -75,6 +76,16 @@ def verdict(name: str, path: Path) -> str:
             f"N={last['n']:,}: {last['start']['rate_per_s']:.0f} starts/s, "
             f"{last['per_function']['rss'] / 1024:.1f} KiB/fn, sweep p99 {last['sweep']['p99_ms']:.2f} ms"
             + (f"; stopped: {data['stopped']}" if data.get("stopped") else "")
+        )
+    if name == "soak":
+        b, a = data["before"], data["after"]
+        failed = sum(data["failures"].values())
+        return (
+            f"{2 * data['cycles']} cycles, {data['cycles_per_s']:.1f}/s: {failed} failed, "
+            f"{data['output_lost']} lost, hosts {data['host_processes_seen']['max']}, host fds "
+            f"{b['host_fds']}->{a['host_fds']}, threads {b['host_threads']}->{a['host_threads']}, mounts "
+            f"{b['mounts']}->{a['mounts']}, "
+            f"RSS {b['host_rss'] / 2**20:.1f}->{a['host_rss'] / 2**20:.1f} MiB: " + _pm(data["pass"])
         )
     if "pass" in data:
         return _pm(bool(data["pass"]))
