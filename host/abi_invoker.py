@@ -66,7 +66,7 @@ class HostInvoker:
         url = base.rstrip("/") + "/" + method.lstrip("/")
         request = urllib.request.Request(url, data=data, method="POST", headers={"id": target})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310 - configured apps
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 return response.read(MAX_VALUE + 1)
         except urllib.error.HTTPError as exc:
             raise AbiStatus(

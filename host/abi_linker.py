@@ -34,7 +34,7 @@ def current() -> AbiContext | None:
     return stack[-1] if stack else None
 
 
-class calling:  # noqa: N801 - used as a context manager, reads like a clause
+class calling:
     """``with calling(ctx): <call into the guest>`` makes ``ctx`` the ABI caller."""
 
     __slots__ = ("ctx",)

@@ -64,7 +64,7 @@ class RotatingHostLog(logging.handlers.RotatingFileHandler):
         super().__init__(path, maxBytes=max_bytes, backupCount=backups)
         self._redirect()
 
-    def doRollover(self) -> None:  # noqa: N802 - logging's name
+    def doRollover(self) -> None:
         super().doRollover()
         self._redirect()
 

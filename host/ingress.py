@@ -111,12 +111,12 @@ class HttpProtocol(asyncio.Protocol):
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = self._raw = transport  # type: ignore[assignment]
-        refusal = self.server._admit(self, transport)  # type: ignore[arg-type]
+        self.transport = self._raw = transport
+        refusal = self.server._admit(self, transport)
         if refusal is not None:
             self._halted = True
             self.transport = None
-            transport.write(refusal)  # type: ignore[attr-defined]
+            transport.write(refusal)
             transport.close()
 
     def data_received(self, data: bytes | memoryview) -> None:
@@ -133,7 +133,7 @@ class HttpProtocol(asyncio.Protocol):
         phase = self._phase
         body_before = self._body_size
         try:
-            self.parser.feed_data(data)  # type: ignore[union-attr]
+            self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             if not self._halted:
                 self._error(400, b"upgrades are not supported\n")
@@ -253,7 +253,7 @@ class HttpProtocol(asyncio.Protocol):
         if self._too_large:
             self._error(413, b"request body too large\n")
             raise _Stop
-        parser: httptools.HttpRequestParser = self.parser  # type: ignore[assignment]
+        parser: httptools.HttpRequestParser = self.parser
         keep_alive = parser.should_keep_alive()
         path, _, query = self._url.partition(b"?")
         parts = self._body
@@ -296,9 +296,9 @@ class HttpProtocol(asyncio.Protocol):
         while self._pending and not self._busy and self.transport is not None:
             fn, request, keep_alive = self._pending.popleft()
             if request is None:  # an error, answered in its turn
-                self._respond(fn, keep_alive, linger=True)  # type: ignore[arg-type]
+                self._respond(fn, keep_alive, linger=True)
             else:
-                self._serve(fn, request, keep_alive)  # type: ignore[arg-type]
+                self._serve(fn, request, keep_alive)
         if self._paused and len(self._pending) < MAX_PIPELINED // 2 and self.transport is not None:
             self._paused = False
             self._resume()

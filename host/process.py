@@ -300,7 +300,7 @@ class Output:
                 if not opened and not self._gone and now < self._deadline:
                     return False
                 if opened:
-                    os.set_blocking(self.fd, False)  # type: ignore[arg-type]
+                    os.set_blocking(self.fd, False)
                     self._deadline = now + READER_WAIT
             while self._kept and self.fd is not None:
                 try:

@@ -223,7 +223,7 @@ def _error_detail(body: bytes) -> str:
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
     """Redirects of HEAD and GET are followed; anything else is handled by the caller."""
 
-    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001
         if req.get_method() in ("GET", "HEAD"):
             return super().redirect_request(req, fp, code, msg, headers, newurl)
         return None

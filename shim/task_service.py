@@ -97,7 +97,7 @@ class TaskService:
 
     def methods(self) -> dict[str, Method]:
         def m(request_type: type[Message], handler: object) -> Method:
-            return Method(request_type, handler)  # type: ignore[arg-type]
+            return Method(request_type, handler)
 
         return {
             "Create": m(task_pb2.CreateTaskRequest, self.create),

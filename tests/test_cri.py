@@ -118,7 +118,7 @@ class Kubelet:
 
     def start(self, pod: Pod, name: str, image: str, **kw: object) -> str:
         """CreateContainer + StartContainer; returns the container id."""
-        cid = self.client.create_container(pod.id, pod.config, name, image, **kw)  # type: ignore[arg-type]
+        cid = self.client.create_container(pod.id, pod.config, name, image, **kw)
         self.client.start_container(cid)
         return cid
 
@@ -411,7 +411,7 @@ def test_a_failed_start_names_its_cause_and_harms_nobody(
 ) -> None:
     client = kubelet.client
     pod = kubelet.run_pod("bad")
-    cid = client.create_container(pod.id, pod.config, "bad", image, **kw)  # type: ignore[arg-type]
+    cid = client.create_container(pod.id, pod.config, "bad", image, **kw)
     try:
         client.start_container(cid)
     except grpc.RpcError as exc:

@@ -83,7 +83,7 @@ def test_a_file_already_read_is_not_read_again_until_it_changes(
     reads: list[str] = []
     real_load = runtime.engine.load
 
-    def counting_load(wasm: bytes, *, name: str):  # noqa: ANN202
+    def counting_load(wasm: bytes, *, name: str):
         reads.append(name)
         return real_load(wasm, name=name)
 

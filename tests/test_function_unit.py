@@ -114,7 +114,7 @@ def test_configuration_changes_reach_a_subscribed_function(
         seen.append(request.path + b" " + request.body)
         return original(request)
 
-    fn.call_sync = recording  # type: ignore[method-assign]
+    fn.call_sync = recording
     with load_components(None, tmp_path) as components:
         fn.services = HostServices(components, None)
         # what admission (host/admission.py) reads off the annotation
@@ -122,7 +122,7 @@ def test_configuration_changes_reach_a_subscribed_function(
         wanted = SimpleNamespace(
             subscriptions=(), config_subscriptions=(("config_demo", ("feature",)),), namespace="ns"
         )
-        cancels = watch_configuration(fn, wanted)  # type: ignore[arg-type]
+        cancels = watch_configuration(fn, wanted)
         assert len(cancels) == 1
         store = components.configuration("config_demo")
         # The function's own item (its app's prefix), an item it did not name, and the same

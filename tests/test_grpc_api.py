@@ -165,11 +165,11 @@ def client(request: pytest.FixtureRequest, server: tuple[Path, int]) -> Iterator
 
 
 def code(err: grpc.RpcError) -> grpc.StatusCode:
-    return err.code()  # type: ignore[attr-defined]
+    return err.code()
 
 
 def details(err: grpc.RpcError) -> str:
-    return err.details() or ""  # type: ignore[attr-defined]
+    return err.details() or ""
 
 
 def item(key: str, value: bytes, etag: str | None = None) -> pb.StateItem:
@@ -443,7 +443,7 @@ def test_publish_event_reaches_a_subscriber(client: Client, components: Componen
 def test_get_configuration(client: Client, components: Components) -> None:
     """Configuration items are per app: app1's item ``k`` is the store's ``default.app1||k``."""
     store = components.configuration(CONFIG)
-    store.set(  # type: ignore[attr-defined]  # the SQLite store's admin method
+    store.set(  # the SQLite store's admin method
         [
             ConfigItem("default.app1||greeting", "hello", tags={"owner": "ops"}),
             ConfigItem("default.app1||db_url", "postgres://prod", group="backend", label="prod"),

@@ -63,7 +63,7 @@ class Host:
                 env=[],
                 rootfs=self.rootfs,
                 **fields,
-            ),  # type: ignore[arg-type]
+            ),
             fiber=fiber,
         )
         self.procs.append(proc)

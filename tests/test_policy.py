@@ -20,7 +20,7 @@ from layotto.host.hostlog import RateLimit
 from layotto.host.policy import DEFAULT_POLICY, ComponentView, PolicyError, parse_bytes, parse_policy
 
 
-def policy(text: str):  # noqa: ANN201
+def policy(text: str):
     return parse_policy(yaml.safe_load(textwrap.dedent(text)), "policy.yaml", KNOWN_CAPABILITIES)
 
 

@@ -43,7 +43,7 @@ def test_a_sandbox_ends_when_killed():
 
 def test_ps_rows_carry_the_pod_and_container_names():
     async def rows() -> list[dict[str, object]]:
-        service = TaskService(host=None, publisher=None)  # type: ignore[arg-type]
+        service = TaskService(host=None, publisher=None)
         spec = ContainerSpec(id="b" * 64, namespace="k8s.io", annotations=CRI, args=[], env=[], sandbox=True)
         task = Task("b" * 64, "k8s.io", Path("/x"), spec, SandboxWorkload(), False, False, 1)
         service.tasks[("k8s.io", task.id)] = task

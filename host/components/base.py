@@ -26,7 +26,7 @@ def meta_str(metadata: Metadata, name: str, default: str = "") -> str:
 def meta_float(metadata: Metadata, name: str, default: float) -> float:
     value = metadata.get(name, default)
     try:
-        result = float(value)  # type: ignore[arg-type]
+        result = float(value)
     except (TypeError, ValueError):
         raise ComponentError(f"metadata {name!r} must be a number, not {value!r}") from None
     if result < 0:
@@ -39,7 +39,7 @@ def meta_int(metadata: Metadata, name: str, default: int) -> int:
     if isinstance(value, bool):
         raise ComponentError(f"metadata {name!r} must be an integer, not {value!r}")
     try:
-        return int(value)  # type: ignore[arg-type]
+        return int(value)
     except (TypeError, ValueError):
         raise ComponentError(f"metadata {name!r} must be an integer, not {value!r}") from None
 

@@ -469,7 +469,7 @@ def _in_process(workdir: Path, redis_address: str | None, budget: float, progres
         check = bench_fn.call_sync(Request(b"GET", b"/", b"", [], b""))
         if check.status != 200 or check.body != NOOP_BODY:
             raise BenchError(f"the benchmark module's handler answered {check.status} {check.body!r}")
-        inst = bench_fn._new_instance()  # noqa: SLF001 - a private instance to call exports on
+        inst = bench_fn._new_instance()
         kept.append(inst)
         memory = inst.memory
         strings = string_layout()

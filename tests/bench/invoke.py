@@ -422,8 +422,8 @@ def bare_ingress(mode: str, args: argparse.Namespace) -> dict[str, Any]:
         get_once(port, "fn")
         url = f"http://127.0.0.1:{port}/?name={NAME}"
         kw = {"function_id": "fn", "connections": args.connections, "threads": 1, "pid": proc.pid}
-        run_wrk(url, duration=2, **kw)  # type: ignore[arg-type]
-        result = run_wrk(url, duration=args.duration, **kw)  # type: ignore[arg-type]
+        run_wrk(url, duration=2, **kw)
+        result = run_wrk(url, duration=args.duration, **kw)
         if proc.poll() is not None:
             result["warning"] = proc.stderr.read().strip()[-500:] or "the bare ingress exited"
         return result

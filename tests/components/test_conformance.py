@@ -194,7 +194,7 @@ def test_state_get_set_delete(backend: Backend) -> None:
     assert item is not None and (item.key, item.value, item.etag) == ("k", b"one", etag)
     etag2 = store.set("k", b"two")
     assert etag2 != etag
-    assert store.get("k").value == b"two"  # type: ignore[union-attr]
+    assert store.get("k").value == b"two"
     assert store.delete("k") is True
     assert store.get("k") is None
     assert store.delete("k") is False
@@ -207,12 +207,12 @@ def test_state_etag_on_set(backend: Backend) -> None:
     etag2 = store.set("k", b"v2", etag=etag)
     with pytest.raises(ETagMismatch):
         store.set("k", b"stale", etag=etag)
-    assert store.get("k").value == b"v2"  # type: ignore[union-attr]
+    assert store.get("k").value == b"v2"
     with pytest.raises(ETagMismatch):
         store.set("nothing-here", b"x", etag=etag2)
     assert store.get("nothing-here") is None
     assert store.set("k", b"v3", etag="")  # an empty etag is no etag
-    assert store.get("k").value == b"v3"  # type: ignore[union-attr]
+    assert store.get("k").value == b"v3"
 
 
 @pytest.mark.requires("etag")
@@ -223,7 +223,7 @@ def test_state_etag_on_delete(backend: Backend) -> None:
     with pytest.raises(ETagMismatch):
         store.delete("k", etag=etag)
     assert store.get("k") is not None
-    assert store.delete("k", etag=store.get("k").etag) is True  # type: ignore[union-attr]
+    assert store.delete("k", etag=store.get("k").etag) is True
     with pytest.raises(ETagMismatch):
         store.delete("k", etag=etag)
 
@@ -253,10 +253,10 @@ def test_state_binary_values(backend: Backend) -> None:
     blob = bytes(range(256)) * 64 + b"\x00"
     store.set("blob", blob)
     store.set("empty", b"")
-    assert store.get("blob").value == blob  # type: ignore[union-attr]
-    assert store.get("empty").value == b""  # type: ignore[union-attr]
+    assert store.get("blob").value == blob
+    assert store.get("empty").value == b""
     store.transact([StateOp(OpKind.UPSERT, "blob2", b"\xff\x00\xfe")])
-    assert store.get("blob2").value == b"\xff\x00\xfe"  # type: ignore[union-attr]
+    assert store.get("blob2").value == b"\xff\x00\xfe"
 
 
 @pytest.mark.requires("transaction")
@@ -275,9 +275,9 @@ def test_state_transaction_all_or_nothing(backend: Backend) -> None:
                 StateOp(OpKind.UPSERT, "c", b"c2", etag="1"),
             ]
         )
-    assert store.get("a").value == b"a0"  # type: ignore[union-attr]
-    assert store.get("b").value == b"b0"  # type: ignore[union-attr]
-    assert store.get("c").value == b"c1"  # type: ignore[union-attr]
+    assert store.get("a").value == b"a0"
+    assert store.get("b").value == b"b0"
+    assert store.get("c").value == b"c1"
     assert store.get("new") is None
 
     store.transact(
@@ -288,10 +288,10 @@ def test_state_transaction_all_or_nothing(backend: Backend) -> None:
             StateOp(OpKind.DELETE, "never-existed"),
         ]
     )
-    assert store.get("a").value == b"a1"  # type: ignore[union-attr]
+    assert store.get("a").value == b"a1"
     assert store.get("b") is None
-    assert store.get("new").value == b"n"  # type: ignore[union-attr]
-    assert store.get("a").etag != etag_a  # type: ignore[union-attr]
+    assert store.get("new").value == b"n"
+    assert store.get("a").etag != etag_a
 
 
 @pytest.mark.requires("transaction")
@@ -300,9 +300,9 @@ def test_state_transaction_sees_its_earlier_ops(backend: Backend) -> None:
     etag = store.set("k", b"v")
     with pytest.raises(ETagMismatch):  # k is gone by the time the second op runs
         store.transact([StateOp(OpKind.DELETE, "k"), StateOp(OpKind.UPSERT, "k", b"w", etag=etag)])
-    assert store.get("k").value == b"v"  # type: ignore[union-attr]
+    assert store.get("k").value == b"v"
     store.transact([StateOp(OpKind.DELETE, "k", etag=etag), StateOp(OpKind.UPSERT, "k", b"w")])
-    assert store.get("k").value == b"w"  # type: ignore[union-attr]
+    assert store.get("k").value == b"w"
 
 
 @pytest.mark.requires("etag")
@@ -329,7 +329,7 @@ def test_state_concurrent_writers_one_wins(backend: Backend) -> None:
     for t in threads:
         t.join()
     assert len(won) == 1 and len(lost) == writers - 1
-    assert stores[1].get("hot").value == f"writer {won[0]}".encode()  # type: ignore[union-attr]
+    assert stores[1].get("hot").value == f"writer {won[0]}".encode()
 
 
 @pytest.mark.requires("durable")
@@ -1090,8 +1090,8 @@ def test_sqlite_survives_kill_9(tmp_path: Path) -> None:
     assert proc.returncode == -signal.SIGKILL
 
     state = SqliteStateStore(db, name="state_demo")
-    assert [state.get(f"k{i}").value for i in range(100)] == [f"v{i}".encode() for i in range(100)]  # type: ignore[union-attr]
-    assert state.get("k99").etag == line[1]  # type: ignore[union-attr]
+    assert [state.get(f"k{i}").value for i in range(100)] == [f"v{i}".encode() for i in range(100)]
+    assert state.get("k99").etag == line[1]
     state.close()
     seq = SqliteSequencer(db, name="seq")
     assert seq.next_id("k") == int(line[2]) + 1
@@ -1120,7 +1120,7 @@ def test_redis_plain_string_values_and_prefix(redis_server: str) -> None:
     with pytest.raises(ETagMismatch):
         store.set("book1", b"101", etag="1")
     etag = store.set("book1", b"101")
-    assert store.get("book1").etag == etag  # type: ignore[union-attr]
+    assert store.get("book1").etag == etag
     assert raw.type(prefix + "book1") == b"hash"
     other = RedisStateStore({"redisHost": redis_server, "redisKeyPrefix": "elsewhere:"})
     assert other.get("book1") is None
@@ -1219,7 +1219,7 @@ def test_registry_default_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             components.state("redis")
     assert (tmp_path / "components.db").is_file()
     with load_components(None, tmp_path) as again:  # same file: the data is still there
-        assert again.state("state_demo").get("k").value == b"v"  # type: ignore[union-attr]
+        assert again.state("state_demo").get("k").value == b"v"
         assert again.sequencer("sequencer_demo").next_id("k") == 2
 
 
@@ -1254,7 +1254,7 @@ def test_registry_yaml_file(tmp_path: Path, redis_server: str) -> None:
         assert components.names("state") == ["state_demo", "cache"]
         assert type(components.state("cache")).__name__ == "RedisStateStore"
         components.state("cache").set("k", b"v")
-        assert components.state("cache").get("k").value == b"v"  # type: ignore[union-attr]
+        assert components.state("cache").get("k").value == b"v"
         assert components.state("").get("k") is None  # the first declared: state_demo (sqlite)
         assert components.configuration("files").get(["greeting"])[0].content == "hi"
         assert components.secrets("secret_demo").get("db") == {"password": "pw"}

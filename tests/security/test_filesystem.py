@@ -289,7 +289,7 @@ def test_the_cwd_option_cannot_leave_the_rootfs_either(images: Images, secret: S
 @pytest.mark.parametrize("workdir", ["/nowhere", "/probe-file"])
 def test_a_working_directory_that_is_not_a_directory_fails_the_start(images: Images, workdir: str) -> None:
     files = {PROBE: images.wasm_dir / "fsprobe.wasm", "/probe-file": b"not a directory\n"}
-    ref = images.build(workdir=workdir, files=files)  # type: ignore[arg-type]
+    ref = images.build(workdir=workdir, files=files)
     status, out, err = images.run(ref, PROBE, "list:.")
     assert status != 0
     assert f"working directory '{workdir}'" in err

@@ -57,7 +57,7 @@ def make(runtime: NodeRuntime, wasm: bytes, name: str, **options: object) -> Fun
         env=[],
         memory_limit=None,
         capabilities=CAPABILITIES,
-        **options,  # type: ignore[arg-type]
+        **options,
     )
 
 
@@ -132,7 +132,7 @@ def test_stop_interrupts_a_looping_call_promptly_though_its_timeout_is_30s(
     caller.start()
     wait_for(lambda: fn._busy == 1, what="the call started")
     # the thread running the wasm: the caller's own, or the function's worker thread
-    runner = caller if path == "call_sync" else fn._workers.threads[0]  # type: ignore[union-attr]
+    runner = caller if path == "call_sync" else fn._workers.threads[0]
     wait_for(lambda: thread_cpu(runner) > 0.1, what="the loop is burning CPU")
     stopped = time.perf_counter()
     fn.stop()
@@ -141,8 +141,8 @@ def test_stop_interrupts_a_looping_call_promptly_though_its_timeout_is_30s(
     assert not caller.is_alive() and not runner.is_alive(), "the looping call was not interrupted"
     took = caller.ended - stopped
     assert took < 0.3, f"the call ended {took * 1000:.0f} ms after stop()"
-    assert caller.response.status == 503  # type: ignore[attr-defined]
-    assert b"stopped" in caller.response.body  # type: ignore[attr-defined]
+    assert caller.response.status == 503
+    assert b"stopped" in caller.response.body
     # its thread burns nothing any more (it has ended), and the ticker is let go
     wait_for(lambda: ticker._users == 0, timeout=2, what="the ticker released")
     assert fn.instances == 0 and fn._busy == 0
@@ -165,7 +165,7 @@ def test_a_stopped_function_takes_no_new_call(runtime: NodeRuntime, wasm_dir: Pa
     fn = misbehave(runtime, wasm_dir)
     fn.stop()
     assert fn.call_sync(get(b"/count")).status == 503
-    assert fn.call_inline(get(b"/count")).status == 503  # type: ignore[union-attr]
+    assert fn.call_inline(get(b"/count")).status == 503
     assert fn.instances == 0
 
 
@@ -280,7 +280,7 @@ def test_the_buffers_of_an_instance_are_capped_in_all(
     response = fn.call_sync(post(commands(*cmds)))
     assert results(response.body, 3) == [(4, 0), (3, 0), (0, limit)]
     # emptied after the request: the next one starts from nothing
-    assert all(not instance.abi.buffers for instance in fn._idle)  # type: ignore[attr-defined]
+    assert all(not instance.abi.buffers for instance in fn._idle)
     response = fn.call_sync(post(commands((8, MIB, 4))))
     assert results(response.body, 1) == [(4, 0)]
 
@@ -337,7 +337,7 @@ def test_host_memory_stays_flat_under_a_proxy_buffer_flood(
         sampler.join()
     grown = max(peak[0], rss()) - before
     assert grown < 48 * MIB, f"host RSS grew by up to {grown / MIB:.0f} MiB over 200 calls"
-    assert all(not instance.abi.buffers for instance in fn._idle)  # type: ignore[attr-defined]
+    assert all(not instance.abi.buffers for instance in fn._idle)
 
 
 # A handler-ABI module that also imports Layotto's buffer calls: each request writes 4 MiB
@@ -389,7 +389,7 @@ def test_a_handler_abi_instance_lets_go_of_its_buffers_after_each_request(
         assert response.status == 200, response
         assert struct.unpack("<II", response.body) == (S["OK"], S["BAD_ARGUMENT"])
         (instance,) = fn._idle
-        assert instance.abi.buffers == {}  # type: ignore[attr-defined]
+        assert instance.abi.buffers == {}
     grown = rss() - before
     assert grown < 48 * MIB, f"host RSS grew by {grown / MIB:.0f} MiB over 200 calls"
 
@@ -500,8 +500,8 @@ def test_fifty_in_process_callers_share_a_pool_of_two(
     sampler.join()
     assert max(seen) <= 2, f"{max(seen)} instances live at once"
     assert fn.instances <= 2
-    assert [c.response.status for c in callers] == [200] * 50  # type: ignore[attr-defined]
-    assert [r.status for r in workers.response] == [200] * 20  # type: ignore[attr-defined]
+    assert [c.response.status for c in callers] == [200] * 50
+    assert [r.status for r in workers.response] == [200] * 20
 
 
 def test_callers_past_the_queue_limit_are_told_the_function_is_busy(
@@ -517,14 +517,14 @@ def test_callers_past_the_queue_limit_are_told_the_function_is_busy(
     wait_for(lambda: sum(not c.is_alive() for c in callers) == 15, what="15 callers answered")
     assert fn._waiting == 5
     turned_away = [c for c in callers if not c.is_alive()]
-    assert all(c.response.status == 503 for c in turned_away)  # type: ignore[attr-defined]
-    assert all(b"busy" in c.response.body for c in turned_away)  # type: ignore[attr-defined]
+    assert all(c.response.status == 503 for c in turned_away)
+    assert all(b"busy" in c.response.body for c in turned_away)
     for instance in held:
         fn._give_back(instance, healthy=True)
     for caller in callers:
         caller.join(timeout=10)
     served = [c for c in callers if c not in turned_away]
-    assert [c.response.status for c in served] == [200] * 5  # type: ignore[attr-defined]
+    assert [c.response.status for c in served] == [200] * 5
     assert fn.instances <= 2
 
 
@@ -539,7 +539,7 @@ def test_a_caller_waits_at_most_the_timeout_for_an_instance(
     took = time.perf_counter() - started
     assert response.status == 503 and b"busy" in response.body
     assert 0.2 <= took < 1.0
-    fn._give_back(held, healthy=True)  # type: ignore[arg-type]
+    fn._give_back(held, healthy=True)
     assert fn.call_sync(get(b"/count")).status == 200
 
 
@@ -554,8 +554,8 @@ def test_stopping_a_function_answers_its_waiting_callers(runtime: NodeRuntime, w
     for caller in callers:
         caller.join(timeout=2)
         assert not caller.is_alive()
-        assert caller.response.status == 503  # type: ignore[attr-defined]
-    fn._give_back(held, healthy=True)  # type: ignore[arg-type]
+        assert caller.response.status == 503
+    fn._give_back(held, healthy=True)
     assert fn.instances == 0
 
 

@@ -79,11 +79,11 @@ def bearer(token: str, **extra: str) -> list[tuple[str, str]]:
 
 
 def code(err: grpc.RpcError) -> grpc.StatusCode:
-    return err.code()  # type: ignore[attr-defined]
+    return err.code()
 
 
 def details(err: grpc.RpcError) -> str:
-    return err.details() or ""  # type: ignore[attr-defined]
+    return err.details() or ""
 
 
 def save(key: str, value: bytes) -> pb.SaveStateRequest:
@@ -317,7 +317,7 @@ def test_published_events_stay_in_the_namespace_and_carry_the_true_source(
 ) -> None:
     got: dict[str, queue.Queue[PubSubMessage]] = {"victim": queue.Queue(), "attacker": queue.Queue()}
 
-    def handler(ns: str):  # noqa: ANN202
+    def handler(ns: str):
         def handle(message: PubSubMessage) -> Delivery:
             got[ns].put(message)
             return Delivery.SUCCESS
@@ -355,7 +355,7 @@ def test_configuration_is_per_app(client: Client, components: Components) -> Non
     seen: queue.Queue[list[ConfigItem]] = queue.Queue()
     cancel = subscribe_configuration(components, "config", "attacker", ATTACKER.app_id, [], seen.put)
     try:
-        store.set([ConfigItem("victim.cart||price", "10"), ConfigItem("attacker.cart||price", "99")])  # type: ignore[attr-defined]
+        store.set([ConfigItem("victim.cart||price", "10"), ConfigItem("attacker.cart||price", "99")])
         request = pb.GetConfigurationRequest(store_name="config")
         assert [(i.key, i.content) for i in client.as_(VICTIM_TOKEN, "GetConfiguration", request).items] == [
             ("price", "10")
@@ -496,7 +496,7 @@ def test_load_identities(tmp_path: Path) -> None:
     ]
     for items, message in bad:
         with pytest.raises(ValueError, match=message):
-            load_identities(items)  # type: ignore[arg-type]
+            load_identities(items)
 
 
 # --- the Runtime ABI: the same scoping for functions ---------------------------------------------------
@@ -527,7 +527,7 @@ def test_a_function_publishing_does_not_reach_another_namespace(
     )
     got: dict[str, queue.Queue[PubSubMessage]] = {"tenant-a": queue.Queue(), "tenant-b": queue.Queue()}
 
-    def handler(ns: str):  # noqa: ANN202
+    def handler(ns: str):
         def handle(message: PubSubMessage) -> Delivery:
             got[ns].put(message)
             return Delivery.SUCCESS

@@ -95,7 +95,7 @@ class Tasks:
         self.c = c
         self.started: list[tuple[str, str]] = []
 
-    def run(self, module: str, *annotations: str, ns: str = "default", check: bool = True):  # noqa: ANN201
+    def run(self, module: str, *annotations: str, ns: str = "default", check: bool = True):
         task_id = new_id(module.replace("_", "-"))
         self.started.append((ns, task_id))
         opts = [a for pair in (("--annotation", a) for a in annotations) for a in pair]

@@ -33,8 +33,8 @@ def _item_from(doc: Mapping[str, object]) -> ConfigItem:
         content=str(doc.get("content", "")),
         group=str(doc.get("group", "")),
         label=str(doc.get("label", "")),
-        tags=dict(doc.get("tags") or {}),  # type: ignore[call-overload]
-        metadata=dict(doc.get("metadata") or {}),  # type: ignore[call-overload]
+        tags=dict(doc.get("tags") or {}),
+        metadata=dict(doc.get("metadata") or {}),
     )
 
 

@@ -73,7 +73,7 @@ class RedisPubSub(DeliveryLoop, RedisComponent):
         with redis_errors(f"pubsub {self.name!r}"):
             self._client.xadd(
                 self._stream(topic),
-                fields,  # type: ignore[arg-type]
+                fields,
                 maxlen=self._maxlen,
                 approximate=True,
             )
