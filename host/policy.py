@@ -227,16 +227,12 @@ class ComponentView:
         self._namespace = namespace
 
     def _get(self, kind: str, name: str) -> Any:
-        resolved = name or self._default_name(kind)
+        resolved = self._components.resolve(kind, name)
         if not self._rules.allows_component(kind, resolved):
             raise ComponentDenied(
                 f"policy: namespace {self._namespace!r} may not use {kind} component {resolved!r}"
             )
         return getattr(self._components, kind)(name)
-
-    def _default_name(self, kind: str) -> str:
-        names = self._components.names(kind)
-        return "default" if "default" in names else (names[0] if names else "")
 
     def names(self, kind: str) -> list[str]:
         return [n for n in self._components.names(kind) if self._rules.allows_component(kind, n)]

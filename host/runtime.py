@@ -21,13 +21,6 @@ import wasmtime
 from layotto.host import workloads
 from layotto.host.engine import (
     DEFAULT_CACHE_LIMIT,
-    DEFAULT_COMPILE_CPU_SECONDS,
-    DEFAULT_COMPILE_MEMORY_BYTES,
-    DEFAULT_COMPILE_TIMEOUT,
-    DEFAULT_COMPILE_WORKERS,
-    DEFAULT_MAX_MODULE_BYTES,
-    DEFAULT_MEMORY_CACHE_BYTES,
-    DEFAULT_MEMORY_CACHE_MODULES,
     CompiledModule,
     WasmEngine,
     module_too_large,
@@ -60,31 +53,16 @@ class NodeRuntime:
         state_dir: Path | None,
         cache_limit: int = DEFAULT_CACHE_LIMIT,
         *,
-        max_module_bytes: int = DEFAULT_MAX_MODULE_BYTES,
-        compile_cpu_seconds: float = DEFAULT_COMPILE_CPU_SECONDS,
-        compile_memory_bytes: int = DEFAULT_COMPILE_MEMORY_BYTES,
-        compile_timeout: float = DEFAULT_COMPILE_TIMEOUT,
-        compile_workers: int = DEFAULT_COMPILE_WORKERS,
-        memory_cache_modules: int = DEFAULT_MEMORY_CACHE_MODULES,
-        memory_cache_bytes: int = DEFAULT_MEMORY_CACHE_BYTES,
         context: HostContext | None = None,
         fibers: bool = True,
+        **engine_options: Any,
     ) -> None:
-        """``cache_limit`` and the other keyword arguments: see :class:`WasmEngine`;
+        """``cache_limit`` and ``engine_options`` (module size cap, compile limits, memory
+        cache sizes): see :class:`WasmEngine`;
         ``context``: the rest of the node (none: no components, no ingress, the default policy);
         ``fibers``: run the command modules that fit a fiber as fibers (else each on a thread)."""
         cache = state_dir / "modules" if state_dir is not None else None
-        self.engine = WasmEngine(
-            cache,
-            cache_limit,
-            max_module_bytes=max_module_bytes,
-            compile_cpu_seconds=compile_cpu_seconds,
-            compile_memory_bytes=compile_memory_bytes,
-            compile_timeout=compile_timeout,
-            compile_workers=compile_workers,
-            memory_cache_modules=memory_cache_modules,
-            memory_cache_bytes=memory_cache_bytes,
-        )
+        self.engine = WasmEngine(cache, cache_limit, **engine_options)
         # The two ways of running a command module; functions share the threads' linker.
         self.threads = ThreadRunner(self.engine)
         self.fibers = FiberRunner(self.engine) if fibers else None

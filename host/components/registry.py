@@ -262,11 +262,20 @@ class Components:
     def names(self, kind: str) -> list[str]:
         return list(self._by_kind[KIND_ALIASES.get(kind, kind)])
 
+    @staticmethod
+    def _default_of(names: list[str]) -> str:
+        """The component an empty name stands for: ``default`` if there is one, else the
+        first one declared."""
+        return "default" if "default" in names else (names[0] if names else "")
+
+    def resolve(self, kind: str, name: str = "") -> str:
+        """The name of the component ``name`` means (an empty name: the kind's default)."""
+        return name or self._default_of(self.names(kind))
+
     def _get(self, kind: str, name: str) -> Any:
         with self._lock:
             found = self._by_kind[kind]
-            if not name:
-                name = "default" if "default" in found else next(iter(found), "")
+            name = name or self._default_of(list(found))
             component = found.get(name)
         if component is None:
             known = ", ".join(repr(n) for n in found) or "none"
@@ -277,8 +286,7 @@ class Components:
         """The configured metadata of a component (an empty dict for an unknown one)."""
         kind = KIND_ALIASES.get(kind, kind)
         specs = [s for s in self.specs if s.kind == kind]
-        if not name:
-            name = "default" if any(s.name == "default" for s in specs) else (specs[0].name if specs else "")
+        name = name or self._default_of([s.name for s in specs])
         spec = next((s for s in specs if s.name == name), None)
         return dict(spec.metadata) if spec is not None else {}
 

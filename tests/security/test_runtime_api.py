@@ -312,20 +312,23 @@ def test_invoke_reaches_only_the_callers_namespace(client: Client) -> None:
     assert code(err) == grpc.StatusCode.NOT_FOUND
 
 
+def into(inbox: queue.Queue[PubSubMessage]):
+    """A pub/sub handler that puts every message into ``inbox`` and acknowledges it."""
+
+    def handle(message: PubSubMessage) -> Delivery:
+        inbox.put(message)
+        return Delivery.SUCCESS
+
+    return handle
+
+
 def test_published_events_stay_in_the_namespace_and_carry_the_true_source(
     client: Client, components: Components
 ) -> None:
     got: dict[str, queue.Queue[PubSubMessage]] = {"victim": queue.Queue(), "attacker": queue.Queue()}
 
-    def handler(ns: str):
-        def handle(message: PubSubMessage) -> Delivery:
-            got[ns].put(message)
-            return Delivery.SUCCESS
-
-        return handle
-
     bus = components.pubsub("bus")
-    cancels = [bus.subscribe(scoped_topic(components, "bus", ns, "orders"), handler(ns)) for ns in got]
+    cancels = [bus.subscribe(scoped_topic(components, "bus", ns, "orders"), into(got[ns])) for ns in got]
     try:
         client.as_(
             VICTIM_TOKEN,
@@ -527,15 +530,8 @@ def test_a_function_publishing_does_not_reach_another_namespace(
     )
     got: dict[str, queue.Queue[PubSubMessage]] = {"tenant-a": queue.Queue(), "tenant-b": queue.Queue()}
 
-    def handler(ns: str):
-        def handle(message: PubSubMessage) -> Delivery:
-            got[ns].put(message)
-            return Delivery.SUCCESS
-
-        return handle
-
     bus = components.pubsub("bus")
-    cancels = [bus.subscribe(scoped_topic(components, "bus", ns, "orders"), handler(ns)) for ns in got]
+    cancels = [bus.subscribe(scoped_topic(components, "bus", ns, "orders"), into(got[ns])) for ns in got]
     try:
         response = publisher.call_sync(
             Request(b"POST", b"/", b"pubsub=bus&topic=orders", [], b"tenant a's order")
