@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -263,10 +263,10 @@ class Components:
         return list(self._by_kind[KIND_ALIASES.get(kind, kind)])
 
     @staticmethod
-    def _default_of(names: list[str]) -> str:
+    def _default_of(names: Collection[str]) -> str:
         """The component an empty name stands for: ``default`` if there is one, else the
         first one declared."""
-        return "default" if "default" in names else (names[0] if names else "")
+        return "default" if "default" in names else next(iter(names), "")
 
     def resolve(self, kind: str, name: str = "") -> str:
         """The name of the component ``name`` means (an empty name: the kind's default)."""
@@ -275,7 +275,7 @@ class Components:
     def _get(self, kind: str, name: str) -> Any:
         with self._lock:
             found = self._by_kind[kind]
-            name = name or self._default_of(list(found))
+            name = name or self._default_of(found)  # the dict itself: no list per call
             component = found.get(name)
         if component is None:
             known = ", ".join(repr(n) for n in found) or "none"
