@@ -34,6 +34,7 @@ QUICK = {
     "abi": ["--duration", "2", "--micro-seconds", "0.2"],
     "coldstart": ["--runs", "5", "--shim-runs", "5"],
     "density": ["--n", "20", "--runc-n", "4"],
+    "fairness": ["--duration", "2", "--ctr-runs", "3"],
     "startrate": ["--n", "24"],
     "invoke": ["--duration", "2", "--micro-seconds", "0.2"],
     "scale": ["--max", "100", "--probe-seconds", "1"],
@@ -86,6 +87,16 @@ def verdict(name: str, path: Path) -> str:
             f"{b['host_fds']}->{a['host_fds']}, threads {b['host_threads']}->{a['host_threads']}, mounts "
             f"{b['mounts']}->{a['mounts']}, "
             f"RSS {b['host_rss'] / 2**20:.1f}->{a['host_rss'] / 2**20:.1f} MiB: " + _pm(data["pass"])
+        )
+    if name == "fairness":
+        v, a, n = data["verdicts"], data["cores_test"], data["neighbour"]
+        return (
+            f"c8/c1 {a['ratio']:.2f}x: {_pm(v['cores'])}; neighbour p99 "
+            f"{n['loaded']['percentiles_ms'].get('99', float('nan')):.1f} ms: {_pm(v['neighbour_p99'])}, "
+            f"{n['rps_fraction'] * 100:.0f}% req/s: {_pm(v['neighbour_rps'])}, ctr run "
+            f"{n['ctr_run']['ratio']:.1f}x: {_pm(v['neighbour_ctr_run'])}; 250m used "
+            f"{data['limit']['task_cpu_cores']:.2f} cores: {_pm(v['limit'])}; shares 4:1 gave "
+            f"{data['shares']['cpu_ratio']:.2f}:1"
         )
     if "pass" in data:
         return _pm(bool(data["pass"]))
