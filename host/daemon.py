@@ -21,7 +21,9 @@ from layotto.host.hostlog import DEFAULT_MAX_BYTES
 from layotto.host.hostlog import configure as configure_logging
 from layotto.host.ingress import DEFAULT_BODY_LIMIT, DEFAULT_PORT, Ingress, IngressLimits
 from layotto.host.observe import DEFAULT_METRICS_PORT, AdminServer, HostCollector, start_metrics
+from layotto.host.podnet import PodNetworks
 from layotto.host.policy import DEFAULT_POLICY_PATH, load_policy
+from layotto.host.remote_invoke import DEFAULT_CLUSTER_DOMAIN, build_remote
 from layotto.host.runtime import HostContext, NodeRuntime
 from layotto.shim.content import ContainerdContent
 from layotto.shim.events import Publisher
@@ -103,6 +105,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             int,
             ingress.max_connections_per_ip,
             "open ingress connections from one address (0: no cap)",
+        ),
+        (
+            "--invoke-dns-server",
+            "LAYOTTO_INVOKE_DNS_SERVER",
+            str,
+            "",
+            "DNS server (ip[:port] or 'system') for calls to functions on other nodes",
+        ),
+        (
+            "--cluster-domain",
+            "LAYOTTO_CLUSTER_DOMAIN",
+            str,
+            DEFAULT_CLUSTER_DOMAIN,
+            "cluster domain of <id>.<namespace>.svc names",
+        ),
+        (
+            "--invoke-resolver-file",
+            "LAYOTTO_INVOKE_RESOLVER_FILE",
+            str,
+            "",
+            "YAML map namespace -> id -> host:port of functions on other nodes",
+        ),
+        (
+            "--invoke-port",
+            "LAYOTTO_INVOKE_PORT",
+            int,
+            DEFAULT_PORT,
+            "port of a function's Service for calls across nodes",
         ),
         (
             "--body-budget",
@@ -193,8 +223,14 @@ async def serve(args: argparse.Namespace) -> None:
     functions = FunctionRegistry()
     apps = dict(item.split("=", 1) for item in args.app if "=" in item)
     components = load_components(args.components, args.state_dir)
-    invoker = HostInvoker(functions, apps, may_invoke=policy.may_invoke)
-    context = HostContext(components=components, invoker=invoker, functions=functions, policy=policy)
+    remote = build_remote(
+        args.invoke_dns_server, args.cluster_domain, args.invoke_resolver_file, args.invoke_port
+    )
+    invoker = HostInvoker(functions, apps, may_invoke=policy.may_invoke, remote=remote)
+    pods = PodNetworks()  # each function pod's own listener, in its network namespace
+    context = HostContext(
+        components=components, invoker=invoker, functions=functions, policy=policy, pods=pods
+    )
     # Command modules run as fibers on a few scheduler threads unless LAYOTTO_FIBERS=0
     # (a thread each); read here, once, and handed to the runtime.
     fibers = os.environ.get("LAYOTTO_FIBERS", "1") != "0"
@@ -224,6 +260,7 @@ async def serve(args: argparse.Namespace) -> None:
         body_budget=args.body_budget,
     )
     ingress = Ingress(functions, body_limit=args.body_limit, limits=limits)
+    pods.attach_server(ingress)
     if args.http_port >= 0:
         try:
             port = await ingress.listen(args.http_host, args.http_port)

@@ -14,6 +14,7 @@ import grp
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,6 +43,7 @@ from layotto.host.grpc_identity import (
     load_identities,
 )
 from layotto.host.protocol import runtime_api_pb2 as pb
+from layotto.host.remote_invoke import RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +128,15 @@ class RuntimeApi:
         message = request.message
         # The caller reaches functions of its own namespace only (HostInvoker scopes by it).
         caller = Caller(who.namespace, who.app_id)
-        body = self.invoker.invoke(caller, request.id, message.method, message.data.value)
+        left = context.time_remaining()  # the client's deadline travels to another node
+        deadline = None if left is None else time.monotonic() + left
+        try:
+            body = self.invoker.invoke(
+                caller, request.id, message.method, message.data.value, deadline=deadline
+            )
+        except RemoteError as exc:  # a call to another node: 404, 503 or 504, naming the address
+            code = _HTTP_TO_GRPC.get(exc.http_status, grpc.StatusCode.INTERNAL)
+            raise ApiError(code, f"InvokeService: {exc}") from exc
         return pb.InvokeResponse(data=any_pb2.Any(value=bytes(body)), content_type="application/octet-stream")
 
     # --- configuration -------------------------------------------------------------------
@@ -366,6 +376,11 @@ GRPC_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (OSError, grpc.StatusCode.INTERNAL),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),  # ScopeError included
 )
+_HTTP_TO_GRPC = {  # how a call to another node failed (host/remote_invoke.py)
+    404: grpc.StatusCode.NOT_FOUND,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 ABI_TO_GRPC: Mapping[Status, grpc.StatusCode] = {
     Status.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     Status.BAD_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
