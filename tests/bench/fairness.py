@@ -106,6 +106,14 @@ def run_detached(c: Containerd, fleet: Fleet, kind: Kind, cid: str, *flags: str)
     return cid
 
 
+def host_cmdline(pid: int | None) -> str | None:
+    """The node host's command line: which interpreter (and so which checkout) was measured."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except (OSError, TypeError):
+        return None
+
+
 def get_work(port: int, function_id: str) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
@@ -147,6 +155,11 @@ class Background:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def host_modes(c: Containerd) -> dict[str, Any]:
+    """Function id -> how the host runs it now ("inline" on the loop, "threads", ...)."""
+    return {str(t.get("id")): t.get("mode") for t in admin_tasks(c) or [] if t.get("kind") == "function"}
 
 
 def task_cpu(c: Containerd) -> dict[str, float]:
@@ -211,10 +224,12 @@ def fairness(c: Containerd, fleet: Fleet, args: argparse.Namespace) -> dict[str,
     get_once(port, hello_id)
     for fid in (work, limited, hi, lo):
         get_work(port, fid)
+    modes: dict[str, dict[str, Any]] = {"start": host_modes(c)}
     work_url = f"http://127.0.0.1:{port}{WORK_QUERY}"
     hello_url = f"http://127.0.0.1:{port}{HELLO_QUERY}"
     d = args.duration
     out: dict[str, Any] = {"cores": cores, "duration": d, "ids": {"hello": hello_id, "work": work}}
+    out["host_cmdline"] = host_cmdline(pid)
     verdicts: dict[str, bool] = {}
 
     # (a) one connection vs eight on a CPU-bound function
@@ -224,6 +239,7 @@ def fairness(c: Containerd, fleet: Fleet, args: argparse.Namespace) -> dict[str,
     ratio = eight["rps"] / one["rps"] if one["rps"] else 0.0
     out["cores_test"] = {"c1": one, "c8": eight, "ratio": ratio, "target_ratio": 0.8 * cores}
     verdicts["cores"] = ratio >= 0.8 * cores
+    modes["after a"] = host_modes(c)
 
     # (b) noisy neighbour
     run_wrk(hello_url, function_id=hello_id, duration=1, connections=4, threads=1, pid=pid)  # warm-up
@@ -254,6 +270,7 @@ def fairness(c: Containerd, fleet: Fleet, args: argparse.Namespace) -> dict[str,
     verdicts["neighbour_p99"] = p99(loaded) <= p99_bound
     verdicts["neighbour_rps"] = out["neighbour"]["rps_fraction"] >= 0.3
     verdicts["neighbour_ctr_run"] = out["neighbour"]["ctr_run"]["ratio"] <= 3.0
+    modes["after b"] = host_modes(c)
 
     # (c) a CPU limit of 250m
     cpu0, t0 = task_cpu(c), time.perf_counter()
@@ -262,6 +279,7 @@ def fairness(c: Containerd, fleet: Fleet, args: argparse.Namespace) -> dict[str,
     used = (cpu1.get(limited, 0.0) - cpu0.get(limited, 0.0)) / wall
     out["limit"] = {"wrk": lim, "task_cpu_cores": used, "wall_s": wall, "quota": "25000/100000 (250m)"}
     verdicts["limit"] = 0 < used <= 0.3
+    modes["after c"] = host_modes(c)
 
     # (d) shares 1024 vs 256, both saturated at once
     cpu0, t0 = task_cpu(c), time.perf_counter()
@@ -281,8 +299,8 @@ def fairness(c: Containerd, fleet: Fleet, args: argparse.Namespace) -> dict[str,
         "cpu_ratio": share_cpu[hi] / share_cpu[lo] if share_cpu[lo] else float("inf"),
     }
 
-    tasks = admin_tasks(c) or []
-    out["host_modes"] = {str(t.get("id")): t.get("mode") for t in tasks if t.get("kind") == "function"}
+    modes["after d"] = host_modes(c)
+    out["host_modes"] = modes
     out["verdicts"] = verdicts
     out["pass"] = all(verdicts.values())
     return out
@@ -334,8 +352,15 @@ def report(r: dict[str, Any]) -> str:
         )
     else:
         lines.append("  e. FaaS chain: measured by the abi benchmark (no abi.json found)")
-    modes = ", ".join(f"{k}: {v}" for k, v in sorted(r.get("host_modes", {}).items()))
-    lines.append(f"  host modes afterwards: {modes}")
+    # How the host ran each function after each phase: a change means the host moved it
+    # between the loop and worker threads mid-run, and the figures around it mix both.
+    phases = r.get("host_modes", {})
+    for fid in sorted({f for m in phases.values() for f in m}):
+        seen = [f"{phase}: {m.get(fid)}" for phase, m in phases.items()]
+        if len({m.get(fid) for m in phases.values()}) > 1:
+            lines.append(f"  note: the host changed how it runs {fid}: " + ", ".join(seen))
+    last = list(phases.values())[-1] if phases else {}
+    lines.append("  host modes at the end: " + ", ".join(f"{k}: {v}" for k, v in sorted(last.items())))
     lines += load_note(r)
     return "\n".join(lines)
 

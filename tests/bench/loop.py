@@ -36,6 +36,7 @@ from typing import Any
 
 from layotto.images.builder import build_image
 from tests.bench.abi import NOOP, NOOP_BODY, bench_wat
+from tests.bench.fairness import host_cmdline
 from tests.bench.invoke import EXPECTED_BODY, NAME, bare_ingress, get_once, per_call_us, run_wrk
 from tests.bench.startrate import (
     FN,
@@ -154,7 +155,7 @@ def through_containerd(c: Containerd, fleet: Fleet, args: argparse.Namespace) ->
         raise RuntimeError("no node host pid")
     get_once(port, hello_id)
     url = f"http://127.0.0.1:{port}/?name={NAME}"
-    out: dict[str, Any] = {"host_pid": pid}
+    out: dict[str, Any] = {"host_pid": pid, "host_cmdline": host_cmdline(pid)}
     for key, fid, expected in (("inline", hello_id, EXPECTED_BODY), ("threads", "abi-noop", NOOP_BODY)):
         kw = {"function_id": fid, "connections": args.connections, "threads": 1, "pid": pid}
         warm = run_wrk(url, duration=1, **kw)
