@@ -7,6 +7,7 @@ Whoever calls into a guest makes its context the caller for the call
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import struct
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from typing import Any, Protocol
 import wasmtime
 
 from layotto.abi import spec as abi_spec
-from layotto.host import scoping
+from layotto.host import scheduler, scoping
 from layotto.host.components import ConfigItem
 from layotto.host.errors import AbiStatus, ComponentDenied, ComponentError, Status
 
@@ -36,6 +37,30 @@ BUFFER_TYPES = frozenset({BUFFER_REQUEST_BODY, BUFFER_RESPONSE_BODY, BUFFER_CALL
 # and a largest response); a write past it is LIMIT_EXCEEDED. The host empties them after
 # every request.
 BUFFER_LIMIT = 2 * MAX_VALUE
+
+
+class OverNetwork:
+    """A component that waits on the network (Redis, Kubernetes): each of its calls is a
+    :func:`~layotto.host.scheduler.network_wait` (never on the event loop, and a worker
+    waiting on it lets another run)."""
+
+    __slots__ = ("_component", "_what")
+
+    def __init__(self, component: Any, what: str) -> None:
+        self._component = component
+        self._what = what
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._component, name)
+        if not callable(attr):
+            return attr
+        what = self._what
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with scheduler.network_wait(what):
+                return attr(*args, **kwargs)
+
+        return call
 
 
 class GuestMemory(Protocol):
@@ -129,11 +154,15 @@ class AbiContext:
         if self.components is None:
             raise AbiStatus(Status.INTERNAL_FAILURE, "no components are configured")
         try:
-            return getattr(self.components, kind)(name)
+            found = getattr(self.components, kind)(name)
         except ComponentDenied as exc:  # the operator's policy does not grant it
             raise AbiStatus(Status.PERMISSION_DENIED, str(exc)) from exc
         except (KeyError, LookupError, ComponentError) as exc:
             raise AbiStatus(Status.NOT_FOUND, f"no {kind} component named {name!r}") from exc
+        scheduler.touch()  # a re-run of this call would reach it again
+        if getattr(found, "in_process", False):
+            return found
+        return OverNetwork(found, f"{kind} component {name!r}")
 
     def state_key(self, store: str, key: str, kind: str = "state") -> str:
         """``key`` as stored: the shared rule of ``host.scoping.state_key`` (per app unless
@@ -159,11 +188,17 @@ class AbiContext:
 
     def configuration(self, store: str, keys: list[str], group: str, label: str) -> list[ConfigItem]:
         """This app's configuration items (``host.scoping.get_configuration``)."""
-        self.component("configuration", store)  # NOT_FOUND for an unknown store
+        found = self.component("configuration", store)  # NOT_FOUND for an unknown store
+        waits = (
+            scheduler.network_wait(f"configuration store {store!r}")
+            if isinstance(found, OverNetwork)
+            else contextlib.nullcontext()
+        )
         try:
-            return scoping.get_configuration(
-                self.components, store, self.namespace, self.app_id, keys, group=group, label=label
-            )
+            with waits:
+                return scoping.get_configuration(
+                    self.components, store, self.namespace, self.app_id, keys, group=group, label=label
+                )
         except scoping.ScopeError as exc:
             raise AbiStatus(Status.BAD_ARGUMENT, str(exc)) from exc
 

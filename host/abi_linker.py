@@ -22,6 +22,7 @@ from layotto.host import capi
 from layotto.host.abi_context import SPEC, AbiContext
 from layotto.host.abi_functions import IMPLEMENTATIONS, check_table
 from layotto.host.errors import AbiStatus, LayottoError, Status, abi_status
+from layotto.host.scheduler import WouldBlock
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ def host_function(fn: abi_spec.Function) -> Callable[..., int]:
             return impl(ctx, *args)
         except (wasmtime.Trap, wasmtime.WasmtimeError):
             raise  # a trap inside a nested call (the guest allocator): the caller traps too
+        except WouldBlock:
+            raise  # an inline call stopped to run again on a worker (host/scheduler.py)
         except (LayottoError, OSError) as exc:
             status = abi_status(exc) or Status.INTERNAL_FAILURE
             if status not in _QUIET:

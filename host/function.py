@@ -1,17 +1,22 @@
 """Function modules: wasm reactors serving HTTP requests from the host's ingress.
 
 A function has a pool of instances (each its own Store, so its own linear memory and
-limits). Calls run in one of two places:
+limits). Each call runs in one of two places, chosen per call from the function's measured
+CPU cost per call (docs/scaling.md):
 
-- **inline**, on the ingress's event-loop thread: the fast path, no thread hand-off. Each
-  inline call gets a short CPU budget (an epoch deadline). A call that exceeds it is
-  interrupted before it can hold up other functions; its instance is thrown away, the
-  function is moved to worker threads, and the request is run again there from the start
-  on a fresh instance (nothing the interrupted call did can have left its instance: the
-  handler ABI gives it no way to).
-- **on worker threads**, for functions that have shown they take longer. wasm runs
-  without the GIL, so a slow or looping function does not stop the event loop; its
-  requests queue (bounded: 503 past it) and each has a deadline (504, instance replaced).
+- **inline**, on the ingress's event-loop thread: no hand-off at all. Cheap calls
+  (:data:`INLINE_CHEAP`) always run there; costly ones (:data:`INLINE_HEAVY`) never; the
+  ones in between while the loop has CPU to spare. An inline call has a short CPU budget
+  (an epoch deadline): past it, it is interrupted, its instance thrown away, and the
+  request run again from the start on a worker (nothing the interrupted call did can have
+  left its instance). The Runtime ABI runs inline too while it stays in process (embedded
+  SQLite, in-process invoke, local pub/sub); a call about to wait on the network is
+  stopped the same way before it has changed anything (host/scheduler.py).
+- **on a worker** of the node's :class:`~layotto.host.scheduler.CallScheduler`, which
+  runs the functions' queues on every core in proportion to their ``requests.cpu`` and
+  enforces their ``limits.cpu``. wasm runs without the GIL, so a slow or looping function
+  does not stop the event loop; its requests queue (bounded: 503 past it) and each has a
+  deadline (504, instance replaced).
 
 A trap answers 500 and replaces the instance; the function stays usable.
 
@@ -41,6 +46,7 @@ from typing import Any
 
 import wasmtime
 
+from layotto.host import scheduler
 from layotto.host.abi_host import (
     BUFFER_LIMIT,
     AbiContext,
@@ -58,6 +64,7 @@ from layotto.host.function_instances import (
     HANDLER_EXPORT,
     INLINE_BUDGET,
     INLINE_BUDGET_TICKS,
+    INLINE_GRACE,
     BaseInstance,
     BudgetExceeded,
     DeadlineExceeded,
@@ -69,13 +76,12 @@ from layotto.host.function_instances import (
     Response,
     encode_request,
 )
-from layotto.host.function_pool import Unavailable, WorkerPool, stopped_response
+from layotto.host.function_pool import Unavailable, stopped_response
 from layotto.host.function_stats import LATENCY_BUCKETS, LOG_LINE_LIMIT, FunctionLog, Stats
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "BACK_INLINE_AFTER",
     "CHECK_TICKS",
     "DEFAULT_MEMORY_LIMIT",
     "INLINE_BUDGET",
@@ -97,8 +103,10 @@ __all__ = [
 ]
 
 DEFAULT_MEMORY_LIMIT = 128 << 20
-BACK_INLINE_AFTER = 2000  # consecutive fast calls on threads before a function returns inline
-FAST_CALL = 0.001
+# Where a call runs, by its function's measured CPU cost per call (a moving average):
+INLINE_CHEAP = 50e-6  # this cheap: inline always (a hand-off to a worker costs about as much)
+INLINE_HEAVY = 1e-3  # this costly: never inline (it would hold up every other request)
+COST_WEIGHT = 0.1  # weight of the latest call in the average
 
 PROXY_EXPORTS = ("proxy_on_request_body", "proxy_on_request_headers")
 
@@ -139,6 +147,10 @@ class Function:
         app_id: str = "",
         services: HostServices | None = None,
         namespace: str = "default",
+        call_scheduler: scheduler.CallScheduler | None = None,
+        cpu_shares: int | None = None,
+        cpu_quota: float | None = None,
+        cpu_period: float = 0.1,
     ) -> None:
         self.name = name
         self.id = function_id
@@ -170,8 +182,16 @@ class Function:
         self._lock = threading.Lock()
         self._free = threading.Condition(self._lock)
         self._ticker_held = False
-        self._workers: WorkerPool | None = None
-        self._fast_streak = 0
+        self.scheduler = call_scheduler or scheduler.default_scheduler()
+        self.share = self.scheduler.share(
+            name,
+            shares=cpu_shares,
+            slots=self.pool_size,
+            queue_limit=queue_limit,
+            quota=cpu_quota,
+            period=cpu_period,
+        )
+        self.cost = 0.0  # CPU seconds per call, a moving average
         facts = module_facts(compiled.module)
         try:
             self.pre = facts.instance_pre(linker, compiled.module)
@@ -182,9 +202,8 @@ class Function:
         self.proxy_style = HANDLER_EXPORT not in compiled.exports
         self.export_arity = facts.export_arity
         self.instance_class: type[BaseInstance] = ProxyInstance if self.proxy_style else Instance
-        # Calls into the Runtime ABI block on components (SQLite, Redis, other functions):
-        # such functions run on worker threads from the start, never on the event loop.
-        self.threaded = self.uses_abi
+        # Never inline: a CPU limit is enforced on workers (a throttled call waits there).
+        self.threaded = self.share.quota is not None
         # Held from before the first instance (a Layotto-style module runs its start-up
         # code under a deadline) until the function is stopped and its last call has ended.
         engine.ticker.acquire()
@@ -288,13 +307,14 @@ class Function:
         deadline = time.monotonic() + wait
         self._waiting += 1
         try:
-            while self._busy >= self.pool_size and not self.stopped:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise Unavailable(
-                        Response(503, body=b"function busy: no instance came free within its timeout\n")
-                    )
-                self._free.wait(left)
+            with self.scheduler.waiting():  # a worker waiting here lets another run
+                while self._busy >= self.pool_size and not self.stopped:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise Unavailable(
+                            Response(503, body=b"function busy: no instance came free within its timeout\n")
+                        )
+                    self._free.wait(left)
         finally:
             self._waiting -= 1
         if self.stopped:
@@ -352,11 +372,40 @@ class Function:
 
     # --- invocation --------------------------------------------------------------------
 
+    @property
+    def cpu_seconds(self) -> float:
+        """CPU time of every call so far, inline or on workers, nested calls included."""
+        return self.share.cpu_seconds
+
+    @property
+    def mode(self) -> str:
+        """Where its next call would run: ``inline`` or ``workers``."""
+        return "inline" if self._inline_ok() else "workers"
+
+    def _inline_ok(self) -> bool:
+        """Whether a call may run inline: cheap calls always, costly ones never, the ones
+        in between while the event loop has CPU to spare (else a worker runs them on
+        another core). A function with a CPU limit, or that has waited on the network,
+        stays on workers."""
+        if self.threaded:
+            return False
+        cost = self.cost
+        if cost <= INLINE_CHEAP:
+            return True
+        if cost >= INLINE_HEAVY:
+            return False
+        return not self.scheduler.loop_busy()
+
+    def _leave_inline(self, why: str) -> None:
+        if not self.threaded:
+            self.threaded = True
+            self.log.add("host", f"{why}: its calls run on worker threads from now on")
+            log.info("function %s moved to worker threads: %s", self.id, why)
+
     def _run(self, instance: BaseInstance, request: Request, ticks: int, kind: str) -> Response:
-        # Inline calls run on the event loop thread, which does nothing else meanwhile:
-        # wall time is their CPU time (and perf_counter is far cheaper than thread_time).
-        clock = time.perf_counter if kind == "inline" else time.thread_time
-        cpu = clock()
+        meter = scheduler.meter(kind == "inline")
+        meter.enter(self.share)
+        spent = 0.0
         try:
             response = instance.call(request, ticks, kind)
         except BudgetExceeded:
@@ -364,13 +413,20 @@ class Function:
             raise
         except DeadlineExceeded:
             self._give_back(instance, healthy=False)
-            self.log.add("host", f"request exceeded its {self.timeout:g}s deadline; instance replaced")
+            if kind == "inline":
+                self._leave_inline(f"an inline call ran past {INLINE_GRACE * 1000:g} ms after changing state")
+                self.log.add("host", "request stopped on the inline path; instance replaced")
+            else:
+                self.log.add("host", f"request exceeded its {self.timeout:g}s deadline; instance replaced")
             return Response(504, body=b"function timed out\n")
         except Killed:
             self._give_back(instance, healthy=False)
             return Response(503, body=b"function stopped\n")
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             self._give_back(instance, healthy=False)
+            call = scheduler.current()
+            if call is not None and call.would_block:
+                raise BudgetExceeded from None  # stopped before any effect: re-run on a worker
             message = describe_error(exc)
             self.log.add("host", f"trap: {message}; instance replaced")
             log.warning("function %s (%s): trap: %s", self.id, self.name, message)
@@ -383,62 +439,69 @@ class Function:
             self._give_back(instance, healthy=False)
             raise
         finally:
-            spent = clock() - cpu
-            self.stats.cpu_seconds += spent
-            if kind == "thread":
-                self._fast_streak = self._fast_streak + 1 if spent < FAST_CALL else 0
+            spent = meter.exit()
+            self.cost += (spent - self.cost) * COST_WEIGHT
         self._give_back(instance, healthy=True)
         return response
 
     def call_inline(self, request: Request) -> Response | None:
-        """Serve a request on the calling (event loop) thread, or return None when the
-        function runs on worker threads: then ``await call_threaded(request)``."""
+        """Serve a request on the calling (event loop) thread, or return None when it is
+        to run on a worker: then ``await call_threaded(request)``."""
         if self.stopped:
             return stopped_response()
-        if self.threaded:
+        if not self._inline_ok():
             return None
         started = time.perf_counter()
+        call = scheduler.Call(inline=True)
         try:
             instance = self._take()
-            if instance is None:  # every instance is busy elsewhere: queue on the workers
+            if instance is None:  # every instance is busy elsewhere: queue for a worker
                 return None
-            response = self._run(instance, request, INLINE_BUDGET_TICKS, "inline")
+            with scheduler.running(call):
+                response = self._run(instance, request, INLINE_BUDGET_TICKS, "inline")
         except BudgetExceeded:
-            self._go_threaded()
+            if call.would_block:
+                self._leave_inline("an inline call was about to wait on the network")
+            else:
+                self.cost = max(self.cost, INLINE_HEAVY)  # too costly for the loop
             return None
         except Unavailable as exc:
             response = exc.response
         except ModuleError as exc:
             response = Response(500, body=f"{exc}\n".encode())
+        if call.went_blocking:
+            self._leave_inline("an inline call waited on the network")
         self.stats.observe(response.status, time.perf_counter() - started)
         return response
 
     async def call_threaded(self, request: Request) -> Response:
+        """Serve a request on a worker, in this function's turn (its queue and share)."""
         started = time.perf_counter()
-        response = await self._invoke_threaded(request)
+        future, deliver = self.scheduler.answers(asyncio.get_running_loop()).future()
+        if self.share.submit(self._worker_job(request), deliver):
+            response = await future
+        else:
+            response = self._refused()
         self.stats.observe(response.status, time.perf_counter() - started)
-        if not self.uses_abi:
-            # A function moved to threads by one slow call (or a busy machine) comes back
-            # to the inline path once its calls have been consistently fast again.
-            if self._fast_streak >= BACK_INLINE_AFTER:
-                self._fast_streak = 0
-                self.threaded = False
-                self.log.add("host", f"{BACK_INLINE_AFTER} fast calls in a row: back to inline calls")
-                log.info("function %s back to inline calls", self.id)
         return response
 
-    def _go_threaded(self) -> None:
-        if not self.threaded:
-            self.threaded = True
-            self.log.add(
-                "host", f"a request ran past the inline budget; running on {self.pool_size} worker threads"
-            )
-            log.info("function %s moved to worker threads", self.id)
+    def _refused(self) -> Response:
+        if self.stopped:
+            return stopped_response()
+        return Response(503, body=b"function busy: request queue is full\n")
 
-    async def _invoke_threaded(self, request: Request) -> Response:
-        if self._workers is None:
-            self._workers = WorkerPool(self, asyncio.get_running_loop())
-        return await self._workers.submit(request, max(1, int(self.timeout / TICK)))
+    def _worker_job(self, request: Request) -> Callable[[], Response]:
+        ticks = max(1, int(self.timeout / TICK))
+
+        def job() -> Response:
+            if self.stopped:
+                return stopped_response()
+            with scheduler.running(scheduler.Call(inline=False)):
+                # Admitted by the queue already: waits for an instance without a limit on
+                # waiters (the scheduler runs at most pool_size of its calls), up to the timeout.
+                return self._threaded_call(request, ticks, limit_waiters=False)
+
+        return job
 
     def _threaded_call(self, request: Request, ticks: int, *, limit_waiters: bool = True) -> Response:
         try:
@@ -454,18 +517,60 @@ class Function:
             return Response(504, body=b"function timed out\n")
 
     def call_sync(self, request: Request) -> Response:
-        """Serve a request on the calling thread, with the request deadline (used by
-        in-process invocation, pub/sub delivery and configuration notifications, which run
-        off the event loop). Shares the function's ``pool_size`` instances with its worker
-        threads: with all of them busy it waits up to the function's timeout for one (then
-        the call has its own timeout), among at most ``queue_limit`` waiters; past either,
+        """Serve a request for in-process callers: another function's invoke (run on the
+        caller's thread, no hand-off; inline only while that stays cheap and cannot wait),
+        pub/sub deliveries, configuration notifications and the gRPC API (queued in this
+        function's turn like its HTTP requests, and waited for). Either way the call counts
+        against the function's ``pool_size`` instances and its ``queue_limit``; past them,
         503 "function busy"."""
         if self.stopped:
             return stopped_response()
         started = time.perf_counter()
-        response = self._threaded_call(request, max(1, int(self.timeout / TICK)))
+        call = scheduler.current()
+        if call is not None:
+            response = self._nested_call(request, call)
+        else:
+            response = self._scheduled_call(request)
         self.stats.observe(response.status, time.perf_counter() - started)
         return response
+
+    def _nested_call(self, request: Request, call: scheduler.Call) -> Response:
+        if not call.inline:  # on a worker: run here, with this function's own deadline
+            return self._threaded_call(request, max(1, int(self.timeout / TICK)))
+        # On the event loop, inside another function's inline call.
+        wait = None if not call.effects else INLINE_GRACE
+        try:
+            instance = self._take(wait) if self._inline_ok() or call.effects else None
+            if instance is None:
+                raise BudgetExceeded
+            return self._run(instance, request, INLINE_BUDGET_TICKS, "inline")
+        except BudgetExceeded:
+            if not call.would_block:
+                self.cost = max(self.cost, INLINE_HEAVY)
+            call.would_block = True
+            raise scheduler.WouldBlock(f"{self.id} cannot run inline now") from None
+        except Unavailable as exc:
+            return exc.response
+        except ModuleError as exc:
+            return Response(500, body=f"{exc}\n".encode())
+
+    def _scheduled_call(self, request: Request) -> Response:
+        done = threading.Event()
+        box: list[Any] = []
+
+        def deliver(result: Any) -> None:
+            box.append(result)
+            done.set()
+
+        if not self.share.submit(self._worker_job(request), deliver):
+            return self._refused()
+        # The call has its own deadline on the worker; this bound only guards the host.
+        if not done.wait(self.timeout * 2 + 5):
+            return Response(504, body=b"function timed out waiting for a worker\n")
+        result = box[0]
+        if isinstance(result, BaseException):
+            return Response(500, body=f"function failed: {result}\n".encode())
+        return result
 
     def stop(self) -> None:
         """Stop taking requests and interrupt the calls in flight (503): each notices at
@@ -483,5 +588,5 @@ class Function:
             instance.close()
         if release:
             self.engine.ticker.release()
-        if self._workers is not None:
-            self._workers.stop()
+        for job in self.share.stop():
+            job.deliver(stopped_response())

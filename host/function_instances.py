@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import wasmtime
 
 from layotto.abi.maps import encode_map
+from layotto.host import scheduler
 from layotto.host.abi_host import (
     BUFFER_CALL_DATA,
     BUFFER_REQUEST_BODY,
@@ -47,7 +48,8 @@ if TYPE_CHECKING:
 
 HANDLER_EXPORT = "layotto_http_handle"
 INLINE_BUDGET_TICKS = 2  # first look after 5-10 ms ...
-INLINE_BUDGET = 0.010  # ... an inline call may run 10 ms before its function moves to threads
+INLINE_BUDGET = 0.010  # ... an inline call may run 10 ms before it is re-run on a worker
+INLINE_GRACE = 0.1  # ... or, once it changed something (no re-run), before it is stopped
 # A call's deadline callback runs at least every CHECK_TICKS ticks (50 ms), whatever its
 # timeout: that is how soon a stopped function's calls in flight are interrupted.
 CHECK_TICKS = 10
@@ -124,14 +126,28 @@ class BaseInstance:
         call, or look again after some ticks. Budgets are checked against the clock, so an
         epoch bump from elsewhere (another module's kill, a ticker running late) never cuts
         a call short."""
-        if self.fn.stopped:
+        fn = self.fn
+        if fn.stopped:
             return Stop.KILLED
         elapsed = time.perf_counter() - self._started
         if self.deadline_kind == "inline":
-            return Stop.INLINE_BUDGET if elapsed >= INLINE_BUDGET else RESUME
-        left = self.fn.timeout - elapsed
+            if elapsed < INLINE_BUDGET:
+                return RESUME
+            call = scheduler.current()
+            if call is None or not call.effects:
+                return Stop.INLINE_BUDGET  # re-run on a worker
+            # It changed something already: a re-run would repeat it. It may finish here
+            # within the grace, or it is stopped; either way its function leaves the loop.
+            fn._leave_inline("an inline call ran past its budget after changing state")
+            return Stop.DEADLINE if elapsed >= INLINE_GRACE else RESUME
+        left = fn.timeout - elapsed
         if left <= 0:
             return Stop.DEADLINE
+        if fn.share.quota is not None:  # limits.cpu: charge what it used, wait if over
+            scheduler.meter(False).checkpoint()
+            if not fn.share.throttle():
+                return Stop.KILLED
+            return Resume(1)
         # Look again at the deadline, or sooner: a kill must not wait for the deadline.
         return Resume(min(CHECK_TICKS, int(left / TICK) + 1))
 

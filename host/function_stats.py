@@ -76,7 +76,6 @@ class Stats:
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.replaced = 0
-        self.cpu_seconds = 0.0
 
     def observe(self, code: int, seconds: float) -> None:
         self.invocations += 1

@@ -29,6 +29,7 @@ from layotto.host.fiber_runner import FiberRunner
 from layotto.host.function_registry import FunctionRegistry
 from layotto.host.nanoprocess import Nanoprocess, ProcessSpec, Runner, build_linker, fits_a_fiber
 from layotto.host.policy import DEFAULT_POLICY, Policy
+from layotto.host.scheduler import default_scheduler
 from layotto.host.thread_runner import ThreadRunner
 from layotto.host.workload import ContainerSpec, Module, ModuleSource, Workload
 
@@ -65,6 +66,7 @@ class NodeRuntime:
         self.engine = WasmEngine(cache, cache_limit, **engine_options)
         # The two ways of running a command module; functions share the threads' linker.
         self.threads = ThreadRunner(self.engine)
+        self.scheduler = default_scheduler()  # function calls on every core (host/scheduler.py)
         self.fibers = FiberRunner(self.engine) if fibers else None
         self.linker = self.threads.linker
         self._pooled_linker: wasmtime.Linker | None = None

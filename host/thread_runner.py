@@ -17,6 +17,7 @@ from layotto.host.abi_host import calling
 from layotto.host.capi import Stop
 from layotto.host.engine import WasmEngine
 from layotto.host.nanoprocess import Nanoprocess, build_linker
+from layotto.host.scheduler import network_wait
 
 
 class ThreadRunner:
@@ -42,7 +43,8 @@ class ThreadRunner:
         """poll_oneoff's wait: on a nanoprocess's thread, until its kill (True if killed)."""
         run: ThreadRun | None = getattr(self._local, "run", None)
         if run is None:  # a function instance (it shares the linker): its deadline interrupts it
-            time.sleep(seconds)
+            with network_wait("a WASI sleep"):  # never on the event loop
+                time.sleep(seconds)
             return False
         return run.kill_event.wait(seconds)
 

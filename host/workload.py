@@ -139,6 +139,7 @@ class ContainerSpec:
     memory_limit: int | None = None
     cpu_quota_us: int | None = None
     cpu_period_us: int = 100_000
+    cpu_shares: int | None = None  # requests.cpu as CFS shares (1024 = one CPU); None: 1024
     sandbox: bool = False  # a pod's sandbox container: a placeholder that runs until killed
     module: Module | None = None  # the module found in the bundle (None for a sandbox)
 

@@ -306,6 +306,10 @@ class FunctionWorkload:
                 services=_services(runtime, admission),
                 image=annotations.get(CRI_IMAGE_NAME, location),
                 namespace=admission.namespace,
+                call_scheduler=runtime.scheduler,
+                cpu_shares=spec.cpu_shares,
+                cpu_quota=spec.cpu_quota_us / 1e6 if spec.cpu_quota_us else None,
+                cpu_period=spec.cpu_period_us / 1e6,
             )
         except ModuleError as exc:
             raise StartFailed(str(exc), ExitStatus(1, time.time(), str(exc))) from exc
@@ -371,7 +375,7 @@ class FunctionWorkload:
         fn = self.fn
         if fn is None:
             return WorkloadStats()
-        return WorkloadStats(memory_bytes=fn.memory_bytes(), cpu_seconds=fn.stats.cpu_seconds)
+        return WorkloadStats(memory_bytes=fn.memory_bytes(), cpu_seconds=fn.cpu_seconds)
 
     def describe(self) -> dict[str, object]:
         stats = self.stats()
@@ -388,7 +392,7 @@ class FunctionWorkload:
                 invocations=fn.stats.invocations,
                 errors=fn.stats.errors,
                 instances=fn.instances,
-                mode="threads" if fn.threaded else "inline",
+                mode=fn.mode,
             )
         return row
 

@@ -73,6 +73,7 @@ class BundleSpec:
     memory_limit: int | None
     cpu_quota_us: int | None
     cpu_period_us: int
+    cpu_shares: int | None = None  # linux.resources.cpu.shares (Kubernetes: requests.cpu)
     readonly: bool = False  # root.readonly: the module may not write its rootfs
     mounts: list[DirMount] = field(default_factory=list)  # the directory bind mounts
 
@@ -92,6 +93,7 @@ class BundleSpec:
         cpu = resources.get("cpu") or {}
         quota = cpu.get("quota")
         period = cpu.get("period") or 100_000
+        shares = cpu.get("shares")
         mounts = dir_mounts(raw.get("mounts") or [])
         return cls(
             path=bundle,
@@ -106,9 +108,17 @@ class BundleSpec:
             memory_limit=int(memory_limit) if memory_limit and int(memory_limit) > 0 else None,
             cpu_quota_us=int(quota) if quota and int(quota) > 0 else None,
             cpu_period_us=int(period),
+            cpu_shares=_shares(shares),
             readonly=bool((raw.get("root") or {}).get("readonly")),
             mounts=mounts,
         )
+
+
+def _shares(value: object) -> int | None:
+    """CFS shares as the kernel takes them (2..262144); absent, zero or not a number: none."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        return None
+    return max(2, min(value, 262_144))
 
 
 #: Mounts every runtime adds for a Linux process (procfs, sysfs, devices, cgroups): the

@@ -466,5 +466,6 @@ def _container_spec(req: task_pb2.CreateTaskRequest, namespace: str, bundle: oci
         memory_limit=bundle.memory_limit,
         cpu_quota_us=bundle.cpu_quota_us,
         cpu_period_us=bundle.cpu_period_us,
+        cpu_shares=bundle.cpu_shares,
         sandbox=bundle.annotations.get(SANDBOX_ANNOTATION) == "sandbox",
     )

@@ -141,6 +141,8 @@ class _PollingConfigStore:
     """A read-only store whose items are loaded again on demand; changes seen on a
     ``get`` or by the poller (running while anyone subscribes) go to the subscribers."""
 
+    in_process = True  # no network wait: its calls may run on the event loop
+
     def __init__(self, name: str, poll_interval: float) -> None:
         self.name = name
         self._poll_interval = poll_interval
@@ -235,6 +237,8 @@ def parse_secrets(doc: object, source: str) -> dict[str, dict[str, str]]:
 
 
 class FileSecretStore:
+    in_process = True  # no network wait: its calls may run on the event loop
+
     def __init__(self, path: str | Path, *, name: str = "default") -> None:
         self.name = name
         self._file = _WatchedFile(path)
@@ -264,6 +268,8 @@ class FileSecretStore:
 
 
 class EnvSecretStore:
+    in_process = True  # no network wait: its calls may run on the event loop
+
     def __init__(self, prefix: str = "", *, name: str = "default") -> None:
         self.name = name
         self.prefix = prefix

@@ -15,6 +15,8 @@ class SqliteConfigStore:
     """Configuration items in a table; ``set``/``delete`` change them and notify this
     instance's subscribers (changes made through another instance are not noticed)."""
 
+    in_process = True  # no network wait: its calls may run on the event loop
+
     def __init__(self, path: str | Path, *, name: str = "default") -> None:
         self.name = name
         self._db = Database(path)

@@ -13,6 +13,8 @@ from layotto.host.components.sqlite.database import Database
 class SqliteLockStore:
     """Locks with a wall-clock expiry (not re-entrant)."""
 
+    in_process = True  # no network wait: its calls may run on the event loop
+
     def __init__(self, path: str | Path, *, name: str = "default") -> None:
         self.name = name
         self._db = Database(path)

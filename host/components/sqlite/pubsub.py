@@ -59,6 +59,8 @@ class SqlitePubSub(DeliveryLoop):
     database enforces it), so that opening it can reclaim what a crashed host left.
     """
 
+    in_process = True  # no network wait: its calls may run on the event loop
+
     def __init__(
         self,
         path: str | Path,

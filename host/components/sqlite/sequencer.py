@@ -10,6 +10,8 @@ from layotto.host.components.sqlite.database import Database, next_counter
 class SqliteSequencer:
     """Ids 1, 2, 3, ... per key, durable across restarts."""
 
+    in_process = True  # no network wait: its calls may run on the event loop
+
     def __init__(self, path: str | Path, *, name: str = "default") -> None:
         self.name = name
         self._db = Database(path)

@@ -13,6 +13,8 @@ from layotto.host.components.sqlite.database import Database, next_counter
 class SqliteStateStore:
     """Key/value state with etags and transactions (features ETAG, TRANSACTIONAL)."""
 
+    in_process = True  # no network wait: its calls may run on the event loop
+
     def __init__(self, path: str | Path, *, name: str = "default") -> None:
         self.name = name
         self._db = Database(path)
