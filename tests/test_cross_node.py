@@ -13,21 +13,28 @@ through the resolver file, then through dnsmasq, and shows what node B was sent.
 
 from __future__ import annotations
 
+import http.client
 import http.server
+import ipaddress
 import os
+import secrets
 import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import pytest
 import yaml
+from google.protobuf import any_pb2
 
 from layotto.host.abi_invoker import HostInvoker
 from layotto.host.errors import AbiStatus, Status
+from layotto.host.protocol import runtime_api_pb2 as pb
 from layotto.host.remote_invoke import (
     DnsResolver,
     RemoteError,
@@ -37,7 +44,10 @@ from layotto.host.remote_invoke import (
     check_target,
     parse_static_map,
 )
+from layotto.images import builder
 from tests.conftest import require
+from tests.containerd_env import Containerd, default_snapshotter
+from tests.cri_client import CONTAINER_RUNNING, CriClient, Pod
 from tests.support import wait_for
 
 # --------------------------------------------------------------------------- helpers
@@ -344,3 +354,301 @@ def test_bad_dns_settings_are_refused():
         DnsResolver("10.0.0.10", "bad domain")
     with pytest.raises(ValueError, match="no valid port"):
         DnsResolver("10.0.0.10:0")
+
+
+# --------------------------------------------------------------------------- two nodes
+
+CRI_NAMESPACE = "k8s.io"
+CALLER_MODULE, CALLEE_MODULE = "faas_fn1", "fn_echo"  # faas_fn1 invokes id_2
+
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run([require("ip"), *args], capture_output=True, text=True, timeout=30)
+    if check and r.returncode != 0:
+        raise AssertionError(f"ip {' '.join(args)}: {r.returncode}: {r.stderr.strip()}")
+    return r
+
+
+def free_subnet() -> ipaddress.IPv4Network:
+    """A /24 of 10.200.0.0/13 that no route or address of this machine overlaps."""
+    taken = []
+    for line in ip("-4", "-o", "route", "show", "table", "all").stdout.splitlines():
+        first = line.split()[0] if line.split() else ""
+        if first[:1].isdigit():
+            taken.append(ipaddress.ip_network(first if "/" in first else first + "/32", strict=False))
+    for line in ip("-4", "-o", "addr").stdout.splitlines():
+        parts = line.split()
+        if "inet" in parts:
+            taken.append(ipaddress.ip_interface(parts[parts.index("inet") + 1]).network)
+    for _ in range(100):
+        net = ipaddress.ip_network(f"10.{200 + secrets.randbelow(8)}.{secrets.randbelow(256)}.0/24")
+        if not any(net.overlaps(t) for t in taken if t.prefixlen > 0):
+            return net
+    raise AssertionError("no free /24 in 10.200.0.0/13")
+
+
+@dataclass
+class Network:
+    """A bridge on this machine (its first address is ours: dnsmasq listens there) and one
+    network namespace per node on it, through a veth pair each."""
+
+    tag: str
+    subnet: ipaddress.IPv4Network
+    namespaces: list[str] = field(default_factory=list)
+
+    @property
+    def bridge(self) -> str:
+        return f"ltx{self.tag}"
+
+    def address(self, n: int) -> str:
+        return str(self.subnet.network_address + n)
+
+    def create(self) -> None:
+        ip("link", "add", self.bridge, "type", "bridge")
+        # Bridged frames skip iptables (br_netfilter may be loaded, with a FORWARD policy of DROP).
+        ip("link", "set", self.bridge, "type", "bridge", "nf_call_iptables", "0", check=False)
+        ip("addr", "add", f"{self.address(1)}/24", "dev", self.bridge)
+        ip("link", "set", self.bridge, "up")
+
+    def add_node(self, name: str, *hosts: int) -> str:
+        netns = f"ltx{self.tag}{name}"
+        ip("netns", "add", netns)
+        self.namespaces.append(netns)
+        outside, inside = f"{netns}h", f"{netns}n"
+        ip("link", "add", outside, "type", "veth", "peer", "name", inside, "netns", netns)
+        ip("link", "set", outside, "master", self.bridge, "up")
+        ip("-n", netns, "link", "set", "lo", "up")
+        for n in hosts:
+            ip("-n", netns, "addr", "add", f"{self.address(n)}/24", "dev", inside)
+        ip("-n", netns, "link", "set", inside, "up")
+        return netns
+
+    def remove(self) -> None:
+        for netns in self.namespaces:  # the veth pairs go with their namespace
+            ip("netns", "del", netns, check=False)
+        ip("link", "del", self.bridge, check=False)
+
+
+@dataclass
+class RemoteNode:
+    """A private CRI containerd started inside a network namespace (so is its node host,
+    which the shim starts), its ingress on Layotto's port 2045 of the node's address."""
+
+    c: Containerd
+    client: CriClient
+    address: str
+    log_root: Path
+    pods: list[Pod] = field(default_factory=list)
+
+    def run(self, name: str, module: str, function_id: str, capabilities: str) -> Pod:
+        annotations = {"layotto.io/function-id": function_id, "layotto.io/capabilities": capabilities}
+        uid = str(uuid.uuid4())
+        pod = self.client.run_pod(name, "default", uid, self.log_root / uid, annotations, handler="layotto")
+        self.pods.append(pod)
+        cid = self.client.create_container(pod.id, pod.config, name, f"docker.io/library/{module}:latest")
+        self.client.start_container(cid)
+        self.client.wait_container_state(cid, CONTAINER_RUNNING)
+        return pod
+
+    def get(self, function_id: str, target: str = "/?name=book1") -> tuple[int, str]:
+        conn = http.client.HTTPConnection(self.address, 2045, timeout=20)
+        try:
+            conn.request("GET", target, headers={"id": function_id})
+            r = conn.getresponse()
+            return r.status, r.read().decode(errors="replace")
+        finally:
+            conn.close()
+
+    def diagnostics(self) -> str:
+        host_log = self.c.state / "layotto" / "host.log"
+        tail = host_log.read_text(errors="replace").splitlines()[-30:] if host_log.exists() else []
+        return f"--- containerd log ---\n{self.c.log_tail(20)}\n--- {host_log} ---\n" + "\n".join(tail)
+
+
+def start_node(
+    netns: str, address: str, env: dict[str, str], images: dict[str, Path], work: Path, shim_dir: Path
+) -> RemoteNode:
+    wrapper = work / f"containerd-{netns}"
+    wrapper.write_text(
+        f'#!/bin/sh\nexec {require("nsenter")} --net=/run/netns/{netns} {require("containerd")} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    c = Containerd(
+        path_prepend=[shim_dir],
+        cri=True,
+        snapshotter=default_snapshotter(),
+        containerd_bin=str(wrapper),
+        env={"LAYOTTO_HTTP_PORT": "2045", "LAYOTTO_GRPC_ADDRESS": "", **env},
+    )
+    c.start()
+    client = CriClient(c.address)
+    node = RemoteNode(c, client, address, work / f"pods-{netns}")
+    for tar in images.values():
+        c.import_image(tar, namespace=CRI_NAMESPACE)
+    for name in images:
+        client.wait_image(name)
+    return node
+
+
+@dataclass
+class TwoNodes:
+    a: RemoteNode
+    b: RemoteNode
+    net: Network
+    resolver_file: Path
+    token: str
+    dns: Dnsmasq
+
+    def resolve_by_file(self, entries: dict) -> None:
+        """The operator's resolver file, rewritten (node A reads it again when it changes)."""
+        self.resolver_file.write_text(yaml.safe_dump(entries))
+        stamp = time.time_ns() + secrets.randbelow(10**6)
+        os.utime(self.resolver_file, ns=(stamp, stamp))
+
+
+@pytest.fixture(scope="module")
+def two_nodes(
+    project_bin: Path, wasm_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TwoNodes]:
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    for tool in ("containerd", "ctr", "runc", "nsenter", "dnsmasq"):
+        require(tool)
+    work = tmp_path_factory.mktemp("two-nodes")
+    out = work / "images"
+    out.mkdir()
+    images: dict[str, Path] = {}
+    builder.build_image(
+        out / "pause.tar",
+        {"/pause": b"layotto pause placeholder\n"},
+        name="docker.io/library/layotto-pause:latest",
+        cmd=["/pause"],
+    )
+    images["docker.io/library/layotto-pause:latest"] = out / "pause.tar"
+    for module in (CALLER_MODULE, CALLEE_MODULE):
+        tar = out / f"{module}.tar"
+        name = f"docker.io/library/{module}:latest"
+        builder.build_image(
+            tar, {f"/{module}.wasm": wasm_dir / f"{module}.wasm"}, name=name, cmd=[f"/{module}.wasm"]
+        )
+        images[name] = tar
+    # Node A's Runtime API serves one app, to call InvokeService as a sidecar would.
+    token = secrets.token_urlsafe(32)
+    policy = work / "policy.yaml"
+    policy.write_text(
+        yaml.safe_dump({"runtimeApi": {"apps": [{"namespace": "default", "app": "sidecar", "token": token}]}})
+    )
+    resolver_file = work / "functions.yaml"
+    resolver_file.write_text("{}\n")
+    net = Network(secrets.token_hex(3), free_subnet())
+    nodes: list[RemoteNode] = []
+    dns: Dnsmasq | None = None
+    try:
+        net.create()
+        netns_a = net.add_node("a", 2)
+        netns_b = net.add_node("b", 3, 4)  # node B's second address is the one DNS gives
+        dns = Dnsmasq(net.address(1), 53, {"id-2.default.svc.cluster.local": net.address(4)}, work)
+        dns.start()
+        env_a = {
+            "LAYOTTO_POLICY": str(policy),
+            "LAYOTTO_INVOKE_RESOLVER_FILE": str(resolver_file),
+            "LAYOTTO_INVOKE_DNS_SERVER": net.address(1),
+        }
+        nodes.append(start_node(netns_a, net.address(2), env_a, images, work, project_bin))
+        nodes.append(start_node(netns_b, net.address(3), {}, images, work, project_bin))
+        a, b = nodes
+        b.run("echo", CALLEE_MODULE, "id_2", "log")
+        a.run("caller", CALLER_MODULE, "id_1", "invoke")
+        yield TwoNodes(a, b, net, resolver_file, token, dns)
+    finally:
+        for node in nodes:
+            node.client.close()
+            node.c.stop(remove_base=os.environ.get("LAYOTTO_KEEP_BASE") != "1")
+        if dns is not None:
+            dns.stop()
+        net.remove()
+
+
+def echoed(body: str) -> dict[str, str]:
+    """fn_echo's ``key=value`` lines (inside faas_fn1's sentence) as a dict."""
+    return dict(line.split("=", 1) for line in body.splitlines() if "=" in line)
+
+
+@pytest.mark.integration
+def test_a_function_on_node_a_invokes_one_on_node_b_by_id(two_nodes: TwoNodes):
+    a, b, net = two_nodes.a, two_nodes.b, two_nodes.net
+    # Through the operator's resolver file: node B's first address.
+    two_nodes.resolve_by_file({"default": {"id_2": f"{net.address(3)}:2045"}})
+    status, body = a.get("id_1")
+    assert status == 200, f"{status} {body}\n{a.diagnostics()}"
+    assert body.startswith("There are method=POST") and body.endswith("inventories for book1.")
+    seen = echoed(body)
+    assert seen["h:id"] == "id_2" and seen["body"] == "book1"
+    assert seen["h:host"] == f"{net.address(3)}:2045"
+    assert seen["h:layotto-caller-namespace"] == "default"
+    assert seen["h:layotto-caller"].startswith("default.")
+    assert 0 < int(seen["h:layotto-deadline-ms"]) <= 10_000
+    # Through cluster DNS (dnsmasq on the bridge): id-2.default.svc.cluster.local is node B's
+    # second address.
+    two_nodes.resolve_by_file({})
+    status, body = a.get("id_1")
+    assert status == 200, f"{status} {body}\n{a.diagnostics()}"
+    assert echoed(body)["h:host"] == f"{net.address(4)}:2045"
+    # Node B itself answers id_2 on its own ingress as well (the same function).
+    assert b.get("id_2", "/direct")[0] == 200
+
+
+@pytest.mark.integration
+def test_the_runtime_api_invokes_across_nodes_with_precise_errors(two_nodes: TwoNodes):
+    from tests.test_faas import RuntimeApi
+
+    a, net = two_nodes.a, two_nodes.net
+    two_nodes.resolve_by_file({"default": {"down": f"{net.address(3)}:1"}})
+    sock = a.c.state / "layotto" / "runtime.sock"
+    wait_for(sock.exists, what=f"the Runtime API socket {sock}")
+    api = RuntimeApi(sock, two_nodes.token)
+    try:
+
+        def invoke(target: str) -> pb.InvokeResponse:
+            message = pb.CommonInvokeRequest(method="hello", data=any_pb2.Any(value=b"from the sidecar"))
+            rpc = api.channel.unary_unary(
+                "/spec.proto.runtime.v1.Runtime/InvokeService",
+                request_serializer=pb.InvokeServiceRequest.SerializeToString,
+                response_deserializer=pb.InvokeResponse.FromString,
+            )
+            request = pb.InvokeServiceRequest(id=target, message=message)
+            return rpc(request, timeout=30, metadata=api.metadata)
+
+        seen = echoed(invoke("id_2").data.value.decode())
+        assert seen["path"] == "/hello" and seen["body"] == "from the sidecar"
+        assert seen["h:layotto-caller"] == "default.sidecar"
+        # The client's 30 s deadline, not the invoker's own 10 s (gRPC may round it up a little).
+        assert 10_000 < int(seen["h:layotto-deadline-ms"]) <= 31_000
+        with pytest.raises(grpc.RpcError) as info:
+            invoke("nobody")
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        details = info.value.details()
+        assert f"nobody.default.svc.cluster.local. on {net.address(1)}:53" in details
+        assert str(two_nodes.resolver_file) in details
+        with pytest.raises(grpc.RpcError) as info:
+            invoke("down")
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"{net.address(3)}:1" in info.value.details()
+    finally:
+        api.close()
+
+
+@pytest.mark.integration
+def test_a_local_id_stays_in_process(two_nodes: TwoNodes):
+    a = two_nodes.a
+    two_nodes.resolve_by_file({})  # DNS would send id_2 to node B
+    pod = a.run("local-echo", CALLEE_MODULE, "id_2", "log")
+    try:
+        status, body = a.get("id_1")
+        assert status == 200, f"{status} {body}\n{a.diagnostics()}"
+        seen = echoed(body)
+        # In process: no HTTP request was made, so none of the cross-node headers exist.
+        assert seen["body"] == "book1" and "h:host" not in seen and "h:layotto-caller" not in seen
+    finally:
+        a.client.remove_pod(pod.id)
+        a.pods.remove(pod)
