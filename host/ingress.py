@@ -18,6 +18,7 @@ import asyncio
 import collections
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 import httptools
 
@@ -25,6 +26,9 @@ from layotto.host.function import Function, Request, Response
 from layotto.host.function_registry import FunctionRegistry
 from layotto.host.ingress_limits import BODY, CLOSING, FIRST, HEAD, IDLE, ConnectionBook, IngressLimits
 from layotto.host.ingress_render import NOT_FOUND, render
+
+if TYPE_CHECKING:
+    from layotto.host.podnet import PodListener
 
 __all__ = [
     "DEFAULT_BODY_LIMIT",
@@ -77,10 +81,12 @@ class HttpProtocol(asyncio.Protocol):
         "_open",
         "_raw",
         "_unsent",
+        "_pod",
     )
 
-    def __init__(self, server: Ingress) -> None:
+    def __init__(self, server: Ingress, pod: PodListener | None = None) -> None:
         self.server = server
+        self._pod = pod  # accepted on a pod's own listener: routed among that pod's functions
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         # None once the connection's last response is queued (or it is lost): write no more.
         self.transport: asyncio.Transport | None = None
@@ -263,7 +269,7 @@ class HttpProtocol(asyncio.Protocol):
         else:
             body = b""
         request = Request(parser.get_method(), path, query, self._headers, body)
-        fn = srv.route(request, self._fid)
+        fn = srv.route(request, self._fid) if self._pod is None else self._pod.route(request, self._fid)
         if not keep_alive:  # its response is the connection's last: parse nothing after it
             self._halted = True
         if self._busy or self._pending:
@@ -401,6 +407,7 @@ class Ingress(ConnectionBook):
         self.body_limit = body_limit
         self._slice = max(1024, min(self.limits.max_header_bytes, 64 << 10))
         self._servers: list[asyncio.base_events.Server] = []
+        self._pod_servers: dict[PodListener, asyncio.base_events.Server] = {}
         self._outbox: list[tuple[asyncio.Transport, bytes, int]] = []
 
     def send(
@@ -451,10 +458,33 @@ class Ingress(ConnectionBook):
         self._servers.append(server)
         return sock.getsockname()[1]
 
+    async def serve_pod(self, sock: socket.socket, pod: PodListener) -> None:
+        """Serve ``sock``, a pod's listening socket (layotto.host.podnet), routed by ``pod``."""
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(lambda: HttpProtocol(self, pod), sock=sock, backlog=1024)
+        except BaseException:
+            sock.close()
+            raise
+        self._pod_servers[pod] = server
+        if pod.closed:  # closed while the server was being set up
+            self.close_pod(pod)
+
+    def close_pod(self, pod: PodListener) -> None:
+        """Close a pod's listening socket and every connection accepted on it."""
+        server = self._pod_servers.pop(pod, None)
+        if server is not None:
+            server.close()
+        for conn in [c for c in self._connections if c._pod is pod]:
+            if conn._raw is not None:
+                conn._raw.abort()
+
     async def close(self) -> None:
         for server in self._servers:
             server.close()
         self._servers.clear()
+        for pod in list(self._pod_servers):
+            self.close_pod(pod)
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

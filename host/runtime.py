@@ -44,6 +44,7 @@ class HostContext:
     invoker: Any = None  # how a function invokes another app (layotto.host.abi_host.HostInvoker)
     functions: FunctionRegistry | None = None  # the ingress's functions; None: no ingress
     policy: Policy = DEFAULT_POLICY  # the operator's policy, for admission
+    pods: Any = None  # the pods' own listeners (layotto.host.podnet.PodNetworks); None: none
 
 
 class NodeRuntime:

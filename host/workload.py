@@ -23,6 +23,7 @@ from layotto.host.rootpath import DirMount
 __all__ = [
     "CRI_CONTAINER_NAME",
     "CRI_IMAGE_NAME",
+    "CRI_SANDBOX_ID",
     "CRI_SANDBOX_NAME",
     "CRI_SANDBOX_NAMESPACE",
     "MAX_MODULE_BYTES",
@@ -45,6 +46,7 @@ MAX_MODULE_BYTES = DEFAULT_MAX_MODULE_BYTES  # the largest module read from any 
 # The annotations CRI (containerd's Kubernetes plugin) puts on a pod's containers.
 CRI_SANDBOX_NAMESPACE = "io.kubernetes.cri.sandbox-namespace"
 CRI_SANDBOX_NAME = "io.kubernetes.cri.sandbox-name"
+CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 CRI_CONTAINER_NAME = "io.kubernetes.cri.container-name"
 CRI_IMAGE_NAME = "io.kubernetes.cri.image-name"
 
@@ -142,6 +144,7 @@ class ContainerSpec:
     cpu_shares: int | None = None  # requests.cpu as CFS shares (1024 = one CPU); None: 1024
     sandbox: bool = False  # a pod's sandbox container: a placeholder that runs until killed
     module: Module | None = None  # the module found in the bundle (None for a sandbox)
+    netns: str = ""  # the network namespace the spec names (a pod sandbox's is CNI's)
 
     @property
     def tenant(self) -> str:
@@ -153,6 +156,11 @@ class ContainerSpec:
     def pod(self) -> str:
         """The pod's name (CRI), or ""."""
         return self.annotations.get(CRI_SANDBOX_NAME, "")
+
+    @property
+    def sandbox_id(self) -> str:
+        """The id of the container's pod sandbox (CRI; a sandbox's own id), or ""."""
+        return self.annotations.get(CRI_SANDBOX_ID, "")
 
     @property
     def container(self) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from layotto.host import admission as notes
-from layotto.host import subscriptions
+from layotto.host import podnet, subscriptions
 from layotto.host.engine import CompiledModule, PoolSettings
 from layotto.host.errors import ModuleError
 from layotto.host.function import Function, HostServices, is_function_module
@@ -94,12 +94,16 @@ def create(runtime: NodeRuntime, spec: ContainerSpec) -> SandboxWorkload | Comma
     """The workload for ``spec`` (not started); :class:`InvalidSpec` if it may not run."""
     admission = admit(spec, runtime)
     if admission is None:
-        return SandboxWorkload()
+        return SandboxWorkload(runtime, spec)
     module = spec.module
     if not isinstance(module, LoadedModule):
         raise InvalidSpec(f"container {spec.id} has no module")
     if module.function:
-        return FunctionWorkload(runtime, spec, module, admission)
+        try:
+            port = podnet.pod_port(spec.annotations)
+        except ValueError as exc:
+            raise InvalidSpec(str(exc)) from exc
+        return FunctionWorkload(runtime, spec, module, admission, port)
     return CommandWorkload(runtime, spec, module, admission)
 
 
@@ -140,14 +144,28 @@ def _app_id(spec: ContainerSpec) -> str:
 
 
 class SandboxWorkload:
-    """A pod's sandbox container: nothing runs; it lasts until it is killed."""
+    """A pod's sandbox container: nothing runs; it lasts until it is killed. While it runs,
+    its network namespace (CNI's) is where its function containers listen (podnet)."""
 
     kind = "sandbox"
 
+    def __init__(self, runtime: NodeRuntime | None = None, spec: ContainerSpec | None = None) -> None:
+        self.pods: podnet.PodNetworks | None = runtime.context.pods if runtime is not None else None
+        self.spec = spec
+        self.networked = False  # known to self.pods
+
     async def start(self, on_exit: ExitCallback) -> None:
-        return None
+        spec = self.spec
+        if self.pods is not None and spec is not None and spec.netns:
+            self.networked = self.pods.add_sandbox(spec.namespace, spec.id, spec.netns, spec.tenant)
+
+    def _forget(self) -> None:
+        if self.networked and self.pods is not None and self.spec is not None:
+            self.networked = False
+            self.pods.remove_sandbox(self.spec.namespace, self.spec.id)
 
     def kill(self, signal: int) -> ExitStatus | None:
+        self._forget()
         return ExitStatus(128 + signal, time.time(), f"killed by signal {signal}")
 
     def stats(self) -> WorkloadStats:
@@ -160,7 +178,7 @@ class SandboxWorkload:
         return []
 
     def close(self) -> None:
-        return None
+        self._forget()
 
 
 class CommandWorkload:
@@ -260,19 +278,48 @@ class FunctionWorkload:
     kind = "function"
 
     def __init__(
-        self, runtime: NodeRuntime, spec: ContainerSpec, module: LoadedModule, admission: notes.Admission
+        self,
+        runtime: NodeRuntime,
+        spec: ContainerSpec,
+        module: LoadedModule,
+        admission: notes.Admission,
+        port: int = podnet.DEFAULT_POD_PORT,
     ) -> None:
         self.runtime = runtime
         self.spec = spec
         self.module = module
         self.admission = admission
+        self.port = port  # of its pod's own listener, when its pod has a network namespace
+        self.listener: podnet.PodListener | None = None
         self.fn: Function | None = None
         self.cancels: list[subscriptions.Cancel] = []  # pub/sub and configuration subscriptions
         self.outputs: list[Output] = []  # the container's stdio, closed when it stops
         self.registered = False
 
     async def start(self, on_exit: ExitCallback) -> None:
-        """Instantiate the function and register it with the ingress."""
+        """Open its pod's listener, instantiate the function and register it with the
+        ingress (and with the pod's listener)."""
+        spec, runtime = self.spec, self.runtime
+        pods: podnet.PodNetworks | None = runtime.context.pods
+        if pods is not None and spec.sandbox_id:
+            try:
+                self.listener = await pods.attach(spec.namespace, spec.sandbox_id, spec.tenant, self.port)
+            except OSError as exc:
+                why = f"listening on port {self.port} in the pod's network: {exc.strerror or exc}"
+                raise StartFailed(why, ExitStatus(1, time.time(), why)) from exc
+        try:
+            await self._start(on_exit)
+        except BaseException:
+            self._leave_pod()
+            raise
+
+    def _leave_pod(self) -> None:
+        listener, self.listener = self.listener, None
+        pods = self.runtime.context.pods
+        if listener is not None and pods is not None:
+            pods.detach(listener, self.fn)
+
+    async def _start(self, on_exit: ExitCallback) -> None:
         spec, admission, runtime = self.spec, self.admission, self.runtime
         annotations = spec.annotations
         # The id: the annotation, else what a Layotto-style module calls itself
@@ -328,6 +375,8 @@ class FunctionWorkload:
         self.registered = True
         self.cancels = subscriptions.subscribe(fn, admission)
         self.cancels += subscriptions.watch_configuration(fn, admission)
+        if self.listener is not None:
+            runtime.context.pods.serve(self.listener, fn)
         log.info(
             "function %s serving as id %r (%s)",
             fn.name,
@@ -358,6 +407,7 @@ class FunctionWorkload:
         take it out of the ingress."""
         fn = self.fn
         assert fn is not None
+        self._leave_pod()
         cancels, self.cancels = self.cancels, []
         for cancel in cancels:
             cancel()
@@ -402,3 +452,5 @@ class FunctionWorkload:
     def close(self) -> None:
         if self.fn is not None:
             self._stop()
+        else:
+            self._leave_pod()

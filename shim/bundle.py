@@ -76,6 +76,7 @@ class BundleSpec:
     cpu_shares: int | None = None  # linux.resources.cpu.shares (Kubernetes: requests.cpu)
     readonly: bool = False  # root.readonly: the module may not write its rootfs
     mounts: list[DirMount] = field(default_factory=list)  # the directory bind mounts
+    netns: str = ""  # the network namespace the spec joins (a pod sandbox's: CNI's), or ""
 
     @classmethod
     def load(cls, bundle: Path) -> BundleSpec:
@@ -111,7 +112,27 @@ class BundleSpec:
             cpu_shares=_shares(shares),
             readonly=bool((raw.get("root") or {}).get("readonly")),
             mounts=mounts,
+            netns=network_namespace(raw),
         )
+
+
+def network_namespace(raw: dict[str, object]) -> str:
+    """The path of the network namespace ``linux.namespaces`` joins, or "" (none named:
+    a new one, or the node's). ModuleError when that path is not an absolute path."""
+    linux = raw.get("linux")
+    namespaces = linux.get("namespaces") if isinstance(linux, dict) else None
+    for ns in namespaces if isinstance(namespaces, list) else ():
+        if not isinstance(ns, dict) or ns.get("type") != "network":
+            continue
+        path = ns.get("path") or ""
+        if path == "":  # a new namespace of its own: nothing CNI set up
+            return ""
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path or len(path) > 4096:
+            raise ModuleError(f"linux.namespaces: network namespace path {str(path)[:80]!r} is not absolute")
+        if ".." in path.split("/"):
+            raise ModuleError(f"linux.namespaces: network namespace path {path[:80]!r} contains '..'")
+        return path
+    return ""
 
 
 def _shares(value: object) -> int | None:

@@ -468,4 +468,5 @@ def _container_spec(req: task_pb2.CreateTaskRequest, namespace: str, bundle: oci
         cpu_period_us=bundle.cpu_period_us,
         cpu_shares=bundle.cpu_shares,
         sandbox=bundle.annotations.get(SANDBOX_ANNOTATION) == "sandbox",
+        netns=bundle.netns,
     )

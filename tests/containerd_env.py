@@ -54,6 +54,8 @@ MAX_BASE_LEN = 32
 
 _RUNC_DEFAULT_ROOT = "/run/containerd/runc"
 _SHIM_SOCKET_DIR = "/run/containerd/s/"
+#: Debian's containernetworking-plugins (bridge, host-local, loopback, ...).
+CNI_PLUGIN_DIR = Path("/usr/lib/cni")
 _MNT_DETACH = 2
 
 
@@ -160,6 +162,28 @@ def default_snapshotter(path: Path | str = "/tmp") -> str:
         if (real == mp or real.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
             best, fstype = mp, fs
     return "native" if fstype == "overlay" else "overlayfs"
+
+
+def _routes() -> list[tuple[int, int]]:
+    """(destination, mask) of every IPv4 route of this network namespace, as numbers."""
+
+    def number(field: str) -> int:  # /proc/net/route prints addresses in host (little) order
+        return int.from_bytes(bytes.fromhex(field)[::-1], "big")
+
+    with open("/proc/net/route") as f:
+        rows = [line.split() for line in list(f)[1:]]
+    return [(number(r[1]), number(r[7])) for r in rows if len(r) >= 8]
+
+
+def _free_subnet() -> str:
+    """A /24 in 10.200.0.0/13 that no route of this machine overlaps (random, so that
+    private containerds running at the same time pick different ones)."""
+    routes = [(dest, mask) for dest, mask in _routes() if mask]  # (not the default route)
+    for _ in range(200):
+        net = (10 << 24) | ((200 + secrets.randbelow(8)) << 16) | (secrets.randbelow(256) << 8)
+        if not any((net & mask) == (dest & mask) or (dest & 0xFFFFFF00) == net for dest, mask in routes):
+            return f"{net >> 24}.{(net >> 16) & 255}.{(net >> 8) & 255}.0/24"
+    raise ContainerdError("no free /24 in 10.200.0.0/13 for the test pods' bridge network")
 
 
 def _toml(value: str | Path) -> str:
@@ -269,8 +293,15 @@ class Containerd:
         self.ttrpc_address: Path = Path(f"{self.address}.ttrpc")
         self.log: Path = self.base / "containerd.log"
         self.config_path: Path = self.base / "config.toml"
-        self.cni_bin_dir: Path = self.base / "cni" / "bin"
+        # The CNI plugins are the system's (read only); the network config is private: a
+        # bridge of its own (``lyt-`` + the base's 8 hex digits) on a free private /24, no
+        # masquerade. The bridge exists once a pod without host network is created, and
+        # stop() deletes it.
+        plugins = (CNI_PLUGIN_DIR / "bridge").exists()
+        self.cni_bin_dir: Path = CNI_PLUGIN_DIR if plugins else self.base / "cni" / "bin"
         self.cni_conf_dir: Path = self.base / "cni" / "conf"
+        self.cni_bridge = "lyt-" + self.base.name[-8:]
+        self.cni_subnet: str | None = None  # chosen by start() when the plugins are there
         #: Where ctr() puts stdio fifos of `ctr run` / `tasks start|exec`; None: ctr's default.
         self.fifo_dir: Path | None = self.base / "fifo"
         self.process: subprocess.Popen[bytes] | None = None
@@ -311,6 +342,7 @@ class Containerd:
                 f"  sandbox_image = {_toml(self.sandbox_image)}",
                 '  stream_server_address = "127.0.0.1"',
                 '  stream_server_port = "0"',
+                "  netns_mounts_under_state_dir = true  # pods' namespaces under state/, not /var/run",
                 f"{cri}.containerd]",
                 f"  snapshotter = {_toml(self.snapshotter)}",
                 '  default_runtime_name = "runc"',
@@ -350,8 +382,12 @@ class Containerd:
         """Write config.toml, start containerd, and wait until its gRPC API answers."""
         if self.running:
             raise ContainerdError(f"containerd at {self.address} is already running")
-        for d in (self.root, self.state, self.cni_bin_dir, self.cni_conf_dir):
+        for d in (self.root, self.state, self.cni_conf_dir):
             d.mkdir(parents=True, exist_ok=True)
+        if self.cni_bin_dir != CNI_PLUGIN_DIR:
+            self.cni_bin_dir.mkdir(parents=True, exist_ok=True)
+        elif self.cri:
+            self._write_cni_config()
         self.config_path.write_text(self.config_toml())
         began = time.monotonic()
         with open(self.log, "ab") as log:
@@ -386,6 +422,34 @@ class Containerd:
                 )
             time.sleep(0.02)
         self.startup_seconds = time.monotonic() - began
+
+    def _write_cni_config(self) -> None:
+        """A bridge network (bridge + host-local; containerd adds loopback) for the pods."""
+        if self.cni_subnet is None:
+            self.cni_subnet = _free_subnet()
+        config = {
+            "cniVersion": "0.4.0",
+            "name": self.cni_bridge,
+            "plugins": [
+                {
+                    "type": "bridge",
+                    "bridge": self.cni_bridge,
+                    "isGateway": True,  # the bridge has an address: the node reaches its pods
+                    "ipMasq": False,
+                    "hairpinMode": True,
+                    "ipam": {
+                        "type": "host-local",
+                        "ranges": [[{"subnet": self.cni_subnet}]],
+                        "dataDir": str(self.base / "cni" / "ipam"),
+                    },
+                }
+            ],
+        }
+        (self.cni_conf_dir / "10-layotto-test.conflist").write_text(json.dumps(config, indent=2) + "\n")
+
+    def _remove_cni_bridge(self) -> None:
+        if Path(f"/sys/class/net/{self.cni_bridge}").exists():
+            subprocess.run(["ip", "link", "delete", self.cni_bridge], capture_output=True, check=False)
 
     def _socket_answers(self) -> bool:
         if not self.address.exists():
@@ -459,6 +523,7 @@ class Containerd:
         self._kill_leftovers()
         self._remove_shim_sockets(bundles)
         self.unmount_all()
+        self._remove_cni_bridge()
         if remove_base if remove_base is not None else self.remove_base:
             shutil.rmtree(self.base, ignore_errors=True)
 

@@ -50,7 +50,8 @@ RUNTIME_PATH = "/opt/layotto/bin/containerd-shim-layotto-v1"
 BEGIN = "# BEGIN layotto runtime"
 CRI_V2 = "io.containerd.grpc.v1.cri"
 CRI_V3 = "io.containerd.cri.v1.runtime"
-HELLO = "docker.io/library/hello:latest"  # the image deploy/function.yaml runs
+HELLO = "docker.io/library/hello:latest"
+FN_HELLO = "docker.io/library/fn-hello:latest"  # the image deploy/function.yaml runs
 GREETING = "Hello from a Layotto nanoprocess!"
 
 # --------------------------------------------------------------------------- schema validation
@@ -286,23 +287,28 @@ def test_every_runtime_class_name_refers_to_a_runtime_class_here():
 
 
 def test_function_deployment_and_service():
-    deployment = find("Deployment", "hello")
+    """deploy/function.yaml's pods and Service agree on the port the node host opens in each
+    pod's network (tests/test_pod_network.py runs the pod template through CRI)."""
+    deployment = find("Deployment", "fn-hello")
     spec = deployment["spec"]
     pod = spec["template"]["spec"]
     assert spec["replicas"] == 2
     assert pod["runtimeClassName"] == "layotto"
     labels = spec["template"]["metadata"]["labels"]
-    assert labels["app"] == "hello" and spec["selector"]["matchLabels"].items() <= labels.items()
+    assert labels["app"] == "fn-hello" and spec["selector"]["matchLabels"].items() <= labels.items()
+    port = int(spec["template"]["metadata"]["annotations"]["layotto.io/port"])
     (container,) = pod["containers"]
-    assert container["image"] == HELLO
+    assert container["image"] == FN_HELLO
     assert container["resources"]["limits"] == {"memory": "64Mi", "cpu": "100m"}
-    assert {"name": "http", "containerPort": 2045, "protocol": "TCP"} in container["ports"]
+    assert {"name": "http", "containerPort": port, "protocol": "TCP"} in container["ports"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
 
-    service = find("Service", "hello")
+    service = find("Service", "fn-hello")
     assert service["spec"]["type"] == "ClusterIP"
     assert service["spec"]["selector"].items() <= labels.items()
-    (port,) = service["spec"]["ports"]
-    assert (port["port"], port["targetPort"]) == (2045, 2045)
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["targetPort"] == "http"
 
 
 def test_installer_daemonset_is_privileged_with_the_node_root_and_tolerates_everything():
