@@ -248,7 +248,7 @@ class RemoteInvoker:
     """Calls functions on other nodes: resolves the target through ``resolvers`` (the first
     that knows it wins) and POSTs the call there over a shared connection pool."""
 
-    def __init__(self, resolvers: Sequence[Resolver], pool_size: int = 8) -> None:
+    def __init__(self, resolvers: Sequence[Resolver], pool_size: int = 32) -> None:
         if not resolvers:
             raise ValueError("RemoteInvoker needs at least one resolver")
         self.resolvers = list(resolvers)

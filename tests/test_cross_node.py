@@ -41,6 +41,7 @@ from layotto.host.remote_invoke import (
     RemoteInvoker,
     StaticResolver,
     Target,
+    build_remote,
     check_target,
     parse_static_map,
 )
@@ -194,7 +195,23 @@ def test_send_carries_id_caller_and_deadline_and_reuses_its_connection(recorder,
     assert headers["layotto-caller"] == "shop.web" and headers["layotto-caller-namespace"] == "shop"
     assert 0 < int(headers["layotto-deadline-ms"]) <= 5000
     assert len(recorder.peers) == 1, f"three calls took {len(recorder.peers)} connections"
+    # A method is a path: whatever the guest puts in it cannot add a header or a line.
+    remote.invoke(Target("cart", "shop"), "a\r\nx-forged: 1 #", b"", who, time.monotonic() + 5)
+    path, headers, _ = recorder.seen[-1]
+    assert path == "/a%0D%0Ax-forged:%201%20%23" and "x-forged" not in headers
     remote.close()
+
+
+def test_no_resolver_setting_means_no_remote_calls(tmp_path):
+    assert build_remote() is None
+    both = build_remote("127.0.0.1:5353", "example.org", static_file(tmp_path, {}), 8080)
+    assert both is not None
+    assert [type(r).__name__ for r in both.resolvers] == ["StaticResolver", "DnsResolver"]
+    looked_up = both.describe(Target("a", "b"))
+    assert (
+        looked_up
+        == f"b.a in {tmp_path / 'functions.yaml'} nor DNS name a.b.svc.example.org. on 127.0.0.1:5353"
+    )
 
 
 def test_send_errors_name_the_address(recorder, tmp_path):
