@@ -13,6 +13,7 @@ through the resolver file, then through dnsmasq, and shows what node B was sent.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import http.server
 import ipaddress
@@ -523,15 +524,13 @@ class TwoNodes:
         os.utime(self.resolver_file, ns=(stamp, stamp))
 
 
-@pytest.fixture(scope="module")
-def two_nodes(
-    project_bin: Path, wasm_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[TwoNodes]:
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
+@contextlib.contextmanager
+def two_node_cluster(project_bin: Path, wasm_dir: Path, work: Path) -> Iterator[TwoNodes]:
+    """Two nodes on one machine (needs root): node A runs faas_fn1 as ``id_1`` and resolves
+    through ``work/functions.yaml`` then dnsmasq; node B runs fn_echo as ``id_2``. Everything
+    is removed on the way out. Also used by ad hoc measurements."""
     for tool in ("containerd", "ctr", "runc", "nsenter", "dnsmasq"):
         require(tool)
-    work = tmp_path_factory.mktemp("two-nodes")
     out = work / "images"
     out.mkdir()
     images: dict[str, Path] = {}
@@ -584,6 +583,16 @@ def two_nodes(
         if dns is not None:
             dns.stop()
         net.remove()
+
+
+@pytest.fixture(scope="module")
+def two_nodes(
+    project_bin: Path, wasm_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TwoNodes]:
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    with two_node_cluster(project_bin, wasm_dir, tmp_path_factory.mktemp("two-nodes")) as nodes:
+        yield nodes
 
 
 def echoed(body: str) -> dict[str, str]:
