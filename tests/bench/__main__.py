@@ -37,6 +37,7 @@ QUICK = {
     "fairness": ["--duration", "2", "--ctr-runs", "3"],
     "startrate": ["--n", "24"],
     "invoke": ["--duration", "2", "--micro-seconds", "0.2"],
+    "loop": ["--duration", "2", "--micro-seconds", "0.2"],
     "scale": ["--max", "100", "--probe-seconds", "1"],
     "soak": ["--cycles", "20"],
 }
@@ -98,6 +99,15 @@ def verdict(name: str, path: Path) -> str:
             f"{data['limit']['task_cpu_cores']:.2f} cores: {_pm(v['limit'])}; shares 4:1 gave "
             f"{data['shares']['cpu_ratio']:.2f}:1"
         )
+    if name == "loop":
+        parts = []
+        for key, label in (("inline", "inline fn-hello"), ("threads", "offloaded abi-noop")):
+            cpu = data[key]["cpu"]
+            parts.append(
+                f"{label} {cpu['loop_us_per_request']:.1f} µs of loop CPU/request "
+                f"(one-loop ceiling {cpu['loop_ceiling_rps']:,.0f} req/s)"
+            )
+        return "; ".join(parts)
     if "pass" in data:
         return _pm(bool(data["pass"]))
     return "done"
