@@ -175,15 +175,18 @@ def _routes() -> list[tuple[int, int]]:
     return [(number(r[1]), number(r[7])) for r in rows if len(r) >= 8]
 
 
-def _free_subnet() -> str:
-    """A /24 in 10.200.0.0/13 that no route of this machine overlaps (random, so that
-    private containerds running at the same time pick different ones)."""
+def _free_subnet(prefix: int = 24) -> str:
+    """A /``prefix`` (16 to 28) in 10.200.0.0/13 that no route of this machine overlaps
+    (random, so that private containerds running at the same time pick different ones)."""
+    if not 16 <= prefix <= 28:
+        raise ValueError(f"a pod subnet of /{prefix}: choose 16 to 28")
+    ours = (0xFFFFFFFF << (32 - prefix)) & 0xFFFFFFFF
     routes = [(dest, mask) for dest, mask in _routes() if mask]  # (not the default route)
     for _ in range(200):
-        net = (10 << 24) | ((200 + secrets.randbelow(8)) << 16) | (secrets.randbelow(256) << 8)
-        if not any((net & mask) == (dest & mask) or (dest & 0xFFFFFF00) == net for dest, mask in routes):
-            return f"{net >> 24}.{(net >> 16) & 255}.{(net >> 8) & 255}.0/24"
-    raise ContainerdError("no free /24 in 10.200.0.0/13 for the test pods' bridge network")
+        net = ((10 << 24) | (200 << 16) | secrets.randbelow(1 << 19)) & ours
+        if not any((net & mask & ours) == (dest & mask & ours) for dest, mask in routes):
+            return f"{net >> 24}.{(net >> 16) & 255}.{(net >> 8) & 255}.{net & 255}/{prefix}"
+    raise ContainerdError(f"no free /{prefix} in 10.200.0.0/13 for the test pods' bridge network")
 
 
 def _toml(value: str | Path) -> str:
@@ -301,7 +304,9 @@ class Containerd:
         self.cni_bin_dir: Path = CNI_PLUGIN_DIR if plugins else self.base / "cni" / "bin"
         self.cni_conf_dir: Path = self.base / "cni" / "conf"
         self.cni_bridge = "lyt-" + self.base.name[-8:]
-        self.cni_subnet: str | None = None  # chosen by start() when the plugins are there
+        #: The pods' subnet: chosen by start() (a free /``cni_prefix``) unless set before.
+        self.cni_subnet: str | None = None
+        self.cni_prefix = 24
         #: Where ctr() puts stdio fifos of `ctr run` / `tasks start|exec`; None: ctr's default.
         self.fifo_dir: Path | None = self.base / "fifo"
         self.process: subprocess.Popen[bytes] | None = None
@@ -426,7 +431,7 @@ class Containerd:
     def _write_cni_config(self) -> None:
         """A bridge network (bridge + host-local; containerd adds loopback) for the pods."""
         if self.cni_subnet is None:
-            self.cni_subnet = _free_subnet()
+            self.cni_subnet = _free_subnet(self.cni_prefix)
         config = {
             "cniVersion": "0.4.0",
             "name": self.cni_bridge,

@@ -37,6 +37,7 @@ QUICK = {
     "fairness": ["--duration", "2", "--ctr-runs", "3"],
     "startrate": ["--n", "24"],
     "invoke": ["--duration", "2", "--micro-seconds", "0.2"],
+    "podnet": ["--pods", "20", "--hostnet-pods", "5", "--duration", "2"],
     "loop": ["--duration", "2", "--micro-seconds", "0.2"],
     "scale": ["--max", "100", "--probe-seconds", "1"],
     "soak": ["--cycles", "20"],
@@ -108,6 +109,14 @@ def verdict(name: str, path: Path) -> str:
                 f"(one-loop ceiling {cpu['loop_ceiling_rps']:,.0f} req/s)"
             )
         return "; ".join(parts)
+    if name == "podnet":
+        listener = data["per_pod"]["listener"]
+        return (
+            f"pod IP {data['throughput']['pod_ip']['rps']:,.0f} req/s = {data['rps_ratio']:.2f}x the node "
+            f"ingress; {data['pods']} pods: listener {listener['fds']:.1f} fds, "
+            f"{listener['rss'] / 1024:.0f} KiB; fds after removal {data['after_removal']['fds']} "
+            f"(baseline {data['baseline']['fds']}): {_pm(data['pass'])}"
+        )
     if "pass" in data:
         return _pm(bool(data["pass"]))
     return "done"
