@@ -388,7 +388,8 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 
 def free_subnet() -> ipaddress.IPv4Network:
-    """A /24 of 10.200.0.0/13 that no route or address of this machine overlaps."""
+    """A /24 of 10.216.0.0/13 (the CNI tests take 10.200.0.0/13) that no route or address of
+    this machine overlaps."""
     taken = []
     for line in ip("-4", "-o", "route", "show", "table", "all").stdout.splitlines():
         first = line.split()[0] if line.split() else ""
@@ -399,10 +400,10 @@ def free_subnet() -> ipaddress.IPv4Network:
         if "inet" in parts:
             taken.append(ipaddress.ip_interface(parts[parts.index("inet") + 1]).network)
     for _ in range(100):
-        net = ipaddress.ip_network(f"10.{200 + secrets.randbelow(8)}.{secrets.randbelow(256)}.0/24")
+        net = ipaddress.ip_network(f"10.{216 + secrets.randbelow(8)}.{secrets.randbelow(256)}.0/24")
         if not any(net.overlaps(t) for t in taken if t.prefixlen > 0):
             return net
-    raise AssertionError("no free /24 in 10.200.0.0/13")
+    raise AssertionError("no free /24 in 10.216.0.0/13")
 
 
 @dataclass
