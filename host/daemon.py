@@ -13,23 +13,26 @@ import socket
 from pathlib import Path
 
 from layotto.host.abi_host import KNOWN_CAPABILITIES, HostInvoker
-from layotto.host.components.registry import load_components
+from layotto.host.components.registry import Components, load_components
 from layotto.host.engine import DEFAULT_CACHE_LIMIT
 from layotto.host.function_registry import FunctionRegistry
 from layotto.host.grpc_api import DEFAULT_ADDRESS, RuntimeApiServer, load_identities
 from layotto.host.hostlog import DEFAULT_MAX_BYTES
 from layotto.host.hostlog import configure as configure_logging
 from layotto.host.ingress import DEFAULT_BODY_LIMIT, DEFAULT_PORT, Ingress, IngressLimits
-from layotto.host.observe import DEFAULT_METRICS_PORT, AdminServer, HostCollector, start_metrics
+from layotto.host.observe import DEFAULT_METRICS_PORT, AdminServer, HostCollector, MetricsEndpoint
 from layotto.host.podnet import PodNetworks
 from layotto.host.policy import DEFAULT_POLICY_PATH, load_policy
 from layotto.host.remote_invoke import DEFAULT_CLUSTER_DOMAIN, build_remote
 from layotto.host.runtime import HostContext, NodeRuntime
+from layotto.host.upgrade import INGRESS_SOCKET, HostHooks, HostRole, retire_hosts
+from layotto.shim.bootstrap import VERSION
 from layotto.shim.content import ContainerdContent
 from layotto.shim.events import Publisher
-from layotto.shim.paths import HostPaths
-from layotto.shim.task_service import SERVICE_NAMES, TaskService
-from layotto.shim.ttrpc import Server
+from layotto.shim.paths import HostPaths, check_version, host_dirs, make_current
+from layotto.shim.protocol import task_pb2
+from layotto.shim.task_service import NAMESPACE_KEY, SERVICE_NAMES, TaskService
+from layotto.shim.ttrpc import Code, Context, Method, Server, TtrpcError
 
 log = logging.getLogger("layotto.host")
 
@@ -38,7 +41,18 @@ DEFAULT_STATE_DIR = Path("/var/lib/containerd/layotto")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--run-dir", type=Path, default=DEFAULT_RUN_DIR, help="socket, pid file and log")
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=DEFAULT_RUN_DIR,
+        help="the hosts' run directory (<run-dir>/<version>/)",
+    )
+    parser.add_argument(
+        "--host-version",
+        type=check_version,
+        default=VERSION,
+        help="the layotto version this host serves: the shim that starts it passes its own",
+    )
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR, help="compiled-module cache")
     parser.add_argument(
         "--containerd-ttrpc",
@@ -192,6 +206,71 @@ def _listener(args: argparse.Namespace, paths: HostPaths) -> socket.socket:
     return sock
 
 
+def _unix_listener(path: Path) -> socket.socket:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    os.chmod(path, 0o600)
+    sock.listen(512)
+    return sock
+
+
+def _others(paths: HostPaths) -> list[Path]:
+    return [d for d in host_dirs(paths.root) if d.name != paths.version]
+
+
+def _hooks(
+    paths: HostPaths, service: TaskService, metrics: MetricsEndpoint | None, components: Components
+) -> HostHooks:
+    """How the upgrade role reaches the task table, the Task API's Kill, the run
+    directory and the metrics endpoint."""
+
+    def active() -> list[tuple[str, str, asyncio.Future[None]]]:
+        return [(t.namespace, t.id, t.exited) for t in service.tasks.values() if not t.exited.done()]
+
+    async def kill(namespace: str, task_id: str, sig: int) -> None:
+        # Through the Task API, as `ctr task kill`: the exit is published with its status.
+        ctx = Context("containerd.task.v2.Task", "Kill", {NAMESPACE_KEY: [namespace]})
+        await service.kill(task_pb2.KillRequest(id=task_id, signal=sig), ctx)
+
+    def release() -> None:
+        # The embedded pub/sub has one owner at a time (it recovers what a previous owner
+        # left): it moves to the new host; the other components are shared safely.
+        for spec in components.specs:
+            if spec.kind == "pubsub" and spec.type == "sqlite":
+                components.pubsub(spec.name).close()
+
+    def metrics_on() -> None:
+        if metrics is not None:
+            (paths.run_dir / "metrics.port").write_text(f"{metrics.start()}\n")
+
+    return HostHooks(
+        active=active,
+        signal=kill,
+        make_current=lambda: make_current(paths),
+        others=lambda: _others(paths),
+        metrics_on=metrics_on,
+        metrics_off=metrics.stop if metrics is not None else lambda: None,
+        release=release,
+    )
+
+
+def _creating_makes_current(methods: dict[str, Method], role: HostRole) -> dict[str, Method]:
+    """A container created in a retired host (its version was installed again: a roll
+    back) makes it the current host again; a draining host takes no new container."""
+    create = methods["Create"]
+
+    async def handler(request: task_pb2.CreateTaskRequest, ctx: Context) -> object:
+        if role.draining:
+            raise TtrpcError(Code.FAILED_PRECONDITION, f"the layotto {role.version} node host is draining")
+        if role.retired:
+            await role.resume()
+        return await create.handler(request, ctx)
+
+    return {**methods, "Create": Method(create.request_type, handler)}
+
+
 def _raise_fd_limit() -> None:
     """Every container holds a ttrpc connection to the host: allow as many descriptors
     as the system lets this process have."""
@@ -214,9 +293,13 @@ async def serve(args: argparse.Namespace) -> None:
     _raise_fd_limit()
     policy = load_policy(args.policy, KNOWN_CAPABILITIES)
     log.info("policy: %s", policy.source)
-    paths = HostPaths(args.run_dir)
+    paths = HostPaths(args.run_dir, args.host_version)
     _private(args.state_dir)
     sock = _listener(args, paths)
+    # Before anything is opened: the host of another version still running retires, lets go
+    # of what one host only may hold, and hands this one the node's port (upgrades).
+    make_current(paths)
+    handed, retired = await asyncio.to_thread(retire_hosts, _others(paths), paths.version)
     publisher = Publisher(args.containerd_ttrpc)
     publisher.start()
     content = ContainerdContent(args.containerd_address) if args.containerd_address else None
@@ -261,22 +344,32 @@ async def serve(args: argparse.Namespace) -> None:
     )
     ingress = Ingress(functions, body_limit=args.body_limit, limits=limits)
     pods.attach_server(ingress)
-    if args.http_port >= 0:
-        try:
-            port = await ingress.listen(args.http_host, args.http_port)
+    stop = asyncio.Event()
+    metrics = MetricsEndpoint(
+        args.metrics_port, args.metrics_host, HostCollector(functions, lambda: runtime.engine.stats)
+    )
+    role = HostRole(
+        paths.version,
+        paths.run_dir,
+        ingress,
+        stop,
+        _hooks(paths, service, metrics if args.metrics_port >= 0 else None, components),
+        http_host=args.http_host,
+        http_port=args.http_port,
+    )
+    role.took_over(retired)
+    try:
+        port = await role.listen(handed)
+        if port is not None:
             (paths.run_dir / "http.port").write_text(f"{port}\n")
             log.info("HTTP ingress on %s:%d", args.http_host, port)
-        except OSError as exc:
-            log.error(
-                "HTTP ingress disabled: cannot listen on %s:%d: %s", args.http_host, args.http_port, exc
-            )
+    except OSError as exc:
+        log.error("HTTP ingress disabled: cannot listen on %s:%d: %s", args.http_host, args.http_port, exc)
+    await ingress.adopt(_unix_listener(paths.run_dir / INGRESS_SOCKET))  # requests other hosts forward
     if args.metrics_port >= 0:
         try:
-            mport = start_metrics(
-                args.metrics_port, args.metrics_host, HostCollector(functions, lambda: runtime.engine.stats)
-            )
-            (paths.run_dir / "metrics.port").write_text(f"{mport}\n")
-            log.info("metrics on %s:%d/metrics", args.metrics_host, mport)
+            role.hooks.metrics_on()
+            log.info("metrics on %s:%d/metrics", args.metrics_host, metrics.start())
         except OSError as exc:
             log.error(
                 "metrics disabled: cannot listen on %s:%d: %s", args.metrics_host, args.metrics_port, exc
@@ -286,22 +379,31 @@ async def serve(args: argparse.Namespace) -> None:
         found = service.logs(name)
         return found if found is not None else runtime.function_logs(name)
 
-    admin = AdminServer(paths.run_dir / "admin.sock", service.describe, logs)
+    def tasks() -> list[dict[str, object]]:
+        return [{**row, "version": paths.version} for row in service.describe()]
+
+    admin = AdminServer(
+        paths.run_dir / "admin.sock",
+        tasks,
+        logs,
+        host=role.describe,
+        actions={"/retire": role.retire, "/drain": role.drain},
+    )
     await admin.start()
     server = Server()
     for name in SERVICE_NAMES:
-        server.register(name, service.methods())
+        server.register(name, _creating_makes_current(service.methods(), role))
     await server.start(sock)
     # Everything built so far (modules, wasmtime, protobuf) lives as long as the host:
     # keep it out of the garbage collector's full passes, which would otherwise scan it.
     gc.freeze()
-    log.info("layotto node host %d serving %s", os.getpid(), paths.address)
-    stop = asyncio.Event()
+    log.info("layotto %s node host %d serving %s", paths.version, os.getpid(), paths.address)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down")
+    metrics.stop()
     await ingress.close()
     # Every task's exit (143 for those still running) is published and answered to Wait,
     # and reaches containerd, before the connections close: containerd's cleanup after
@@ -337,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> None:
     configure_logging(
-        logging.DEBUG if args.debug else logging.INFO, HostPaths(args.run_dir).log_file, args.log_max_bytes
+        logging.DEBUG if args.debug else logging.INFO,
+        HostPaths(args.run_dir, args.host_version).log_file,
+        args.log_max_bytes,
     )
     try:
         import uvloop

@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -409,6 +411,9 @@ class Ingress(ConnectionBook):
         self._servers: list[asyncio.base_events.Server] = []
         self._pod_servers: dict[PodListener, asyncio.base_events.Server] = {}
         self._outbox: list[tuple[asyncio.Transport, bytes, int]] = []
+        # Ids this host does not serve: a stand-in that forwards the request to the host of
+        # another layotto version that does (layotto.host.upgrade), or None.
+        self.forward: Callable[[str], Any] | None = None
 
     def send(
         self, transport: asyncio.Transport, data: bytes, *, close: bool = False, linger: bool = False
@@ -439,13 +444,18 @@ class Ingress(ConnectionBook):
         """The function a request is for: its ``id`` header, else ``/fn/<id>/...``
         (whose prefix is then cut from the path the function sees)."""
         if function_id is not None:
-            return self.registry.get(function_id.decode(errors="replace"))
+            fid = function_id.decode(errors="replace")
+            return self.registry.get(fid) or self._elsewhere(fid)
         path = request.path
         if path.startswith(b"/fn/"):
-            fid, slash, tail = path[4:].partition(b"/")
+            raw, slash, tail = path[4:].partition(b"/")
             request.path = b"/" + tail if slash else b"/"
-            return self.registry.get(fid.decode(errors="replace"))
+            fid = raw.decode(errors="replace")
+            return self.registry.get(fid) or self._elsewhere(fid)
         return None
+
+    def _elsewhere(self, fid: str) -> Any:
+        return None if self.forward is None else self.forward(fid)
 
     async def listen(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
@@ -478,6 +488,28 @@ class Ingress(ConnectionBook):
         for conn in [c for c in self._connections if c._pod is pod]:
             if conn._raw is not None:
                 conn._raw.abort()
+
+    async def adopt(self, sock: socket.socket) -> int:
+        """Serve an already listening socket: the node's port handed over by the host of an
+        older layotto version (the same socket: no connection is refused meanwhile), or a
+        unix socket for requests other hosts forward. Returns its port (0 for unix)."""
+        loop = asyncio.get_running_loop()
+        sock.setblocking(False)
+        server = await loop.create_server(lambda: HttpProtocol(self), sock=sock, backlog=1024)
+        self._servers.append(server)
+        name = sock.getsockname()
+        return name[1] if isinstance(name, tuple) else 0
+
+    def release(self) -> socket.socket | None:
+        """Stop accepting on the node's port (open connections are still served) and
+        return a duplicate of its listening socket, for a newer host to adopt."""
+        handed = None
+        for server in [s for s in self._servers if s.sockets and s.sockets[0].family != socket.AF_UNIX]:
+            if handed is None:
+                handed = socket.socket(fileno=os.dup(server.sockets[0].fileno()))
+            server.close()
+            self._servers.remove(server)
+        return handed
 
     async def close(self) -> None:
         for server in self._servers:

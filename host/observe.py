@@ -12,7 +12,9 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator
+import socket
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,23 +75,54 @@ class HostCollector:
         )
 
 
-def start_metrics(port: int, host: str, collector: HostCollector) -> int:
-    """Serve /metrics on its own thread; returns the bound port."""
-    registry = CollectorRegistry()
-    registry.register(collector)
-    server, _thread = start_http_server(port, addr=host, registry=registry)
-    return server.server_port
+class MetricsEndpoint:
+    """/metrics on its own thread; stopped when a newer host takes the node over."""
+
+    def __init__(self, port: int, host: str, collector: HostCollector) -> None:
+        self.port = port
+        self.host = host
+        self.collector = collector
+        self._server: Any = None
+
+    def start(self) -> int:
+        """Listen (again); returns the bound port."""
+        if self._server is None:
+            registry = CollectorRegistry()
+            registry.register(self.collector)
+            self._server, _thread = start_http_server(self.port, addr=self.host, registry=registry)
+        return int(self._server.server_port)
+
+    def stop(self) -> None:
+        """Stop listening, so that a newer host can bind the port."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+Action = Callable[[dict[str, str]], Awaitable[tuple[int, Any, socket.socket | None]]]
+"""A POST of the admin socket: the query's parameters in; the status, the JSON body and a
+socket to pass along with the answer (SCM_RIGHTS), or None, out."""
 
 
 class AdminServer:
-    """JSON over HTTP/1.0 on a unix socket: ``GET /tasks``, ``GET /logs/<id>``."""
+    """JSON over HTTP/1.0 on a unix socket: ``GET /tasks``, ``GET /logs/<id>``, ``GET
+    /host``, and the ``POST`` actions it is given (``/retire``, ``/drain``)."""
 
     def __init__(
-        self, path: Path, tasks: Callable[[], list[dict[str, Any]]], logs: Callable[[str], list[str] | None]
+        self,
+        path: Path,
+        tasks: Callable[[], list[dict[str, Any]]],
+        logs: Callable[[str], list[str] | None],
+        *,
+        host: Callable[[], dict[str, Any]] | None = None,
+        actions: dict[str, Action] | None = None,
     ):
         self.path = path
         self.tasks = tasks
         self.logs = logs
+        self.host = host
+        self.actions = actions or {}
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -108,10 +141,20 @@ class AdminServer:
             while (await asyncio.wait_for(reader.readline(), 5)) not in (b"\r\n", b"\n", b""):
                 pass
             parts = line.decode(errors="replace").split()
-            path = parts[1] if len(parts) > 1 else "/"
-            status, body = 200, None
-            if path == "/tasks":
+            method = parts[0] if parts else "GET"
+            target = parts[1] if len(parts) > 1 else "/"
+            path, _, query = target.partition("?")
+            status, body, passed = 200, None, None
+            if method == "POST":
+                action = self.actions.get(path)
+                if action is None:
+                    status, body = 404, {"error": f"unknown action {path}"}
+                else:
+                    status, body, passed = await action(dict(urllib.parse.parse_qsl(query)))
+            elif path == "/tasks":
                 body = self.tasks()
+            elif path == "/host" and self.host is not None:
+                body = self.host()
             elif path.startswith("/logs/"):
                 body = self.logs(path[len("/logs/") :])
                 if body is None:
@@ -119,13 +162,30 @@ class AdminServer:
             else:
                 status, body = 404, {"error": f"unknown path {path}"}
             data = json.dumps(body).encode()
-            writer.write(
+            answer = (
                 b"HTTP/1.0 %d OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n"
                 % (status, len(data))
                 + data
             )
-            await writer.drain()
+            if passed is None:
+                writer.write(answer)
+                await writer.drain()
+            else:
+                _send_with_socket(writer, answer, passed)
         except Exception as exc:  # never let a bad client hurt the host
             log.debug("admin: %s", exc)
         finally:
             writer.close()
+
+
+def _send_with_socket(writer: asyncio.StreamWriter, data: bytes, passed: socket.socket) -> None:
+    """Write ``data`` with ``passed`` attached (SCM_RIGHTS), then close our copy of it.
+    Nothing else was written on the connection, so the small answer goes out at once."""
+    conn = socket.socket(fileno=os.dup(writer.get_extra_info("socket").fileno()))
+    conn.settimeout(5)  # (polls: the descriptor stays non-blocking for the event loop)
+    try:
+        sent = socket.send_fds(conn, [data], [passed.fileno()])
+        conn.sendall(data[sent:])
+    finally:
+        conn.close()
+        passed.close()

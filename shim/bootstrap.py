@@ -17,6 +17,7 @@ delete: ask a live host to kill and forget the task, unmount the rootfs if it is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import os
 import socket
@@ -28,9 +29,17 @@ from pathlib import Path
 
 from layotto.shim import wire
 from layotto.shim.mounts import unmount_rootfs
-from layotto.shim.paths import HostPaths, host_paths_for_bundle, read_exit_record, state_dir_for_bundle
+from layotto.shim.paths import (
+    HostPaths,
+    host_paths_for_bundle,
+    make_current,
+    read_exit_record,
+    recorded_socket,
+    state_dir_for_bundle,
+)
 
 VERSION = "0.1.0"
+VERSION_ENV = "LAYOTTO_SHIM_VERSION"
 TASK_SERVICE = "containerd.task.v2.Task"
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 SIGKILL = 9
@@ -46,6 +55,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("action", nargs="?", default="")
     args, _unknown = parser.parse_known_args(argv)
     return args
+
+
+def shim_version() -> str:
+    """The version of the shim that runs us: the shell script exports it (it is set in
+    that one place); run directly, this package's."""
+    return os.environ.get(VERSION_ENV) or VERSION
 
 
 # --- start ---------------------------------------------------------------------------
@@ -66,8 +81,10 @@ def _can_connect(path: Path) -> bool:
 def ensure_host(
     paths: HostPaths, *, state_dir: Path, ttrpc_address: str, grpc_address: str = "", debug: bool = False
 ) -> None:
-    """Start the node host unless one already serves ``paths.socket``."""
-    paths.run_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+    """Start the node host of ``paths.version`` unless one already serves ``paths.socket``;
+    a host started here becomes the current one (``<root>/current``)."""
+    paths.root.mkdir(parents=True, exist_ok=True, mode=0o711)
+    paths.run_dir.mkdir(exist_ok=True, mode=0o711)
     os.umask(0o077)  # the lock, the log and everything the host writes: for root only
     with open(paths.lock_file, "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -90,7 +107,9 @@ def ensure_host(
                 "--listen-fd",
                 str(fd),
                 "--run-dir",
-                str(paths.run_dir),
+                str(paths.root),
+                "--host-version",
+                paths.version,
                 "--state-dir",
                 str(state_dir),
             ]
@@ -113,6 +132,7 @@ def ensure_host(
             tmp = paths.pid_file.with_suffix(".tmp")
             tmp.write_text(f"{child.pid}\n")
             tmp.replace(paths.pid_file)
+            make_current(paths)
         finally:
             listener.close()
 
@@ -126,7 +146,11 @@ def start(args: argparse.Namespace) -> int:
         except OSError:
             pass
     bundle = Path(args.bundle or os.getcwd())
-    paths = host_paths_for_bundle(bundle)
+    try:
+        paths = host_paths_for_bundle(bundle, shim_version())
+    except ValueError as exc:
+        sys.stderr.write(f"containerd-shim-layotto-v1: {exc} ({VERSION_ENV})\n")
+        return 1
     ttrpc = os.environ.get("TTRPC_ADDRESS") or (f"{args.address}.ttrpc" if args.address else "")
     ensure_host(
         paths,
@@ -175,11 +199,11 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes:
     return bytes(data)
 
 
-def _ask_host_to_forget(paths: HostPaths, task_id: str, namespace: str) -> None:
+def _ask_host_to_forget(host_socket: Path, task_id: str, namespace: str) -> None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(2.0)
     try:
-        s.connect(str(paths.socket))
+        s.connect(str(host_socket))
         kill = wire.field_bytes(1, task_id) + wire.field_varint(3, SIGKILL) + wire.field_varint(4, 1)
         _ttrpc_call(s, 1, "Kill", kill, namespace)
         stream_id = 1
@@ -198,9 +222,14 @@ def _ask_host_to_forget(paths: HostPaths, task_id: str, namespace: str) -> None:
 
 def delete(args: argparse.Namespace) -> int:
     bundle = Path(args.bundle or os.getcwd())
-    paths = host_paths_for_bundle(bundle)
-    if args.id and _can_connect(paths.socket):
-        _ask_host_to_forget(paths, args.id, args.namespace or "default")
+    # The host that holds the task: the one `start` recorded (after an upgrade, an older
+    # version's), else this version's.
+    sock = recorded_socket(bundle)
+    if sock is None:
+        with contextlib.suppress(ValueError):  # a bad version has no host to ask
+            sock = host_paths_for_bundle(bundle, shim_version()).socket
+    if sock is not None and args.id and _can_connect(sock):
+        _ask_host_to_forget(sock, args.id, args.namespace or "default")
     unmount_rootfs(bundle)  # also drops the mount marker
     # The exit a host recorded as it went away (SIGTERM); else what runc answers for a
     # container whose shim is gone: killed, now (when the host was found gone).
@@ -214,7 +243,8 @@ def delete(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.v:
-        print(f"containerd-shim-layotto-v1:\n  Version: {VERSION}\n  Runtime: io.containerd.layotto.v1")
+        version = shim_version()
+        print(f"containerd-shim-layotto-v1:\n  Version: {version}\n  Runtime: io.containerd.layotto.v1")
         return 0
     if args.action == "start":
         return start(args)

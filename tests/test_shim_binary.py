@@ -54,8 +54,13 @@ class FakeContainerd:
         return self.state / "layotto"
 
     @property
+    def host_dir(self) -> Path:
+        """The run directory of this version's host (``<run>/<version>/``)."""
+        return self.run_dir / importlib.metadata.version("layotto")
+
+    @property
     def socket(self) -> Path:
-        return self.run_dir / "host.sock"
+        return self.host_dir / "host.sock"
 
     @property
     def address(self) -> str:
@@ -266,13 +271,13 @@ def test_delete_with_host_down(shim, fake, leftovers):
     bundle = fake.bundle("c1")
     if leftovers:
         # What a crashed host leaves behind: a socket nobody listens on, a dead pid.
-        fake.run_dir.mkdir(parents=True)
+        fake.host_dir.mkdir(parents=True)
         dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         dead.bind(str(fake.socket))
         dead.close()
         gone = subprocess.Popen(["true"])
         gone.wait()
-        (fake.run_dir / "host.pid").write_text(f"{gone.pid}\n")
+        (fake.host_dir / "host.pid").write_text(f"{gone.pid}\n")
     for _ in range(2):  # idempotent
         before = time.time()
         result = run_shim(shim, fake, bundle, *delete_args("c1", bundle))
@@ -287,7 +292,7 @@ def test_a_host_socket_without_its_pid_file_prints_nothing_on_stderr(shim, fake)
     not print the shell's "cannot open" then: containerd reads start's stdout and stderr
     together as the address."""
     bundle = fake.bundle("c1")
-    fake.run_dir.mkdir(parents=True)
+    fake.host_dir.mkdir(parents=True)
     starting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     starting.bind(str(fake.socket))
     try:
@@ -463,7 +468,7 @@ def blocked_on_flock(path: Path) -> bool:
 def test_start_serializes_on_the_lock_and_reuses_a_listening_host(shim, fake):
     """`start` takes the host lock before deciding, and a socket that accepts connections
     is an existing host: it is reused, never replaced by a second host."""
-    fake.run_dir.mkdir(parents=True)
+    fake.host_dir.mkdir(parents=True)
     bundle = fake.bundle("c1")
     with open(fake.run_dir / "host.lock", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
