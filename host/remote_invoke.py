@@ -191,7 +191,7 @@ def parse_static_map(text: str, source: str, default_port: int) -> dict[tuple[st
 class DnsResolver:
     """Cluster DNS: the A (else AAAA) record of ``<label>.<namespace>.svc.<domain>.`` on
     ``server`` (``ip[:port]``; ``system``: the host's /etc/resolv.conf), at ``port``.
-    Answers are cached for their TTL."""
+    Answers are cached for their TTL; an alias out of ``svc.<domain>`` is refused."""
 
     def __init__(self, server: str, domain: str = DEFAULT_CLUSTER_DOMAIN, port: int = DEFAULT_PORT) -> None:
         import dns.resolver
@@ -240,6 +240,16 @@ class DnsResolver:
                 raise RemoteError(504, f"DNS server {self.server} did not answer for {name} in time") from exc
             except (dns.resolver.NoNameservers, dns.exception.DNSException) as exc:
                 raise RemoteError(503, f"DNS server {self.server} failed for {name}: {exc}") from exc
+            # An ExternalName Service is a CNAME out of the cluster: a tenant could point it
+            # anywhere, and the node host's requests leave from the node, outside every
+            # NetworkPolicy. Only names inside the cluster's Services are followed.
+            canonical = answer.canonical_name.to_text().lower()
+            if not canonical.endswith(f".svc.{self.domain}."):
+                raise RemoteError(
+                    404,
+                    f"{name} is an alias of {canonical}, outside the cluster's Services "
+                    "(an ExternalName Service): not called",
+                )
             return str(answer[0].address), self.port
         return None
 

@@ -298,8 +298,16 @@ class Dnsmasq:
     """Debian's dnsmasq answering for ``cluster.local`` on one address, nothing forwarded
     (an unknown name there is NXDOMAIN). Started with :meth:`start`, stopped by :meth:`stop`."""
 
-    def __init__(self, address: str, port: int, records: dict[str, str], workdir: Path) -> None:
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        records: dict[str, str],
+        workdir: Path,
+        aliases: dict[str, str] | None = None,
+    ) -> None:
         self.address, self.port, self.records, self.workdir = address, port, records, workdir
+        self.aliases = aliases or {}  # name -> target (a CNAME, as an ExternalName Service is)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -307,6 +315,7 @@ class Dnsmasq:
         args += ["--no-hosts", "--no-poll", "--bind-interfaces", f"--listen-address={self.address}"]
         args += [f"--port={self.port}", "--local=/cluster.local/", f"--pid-file={self.workdir / 'dns.pid'}"]
         args += [f"--host-record={name},{ip}" for name, ip in self.records.items()]
+        args += [f"--cname={name},{target}" for name, target in self.aliases.items()]
         log = open(self.workdir / "dnsmasq.log", "ab")
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         log.close()
@@ -334,7 +343,9 @@ class Dnsmasq:
 
 @pytest.fixture
 def dnsmasq(tmp_path) -> Iterator[Dnsmasq]:
-    server = Dnsmasq("127.0.0.1", free_port(), {"id-2.default.svc.cluster.local": "127.0.0.1"}, tmp_path)
+    records = {"id-2.default.svc.cluster.local": "127.0.0.1", "metadata.example": "127.0.0.1"}
+    aliases = {"outside.default.svc.cluster.local": "metadata.example"}
+    server = Dnsmasq("127.0.0.1", free_port(), records, tmp_path, aliases)
     server.start()
     try:
         yield server
@@ -353,6 +364,11 @@ def test_cluster_dns_names_the_service_and_unknown_names_are_not_found(dnsmasq, 
         remote.invoke(Target("id_9", "default"), "", b"", {}, time.monotonic() + 5)
     assert info.value.http_status == 404
     assert f"DNS name id-9.default.svc.cluster.local. on 127.0.0.1:{dnsmasq.port}" in str(info.value)
+    # An ExternalName Service (a CNAME out of the cluster) is never called.
+    with pytest.raises(RemoteError) as info:
+        remote.invoke(Target("outside", "default"), "", b"", {}, time.monotonic() + 5)
+    assert info.value.http_status == 404 and "alias of metadata.example." in str(info.value)
+    assert len(recorder.seen) == 1
 
 
 def test_a_dns_server_that_does_not_answer_is_504_naming_it():
