@@ -250,7 +250,13 @@ class DnsResolver:
                     f"{name} is an alias of {canonical}, outside the cluster's Services "
                     "(an ExternalName Service): not called",
                 )
-            return str(answer[0].address), self.port
+            address = ipaddress.ip_address(str(answer[0].address))
+            # Manual Endpoints of a headless Service are the tenant's too: never a link-local
+            # address (cloud metadata) or a non-unicast one. (Loopback, which Kubernetes
+            # refuses in Endpoints, would reach only this node's own ingress.)
+            if address.is_link_local or address.is_multicast or address.is_unspecified:
+                raise RemoteError(404, f"{name} resolves to {address}, which a Service never has: not called")
+            return str(address), self.port
         return None
 
 

@@ -343,7 +343,11 @@ class Dnsmasq:
 
 @pytest.fixture
 def dnsmasq(tmp_path) -> Iterator[Dnsmasq]:
-    records = {"id-2.default.svc.cluster.local": "127.0.0.1", "metadata.example": "127.0.0.1"}
+    records = {
+        "id-2.default.svc.cluster.local": "127.0.0.1",
+        "metadata.example": "127.0.0.1",
+        "metadata.default.svc.cluster.local": "169.254.169.254",
+    }
     aliases = {"outside.default.svc.cluster.local": "metadata.example"}
     server = Dnsmasq("127.0.0.1", free_port(), records, tmp_path, aliases)
     server.start()
@@ -368,6 +372,8 @@ def test_cluster_dns_names_the_service_and_unknown_names_are_not_found(dnsmasq, 
     with pytest.raises(RemoteError) as info:
         remote.invoke(Target("outside", "default"), "", b"", {}, time.monotonic() + 5)
     assert info.value.http_status == 404 and "alias of metadata.example." in str(info.value)
+    with pytest.raises(RemoteError, match="resolves to 169.254.169.254, which a Service never has"):
+        remote.invoke(Target("metadata", "default"), "", b"", {}, time.monotonic() + 5)
     assert len(recorder.seen) == 1
 
 
