@@ -15,6 +15,12 @@
 #    host), from $PAYLOAD to /opt/layotto-<version>, and points the symlink /opt/layotto at
 #    it. A version directory is never overwritten: a running node host keeps its files
 #    mapped, so new bits go to a new directory and the symlink is switched atomically.
+#    That switch is the upgrade: each layotto version runs its own node host, so the next
+#    container starts in a host of the new version while the old version's host keeps its
+#    running containers and exits when the last of them ends (or when `layotto drain`
+#    stops them). Older version directories stay (for a roll back: install the old image
+#    again, and the symlink points back) until --uninstall. See docs/node-host.md,
+#    "Upgrading a node".
 #    A virtual environment is not self-contained: its bin/python is a symlink to the
 #    interpreter it was built with (/usr/bin/python3.11 for the installer image, built on
 #    Debian 12), and its compiled wheels (wasmtime, grpcio, protobuf) need a matching glibc.
@@ -268,10 +274,19 @@ install_payload() {
   fi
   link=$HOST_ROOT$PREFIX
   want=$(basename "$target")
-  if [ "$(readlink "$link" 2>/dev/null || true)" != "$want" ]; then
+  was=$(readlink "$link" 2>/dev/null || true)
+  if [ "$was" != "$want" ]; then
     ln -sfn "$want" "$link.layotto-new"
     mv -fT "$link.layotto-new" "$link"
     log "$PREFIX -> $want"
+    case $was in
+      "$(basename "$PREFIX")"-*)
+        previous=${was#"$(basename "$PREFIX")"-}
+        log "switched from layotto $previous: containers running now stay in the $previous" \
+          "node host, which exits when the last of them ends; new containers start in a" \
+          "$VERSION host. To stop the old ones now: $PREFIX/bin/layotto drain --grace 30"
+        ;;
+    esac
   fi
 }
 
