@@ -12,6 +12,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from layotto.host import scheduler
 from layotto.host.abi_context import MAX_VALUE, AbiContext
 from layotto.host.errors import AbiStatus, Status
 from layotto.host.remote_invoke import (
@@ -80,8 +81,10 @@ class HostInvoker:
         url = base.rstrip("/") + "/" + method.lstrip("/")
         request = urllib.request.Request(url, data=data, method="POST", headers={"id": target})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.read(MAX_VALUE + 1)
+            with scheduler.network_wait(f"the application {target!r}"):
+                scheduler.touch()  # sent (or about to be): a re-run would send it again
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    return response.read(MAX_VALUE + 1)
         except urllib.error.HTTPError as exc:
             raise AbiStatus(
                 Status.NOT_FOUND if exc.code == 404 else Status.INTERNAL_FAILURE, f"{url}: HTTP {exc.code}"
@@ -137,4 +140,7 @@ class HostInvoker:
             who[CALLER_NAMESPACE_HEADER] = namespace
             if caller.app_id and caller.app_id.isascii() and caller.app_id.isprintable():
                 who[CALLER_HEADER] = caller.app_id
-        return self.remote.invoke(checked, method, data, who, deadline)
+        # Never on the event loop, and a worker waiting here lets another run (host/scheduler.py).
+        with scheduler.network_wait(f"an invoke of {checked.id!r} on another node"):
+            scheduler.touch()  # the callee may change something: a re-run would repeat it
+            return self.remote.invoke(checked, method, data, who, deadline)

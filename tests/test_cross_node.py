@@ -33,6 +33,7 @@ import pytest
 import yaml
 from google.protobuf import any_pb2
 
+from layotto.host import scheduler
 from layotto.host.abi_invoker import HostInvoker
 from layotto.host.errors import AbiStatus, Status
 from layotto.host.protocol import runtime_api_pb2 as pb
@@ -286,6 +287,15 @@ def test_host_invoker_sends_with_the_caller_and_applies_the_policy_first(recorde
     # The deadline a caller carries (the gRPC API's) is the one sent along.
     invoker.invoke(caller, "id_2", "", b"", deadline=time.monotonic() + 0.5)
     assert int(recorder.seen[-1][1]["layotto-deadline-ms"]) <= 500
+    # Inline on the event loop, a call that has changed nothing yet is stopped before it sends
+    # (the scheduler runs it again on a worker); one that has is let through, and is marked.
+    sent = len(recorder.seen)
+    with scheduler.running(scheduler.Call(inline=True)) as call:
+        with pytest.raises(scheduler.WouldBlock, match="'id_2' on another node"):
+            invoker.invoke(caller, "id_2", "", b"")
+        assert call.network and len(recorder.seen) == sent
+    with scheduler.running(scheduler.Call(inline=False)) as call:
+        assert invoker.invoke(caller, "id_2", "", b"w") == b"answer to w" and call.effects
     # Without a namespace (the host itself) an id names none to look in.
     with pytest.raises(AbiStatus, match="names no namespace"):
         invoker.invoke(None, "id_2", "", b"")
