@@ -215,7 +215,10 @@ def test_upgrade_with_tenants_running_then_drain_the_old_host(node: Node, grace:
             cmd_b: b,
         }
         table = node.layotto("ps")
-        assert table.returncode == 0 and "VERSION" in table.stdout.splitlines()[0]
+        assert table.returncode == 0, table.stderr
+        lines = [line.split() for line in table.stdout.splitlines()]
+        column = lines[0].index("VERSION")
+        assert {row[2]: row[column] for row in lines[1:]} == {fn_a: a, cmd_a: a, fn_b: b, cmd_b: b}
         # Both versions serve on the node's one port (B took A's listening socket over).
         assert node.c.host_port("http") == port
         for fid in (fn_a, fn_b):
