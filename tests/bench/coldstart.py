@@ -24,6 +24,7 @@ containerd is always stopped at the end, taking its shims, the node host and mou
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -242,7 +243,9 @@ class Bench:
         """Each action in a loop of its own, so no exec is timed right after a different one
         (a 1 ms exec measured just after a 40 ms Python start comes out noticeably slower)."""
         env = self.shim_env()
-        host_address = f"unix://{self.c.state / 'layotto' / 'host.sock'}"
+        # The host of this layotto version: <state>/layotto/<version>/host.sock.
+        version = importlib.metadata.version("layotto")
+        host_address = f"unix://{self.c.state / 'layotto' / version / 'host.sock'}"
         fake_tasks = self.c.state / TASK_DIR / FAKE_NAMESPACE
         # A state dir whose host never ran: `delete` cannot reach one and takes the slow path.
         hostless_tasks = self.c.base / "hostless" / TASK_DIR / FAKE_NAMESPACE
