@@ -324,6 +324,7 @@ class Dnsmasq:
         args = [require("dnsmasq"), "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv"]
         args += ["--no-hosts", "--no-poll", "--bind-interfaces", f"--listen-address={self.address}"]
         args += [f"--port={self.port}", "--local=/cluster.local/", f"--pid-file={self.workdir / 'dns.pid'}"]
+        args += ["--local-ttl=5"]  # CoreDNS's default TTL for cluster names
         args += [f"--host-record={name},{ip}" for name, ip in self.records.items()]
         args += [f"--cname={name},{target}" for name, target in self.aliases.items()]
         log = open(self.workdir / "dnsmasq.log", "ab")
