@@ -110,7 +110,7 @@ class HostInvoker:
     def _remote(
         self, caller: AbiContext | None, target: str, method: str, data: bytes, deadline: float | None
     ) -> bytes:
-        """The call to a function of no namespace on this node, through ``self.remote``:
+        """The call to an id no function on this node serves, through ``self.remote``:
         ``<id>`` is the caller's namespace's, ``<id>.<namespace>`` another's, which the
         operator's policy must let the caller reach before anything is sent."""
         assert self.remote is not None
