@@ -10,6 +10,7 @@ as a Service, another pod or the kubelet reaches a pod: TCP to the pod IP.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import itertools
 import json
@@ -20,6 +21,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -27,6 +29,8 @@ import yaml
 
 from layotto.host import podnet
 from layotto.host.errors import ModuleError
+from layotto.host.function_registry import FunctionRegistry
+from layotto.host.ingress import Ingress
 from layotto.images import builder
 from layotto.shim.bundle import network_namespace
 from tests.conftest import REPO_ROOT, find_host_process
@@ -70,6 +74,58 @@ def test_the_sandbox_spec_names_its_network_namespace() -> None:
     for bad in ("relative/netns", "/var/run/netns/../../etc/passwd", "/x\0y", 7):
         with pytest.raises(ModuleError, match="network namespace path"):
             network_namespace(spec({"type": "network", "path": bad}))
+
+
+# --------------------------------------------------------------------------- PodNetworks alone
+
+
+@pytest.fixture
+def netns(tmp_path: Path) -> Iterator[str]:
+    """A network namespace of the test's own (``ip netns add``), with loopback up."""
+    name = f"lyt-t{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield f"/run/netns/{name}"
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+@pytest.mark.integration
+def test_pod_networks_listen_in_the_namespace_for_its_own_pods(netns: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ingress = Ingress(FunctionRegistry())
+        pods = podnet.PodNetworks(ingress)
+        # The node's own namespace is host network: nothing to do.
+        assert not pods.add_sandbox("k8s.io", "hostnet", "/proc/self/ns/net", "default")
+        assert pods.add_sandbox("k8s.io", "sb", netns, "default")
+        # Another tenant naming this sandbox gets no listener in it.
+        assert await pods.attach("k8s.io", "sb", "other", 2045) is None
+        assert await pods.attach("other-containerd-ns", "sb", "default", 2045) is None
+        listener = await pods.attach("k8s.io", "sb", "default", 2045)
+        assert listener is not None and pods.listeners == [listener]
+        # The socket is in the pod's namespace: listed there, not in the node's.
+        assert listener_inodes(netns, 2045) and not listener_inodes("/proc/self/ns/net", 2045)
+        # A second function of the pod on the same port shares the listener.
+        assert await pods.attach("k8s.io", "sb", "default", 2045) is listener
+        pods.detach(listener, None)
+        assert listener_inodes(netns, 2045)
+        pods.detach(listener, None)
+        assert not listener_inodes(netns, 2045) and pods.listeners == []
+        # A file that is not a network namespace is refused by the kernel, with the path.
+        bogus = tmp_path / "not-a-netns"
+        bogus.write_text("")
+        assert pods.add_sandbox("k8s.io", "bogus", str(bogus), "default")
+        with pytest.raises(OSError, match="not-a-netns: not a network namespace"):
+            await pods.attach("k8s.io", "bogus", "default", 2045)
+        # A sandbox that stops closes what it still has.
+        await pods.attach("k8s.io", "sb", "default", 8080)
+        assert listener_inodes(netns, 8080)
+        pods.remove_sandbox("k8s.io", "sb")
+        assert not listener_inodes(netns, 8080)
+        await ingress.close()
+
+    asyncio.run(scenario())
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -159,9 +215,9 @@ def with_id(config: cri.PodSandboxConfig, function_id: str) -> cri.PodSandboxCon
     return copy
 
 
-def pod_ip(info: dict[str, object]) -> str:
+def pod_ip(info: dict[str, Any]) -> str:
     """The pod's IPv4 address from containerd's verbose sandbox info (its CNI result)."""
-    interfaces = info["cniResult"]["Interfaces"]  # type: ignore[index]
+    interfaces = info["cniResult"]["Interfaces"]
     for iface in interfaces.values():
         for config in iface.get("IPConfigs") or ():
             if "." in config["IP"]:
