@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any
 
 import wasmtime
@@ -23,6 +24,7 @@ from layotto.host.abi_context import SPEC, AbiContext
 from layotto.host.abi_functions import IMPLEMENTATIONS, check_table
 from layotto.host.errors import AbiStatus, LayottoError, Status, abi_status
 from layotto.host.scheduler import WouldBlock
+from layotto.host.scheduler import current as current_call
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +103,21 @@ def _raw_callback(fn: abi_spec.Function) -> object:
     arity = fn.arity
 
     def callback(_env: object, _caller: object, vals: Any, _count: int) -> int:
+        # Time under the GIL, not in wasm: what moving the call to a worker would not take
+        # off the event loop (host/scheduler.py). A function invoked from here counts its
+        # own time (Call.account).
+        call = current_call()
+        if call is not None:
+            host0, wasm0, started = call.host_seconds, call.wasm_seconds, perf_counter()
         try:
             args = [vals[i].i32 if signed[i] else vals[i].i32 & 0xFFFFFFFF for i in range(arity)]
             vals[0].i32 = host(*args)
             return 0
         except BaseException as exc:  # a trap in a nested guest call (the allocator)
             return capi.new_trap(f"{fn.name}: {exc}")
+        finally:
+            if call is not None:
+                call.account(perf_counter() - started, host0, wasm0, in_wasm=False)
 
     return capi.UncheckedCallback(callback)
 

@@ -111,6 +111,15 @@ COST_WEIGHT = 0.1  # weight of the latest call in the average
 PROXY_EXPORTS = ("proxy_on_request_body", "proxy_on_request_headers")
 
 
+def _average(average: float, sample: float) -> float:
+    """The moving average with ``sample`` added. A sample far above the average counts as
+    twice the average (plus INLINE_CHEAP) only: a thread preempted once on a busy machine
+    must not move a function off the loop. A function that really became costly raises it
+    by steps, or passes the inline budget at once."""
+    sample = min(sample, 2 * average + INLINE_CHEAP)
+    return average + (sample - average) * COST_WEIGHT
+
+
 def is_function_module(compiled: CompiledModule) -> bool:
     """A module serving HTTP: our handler entry point, or Layotto's proxy-wasm callbacks."""
     return HANDLER_EXPORT in compiled.exports or any(e in compiled.exports for e in PROXY_EXPORTS)
@@ -192,6 +201,7 @@ class Function:
             period=cpu_period,
         )
         self.cost = 0.0  # CPU seconds per call, a moving average
+        self.wasm_cost = 0.0  # ... of which in wasm (not in the Runtime ABI's host functions)
         facts = module_facts(compiled.module)
         try:
             self.pre = facts.instance_pre(linker, compiled.module)
@@ -383,29 +393,38 @@ class Function:
         return "inline" if self._inline_ok() else "workers"
 
     def _inline_ok(self) -> bool:
-        """Whether a call may run inline: cheap calls always, costly ones never, the ones
-        in between while the event loop has CPU to spare (else a worker runs them on
-        another core). A function with a CPU limit, or that has waited on the network,
-        stays on workers."""
-        if self.threaded:
+        """Whether a call may run inline: costly calls never; calls with little time in
+        wasm always; the ones in between while the event loop has CPU to spare (else a
+        worker runs them on another core). A function with a CPU limit, or that has waited
+        on the network, stays on workers."""
+        if self.threaded or self.cost >= INLINE_HEAVY:
             return False
-        cost = self.cost
-        if cost <= INLINE_CHEAP:
+        # The host functions of the Runtime ABI run under the GIL wherever the call runs:
+        # only its time in wasm would move to another core.
+        if self.wasm_cost <= INLINE_CHEAP:
             return True
-        if cost >= INLINE_HEAVY:
-            return False
         return not self.scheduler.loop_busy()
 
     def _leave_inline(self, why: str) -> None:
+        """For good: the function waits on the network (it would block the loop)."""
         if not self.threaded:
             self.threaded = True
             self.log.add("host", f"{why}: its calls run on worker threads from now on")
             log.info("function %s moved to worker threads: %s", self.id, why)
 
+    def too_costly_inline(self) -> None:
+        """A call ran past the inline budget: its next calls go to workers, until its
+        measured cost has come down again (a busy machine can stretch any call once)."""
+        self.cost = max(self.cost, INLINE_HEAVY)
+        self.wasm_cost = max(self.wasm_cost, INLINE_HEAVY)
+
     def _run(self, instance: BaseInstance, request: Request, ticks: int, kind: str) -> Response:
         meter = scheduler.meter(kind == "inline")
         meter.enter(self.share)
-        spent = 0.0
+        call = scheduler.current()
+        if call is not None:
+            host0, wasm0 = call.host_seconds, call.wasm_seconds
+        began = time.perf_counter()
         try:
             response = instance.call(request, ticks, kind)
         except BudgetExceeded:
@@ -414,8 +433,9 @@ class Function:
         except DeadlineExceeded:
             self._give_back(instance, healthy=False)
             if kind == "inline":
-                self._leave_inline(f"an inline call ran past {INLINE_GRACE * 1000:g} ms after changing state")
-                self.log.add("host", "request stopped on the inline path; instance replaced")
+                self.too_costly_inline()
+                grace = f"{INLINE_GRACE * 1000:g} ms"
+                self.log.add("host", f"request stopped {grace} into an inline call; instance replaced")
             else:
                 self.log.add("host", f"request exceeded its {self.timeout:g}s deadline; instance replaced")
             return Response(504, body=b"function timed out\n")
@@ -424,7 +444,6 @@ class Function:
             return Response(503, body=b"function stopped\n")
         except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
             self._give_back(instance, healthy=False)
-            call = scheduler.current()
             if call is not None and call.would_block:
                 raise BudgetExceeded from None  # stopped before any effect: re-run on a worker
             message = describe_error(exc)
@@ -440,7 +459,10 @@ class Function:
             raise
         finally:
             spent = meter.exit()
-            self.cost += (spent - self.cost) * COST_WEIGHT
+            self.cost = _average(self.cost, spent)
+            if call is not None:  # the part of the call in wasm: what a worker would run
+                in_wasm = call.account(time.perf_counter() - began, host0, wasm0, in_wasm=True)
+                self.wasm_cost = _average(self.wasm_cost, in_wasm)
         self._give_back(instance, healthy=True)
         return response
 
@@ -460,10 +482,10 @@ class Function:
             with scheduler.running(call):
                 response = self._run(instance, request, INLINE_BUDGET_TICKS, "inline")
         except BudgetExceeded:
-            if call.would_block:
+            if call.network:
                 self._leave_inline("an inline call was about to wait on the network")
             else:
-                self.cost = max(self.cost, INLINE_HEAVY)  # too costly for the loop
+                self.too_costly_inline()
             return None
         except Unavailable as exc:
             response = exc.response
@@ -541,12 +563,13 @@ class Function:
         wait = None if not call.effects else INLINE_GRACE
         try:
             instance = self._take(wait) if self._inline_ok() or call.effects else None
-            if instance is None:
-                raise BudgetExceeded
+            if instance is None:  # not on the loop now: the whole call goes to a worker
+                call.would_block = True
+                raise scheduler.WouldBlock(f"{self.id} does not run inline now")
             return self._run(instance, request, INLINE_BUDGET_TICKS, "inline")
-        except BudgetExceeded:
+        except BudgetExceeded:  # past the budget, or stopped to run again on a worker
             if not call.would_block:
-                self.cost = max(self.cost, INLINE_HEAVY)
+                self.too_costly_inline()
             call.would_block = True
             raise scheduler.WouldBlock(f"{self.id} cannot run inline now") from None
         except Unavailable as exc:

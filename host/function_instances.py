@@ -137,8 +137,8 @@ class BaseInstance:
             if call is None or not call.effects:
                 return Stop.INLINE_BUDGET  # re-run on a worker
             # It changed something already: a re-run would repeat it. It may finish here
-            # within the grace, or it is stopped; either way its function leaves the loop.
-            fn._leave_inline("an inline call ran past its budget after changing state")
+            # within the grace, or it is stopped; its next calls go to workers.
+            fn.too_costly_inline()
             return Stop.DEADLINE if elapsed >= INLINE_GRACE else RESUME
         left = fn.timeout - elapsed
         if left <= 0:

@@ -65,17 +65,39 @@ class WouldBlock(Exception):
 class Call:
     """What runs on this thread now: an inline call on the loop, or a worker's call.
 
-    ``effects`` becomes true once the call has reached a component or another function
-    (something a re-run would repeat); until then an inline call may be stopped and run
-    again on a worker. ``nested`` counts calls into other functions made from it."""
+    ``effects`` becomes true once the call has reached a component (something a re-run
+    would repeat); until then an inline call may be stopped and run again on a worker.
+    Calls into other functions in process share their caller's :class:`Call`."""
 
-    __slots__ = ("inline", "effects", "would_block", "went_blocking")
+    __slots__ = (
+        "inline",
+        "effects",
+        "would_block",
+        "network",
+        "went_blocking",
+        "host_seconds",
+        "wasm_seconds",
+    )
 
     def __init__(self, inline: bool) -> None:
         self.inline = inline
         self.effects = False
         self.would_block = False  # stopped for a re-run on a worker
+        self.network = False  # ... because it was about to wait on the network
         self.went_blocking = False  # waited on the network inline (it had effects already)
+        self.host_seconds = 0.0  # in Runtime ABI host functions (Python, under the GIL)
+        self.wasm_seconds = 0.0  # in wasm, every function this call reached included
+
+    def account(self, elapsed: float, host0: float, wasm0: float, *, in_wasm: bool) -> float:
+        """Add a span that started when the counters were ``host0``/``wasm0``: a function's
+        run (``in_wasm``) or a host call, less what spans inside it counted already.
+        Returns the span's own part."""
+        own = elapsed - (self.host_seconds - host0) - (self.wasm_seconds - wasm0)
+        if in_wasm:
+            self.wasm_seconds += own
+        else:
+            self.host_seconds += own
+        return own
 
 
 _local = threading.local()
@@ -118,7 +140,7 @@ def network_wait(what: str) -> Iterator[None]:
     call = getattr(_local, "call", None)
     if call is not None and call.inline:
         if not call.effects:
-            call.would_block = True
+            call.would_block = call.network = True
             raise WouldBlock(f"{what} waits on the network")
         call.went_blocking = True
         yield

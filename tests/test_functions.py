@@ -446,7 +446,7 @@ def test_a_looping_function_does_not_slow_another_function(node: Node) -> None:
     looping = threading.Thread(target=lambda: replies.append(node.get("/loop", fid=loop)), daemon=True)
     looping.start()
     # The first /loop call runs inline for at most its budget, then moves to a worker thread.
-    wait_for(lambda: node.tasks_info()[loop_task]["mode"] == "threads", timeout=5, interval=0.005)
+    wait_for(lambda: node.tasks_info()[loop_task]["mode"] == "workers", timeout=5, interval=0.005)
     during = latencies(node, hello, 50)
     assert looping.is_alive(), "the /loop request ended before the measurement did"
     looping.join(timeout=10)
@@ -510,7 +510,7 @@ def test_kill_answers_queued_requests_503(node: Node) -> None:
     task = node.start("fn_misbehave", "--annotation", "layotto.io/instances=1", fid=fid)
     node.start("fn-hello", fid=hello)
     assert node.get("/sleep?ms=50", fid=fid).status == 200
-    wait_for(lambda: node.tasks_info()[task]["mode"] == "threads")
+    wait_for(lambda: node.tasks_info()[task]["mode"] == "workers")
     log_size = len(node.host_log())
     request = f"GET /fn/{fid}/sleep?ms=2000 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode()
     socks = [socket.create_connection(("127.0.0.1", node.port), timeout=30) for _ in range(4)]
@@ -637,7 +637,7 @@ def test_busy_function_queue_is_bounded(node: Node) -> None:
     task = node.start("fn_misbehave", "--annotation", "layotto.io/instances=1", fid=fid)
     # Move it to its worker thread first (a call longer than the inline budget).
     assert node.get("/sleep?ms=50", fid=fid).status == 200
-    wait_for(lambda: node.tasks_info()[task]["mode"] == "threads")
+    wait_for(lambda: node.tasks_info()[task]["mode"] == "workers")
     host = find_host_process(node.c)
     assert host is not None
     rss = host.memory_info().rss
@@ -666,7 +666,7 @@ def test_pipelined_flood_on_one_connection_does_not_grow_memory(node: Node) -> N
     fid = new_id("pipeline")
     task = node.start("fn_misbehave", "--annotation", "layotto.io/instances=1", fid=fid)
     assert node.get("/sleep?ms=50", fid=fid).status == 200
-    wait_for(lambda: node.tasks_info()[task]["mode"] == "threads")
+    wait_for(lambda: node.tasks_info()[task]["mode"] == "workers")
     host = find_host_process(node.c)
     assert host is not None
     rss = host.memory_info().rss

@@ -916,7 +916,7 @@ def through_containerd(args: argparse.Namespace) -> dict[str, Any]:
             # An inline call preempted past its budget (wall-clock epochs: a busy machine
             # does it) moves fn-hello to worker threads for good: run a new container, twice
             # at most, rather than report the threaded path as fn-hello's.
-            while kind is HELLO and r.get("host_mode") == "threads" and flips < 2:
+            while kind is HELLO and r.get("host_mode") == "workers" and flips < 2:
                 flips += 1
                 fleet.delete(ids[kind.key])
                 ids[kind.key] = fleet.start(kind, 1, 1, label=kind.key)[1]
@@ -924,7 +924,7 @@ def through_containerd(args: argparse.Namespace) -> dict[str, Any]:
                 if status != 200 or body != expected:
                     raise BenchError(f"the new {fid} answered {status} {body[:200]!r}")
                 r = load(kind, fid)
-            if kind is HELLO and r.get("host_mode") == "threads":
+            if kind is HELLO and r.get("host_mode") == "workers":
                 r["warning"] = (
                     "the host moved fn-hello to worker threads (an inline call ran past its budget)"
                 )
@@ -1147,7 +1147,7 @@ def where_the_time_goes(results: dict[str, Any]) -> list[str]:
     ]
     for label, value, inproc, what in steps:
         lines.append(f"  {label:<40}{value:8.1f}{_fmt(inproc, '12.1f'):>12}  ({what})")
-    if http["hello"].get("host_mode") == "threads":
+    if http["hello"].get("host_mode") == "workers":
         lines.append("  (not a clean split: fn-hello ran on worker threads too, see its warning above)")
     lines.append(f"  {'= the chain':<40}{host['fn1']:8.1f}{_fmt(_best(micro, 'fn1_call_sync'), '12.1f'):>12}")
     return lines

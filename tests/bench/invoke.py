@@ -502,7 +502,7 @@ def through_containerd(c: Containerd, fleet: Fleet, args: argparse.Namespace) ->
         for result in modes.values():
             row = next((t for t in tasks if t.get("id") == result["function_id"]), {})
             result["host_mode"] = row.get("mode")
-            if row.get("mode") == "threads":
+            if row.get("mode") == "workers":
                 result["warning"] = (result.get("warning", "") + "; ").lstrip(
                     "; "
                 ) + "the host moved this function to worker threads (an inline call ran past its budget)"
