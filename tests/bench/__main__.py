@@ -102,12 +102,13 @@ def verdict(name: str, path: Path) -> str:
         )
     if name == "loop":
         parts = []
-        for key, label in (("inline", "inline fn-hello"), ("threads", "offloaded abi-noop")):
-            cpu = data[key]["cpu"]
-            parts.append(
-                f"{label} {cpu['loop_us_per_request']:.1f} µs of loop CPU/request "
-                f"(one-loop ceiling {cpu['loop_ceiling_rps']:,.0f} req/s)"
-            )
+        for key in ("hello", "noop", "work"):
+            if key in data:
+                run, cpu = data[key], data[key]["cpu"]
+                parts.append(
+                    f"{run['label']} ({run['mode']}) {cpu['loop_us_per_request']:.1f} µs loop CPU/request, "
+                    f"ceiling {cpu['loop_ceiling_rps'] or 0:,.0f} req/s"
+                )
         return "; ".join(parts)
     if name == "podnet":
         listener = data["per_pod"]["listener"]

@@ -158,8 +158,13 @@ class Background:
 
 
 def host_modes(c: Containerd) -> dict[str, Any]:
-    """Function id -> how the host runs it now ("inline" on the loop, "threads", ...)."""
-    return {str(t.get("id")): t.get("mode") for t in admin_tasks(c) or [] if t.get("kind") == "function"}
+    """Task id and function id -> how the host runs it now ("inline" on the loop, on worker
+    threads, ...)."""
+    modes: dict[str, Any] = {}
+    for t in admin_tasks(c) or []:
+        if t.get("kind") == "function":
+            modes[str(t.get("id"))] = modes[str(t.get("function_id") or t.get("id"))] = t.get("mode")
+    return modes
 
 
 def task_cpu(c: Containerd) -> dict[str, float]:
