@@ -150,7 +150,11 @@ class AbiContext:
 
     # --- components ---------------------------------------------------------------------
 
-    def component(self, kind: str, name: str) -> Any:
+    def component(self, kind: str, name: str, *, changes: bool = False) -> Any:
+        """The component ``name`` of ``kind`` as this caller may use it. ``changes``: the
+        caller is about to change something through it (a re-run of the call would repeat
+        that: host/scheduler.py). One that waits on the network comes wrapped in
+        :class:`OverNetwork`."""
         if self.components is None:
             raise AbiStatus(Status.INTERNAL_FAILURE, "no components are configured")
         try:
@@ -159,7 +163,8 @@ class AbiContext:
             raise AbiStatus(Status.PERMISSION_DENIED, str(exc)) from exc
         except (KeyError, LookupError, ComponentError) as exc:
             raise AbiStatus(Status.NOT_FOUND, f"no {kind} component named {name!r}") from exc
-        scheduler.touch()  # a re-run of this call would reach it again
+        if changes:
+            scheduler.touch()
         if getattr(found, "in_process", False):
             return found
         return OverNetwork(found, f"{kind} component {name!r}")

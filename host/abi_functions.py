@@ -91,7 +91,8 @@ def _state_save(
     etag = ctx.read_str(ep, el) or None
     ctx.check_writable(npp, 4)
     ctx.check_writable(nlp, 4)
-    new_etag = ctx.component("state", store_name).set(ctx.state_key(store_name, key), value, etag)
+    store = ctx.component("state", store_name, changes=True)
+    new_etag = store.set(ctx.state_key(store_name, key), value, etag)
     ctx.give(npp, nlp, str(new_etag).encode())
     return Status.OK
 
@@ -99,14 +100,14 @@ def _state_save(
 def _state_delete(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, ep: int, el: int) -> Status:
     store_name, key = ctx.read_str(sp, sl), ctx.read_str(kp, kl)
     etag = ctx.read_str(ep, el) or None
-    existed = ctx.component("state", store_name).delete(ctx.state_key(store_name, key), etag)
+    existed = ctx.component("state", store_name, changes=True).delete(ctx.state_key(store_name, key), etag)
     return Status.OK if existed else Status.NOT_FOUND
 
 
 def _state_transaction(ctx: AbiContext, sp: int, sl: int, op: int, ol: int) -> Status:
     store_name = ctx.read_str(sp, sl)
     ops = decode_ops(ctx.read(op, ol))
-    store = ctx.component("state", store_name)
+    store = ctx.component("state", store_name, changes=True)
     store.transact(
         [StateOp(kind, ctx.state_key(store_name, key), value, etag or None) for kind, key, value, etag in ops]
     )
@@ -132,7 +133,7 @@ def _publish(ctx: AbiContext, pp: int, pl: int, tp: int, tl: int, dp: int, dl: i
     data = ctx.read(dp, dl)
     if not topic:
         return Status.BAD_ARGUMENT
-    pubsub = ctx.component("pubsub", pubsub_name)
+    pubsub = ctx.component("pubsub", pubsub_name, changes=True)
     pubsub.publish(ctx.topic(pubsub_name, topic), data, "application/octet-stream", {"source": ctx.app_id})
     return Status.OK
 
@@ -173,7 +174,7 @@ def _try_lock(
     if expire <= 0 or not owner or not resource:
         return Status.BAD_ARGUMENT
     ctx.check_writable(out, 4)
-    taken = ctx.component("lock", store_name).try_lock(
+    taken = ctx.component("lock", store_name, changes=True).try_lock(
         ctx.state_key(store_name, resource, "lock"), owner, expire
     )
     ctx.write(out, struct.pack("<i", 1 if taken else 0))
@@ -183,7 +184,8 @@ def _try_lock(
 def _unlock(ctx: AbiContext, sp: int, sl: int, rp: int, rl: int, op: int, ol: int, out: int) -> Status:
     store_name, resource, owner = ctx.read_str(sp, sl), ctx.read_str(rp, rl), ctx.read_str(op, ol)
     ctx.check_writable(out, 4)
-    status = ctx.component("lock", store_name).unlock(ctx.state_key(store_name, resource, "lock"), owner)
+    locks = ctx.component("lock", store_name, changes=True)
+    status = locks.unlock(ctx.state_key(store_name, resource, "lock"), owner)
     if status == UnlockStatus.INTERNAL_ERROR:
         return Status.INTERNAL_FAILURE
     ctx.write(out, struct.pack("<i", status.value))
@@ -193,7 +195,8 @@ def _unlock(ctx: AbiContext, sp: int, sl: int, rp: int, rl: int, op: int, ol: in
 def _next_id(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, out: int) -> Status:
     store_name, key = ctx.read_str(sp, sl), ctx.read_str(kp, kl)
     ctx.check_writable(out, 8)
-    value = ctx.component("sequencer", store_name).next_id(ctx.state_key(store_name, key, "sequencer"))
+    sequencer = ctx.component("sequencer", store_name, changes=True)
+    value = sequencer.next_id(ctx.state_key(store_name, key, "sequencer"))
     ctx.write(out, struct.pack("<q", value))
     return Status.OK
 

@@ -139,7 +139,8 @@ class BaseInstance:
             # It changed something already: a re-run would repeat it. It may finish here
             # within the grace, or it is stopped; its next calls go to workers.
             fn.too_costly_inline()
-            return Stop.DEADLINE if elapsed >= INLINE_GRACE else RESUME
+            # CPU, not wall time: a loop preempted on a busy machine is not using the grace.
+            return Stop.DEADLINE if time.thread_time() - call.effects_cpu >= INLINE_GRACE else RESUME
         left = fn.timeout - elapsed
         if left <= 0:
             return Stop.DEADLINE

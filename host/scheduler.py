@@ -72,6 +72,7 @@ class Call:
     __slots__ = (
         "inline",
         "effects",
+        "effects_cpu",
         "would_block",
         "network",
         "went_blocking",
@@ -82,6 +83,7 @@ class Call:
     def __init__(self, inline: bool) -> None:
         self.inline = inline
         self.effects = False
+        self.effects_cpu = 0.0  # the thread's CPU clock when the first change was made
         self.would_block = False  # stopped for a re-run on a worker
         self.network = False  # ... because it was about to wait on the network
         self.went_blocking = False  # waited on the network inline (it had effects already)
@@ -123,10 +125,11 @@ def running(call: Call) -> Iterator[Call]:
 
 
 def touch() -> None:
-    """The current call reaches something a re-run would repeat (a component, a function)."""
+    """The current call is about to change something (a re-run would repeat it)."""
     call = getattr(_local, "call", None)
-    if call is not None:
+    if call is not None and not call.effects:
         call.effects = True
+        call.effects_cpu = time.thread_time()  # an inline call's grace is CPU from here
 
 
 @contextlib.contextmanager
@@ -243,7 +246,8 @@ class Share:
         self.cpu_seconds = 0.0  # every call's CPU, inline or not: exact accounting
         self.period_start = time.monotonic()
         self.period_used = 0.0
-        self.throttled_periods = 0
+        self.throttled = 0  # periods in which the quota held it back
+        self._throttled_in = -1.0
         self.throttled_seconds = 0.0
         self.stopped = False
         self.wake = threading.Condition(scheduler.lock)  # a throttled call waits here
@@ -281,6 +285,13 @@ class Share:
         over = self.period_used - self.quota
         return self.period_start + self.period * (1 + int(over / self.quota))
 
+    def note_throttled(self) -> None:
+        """Count the current period as one the quota held the function back in (as CFS's
+        ``nr_throttled``)."""
+        if self._throttled_in != self.period_start:
+            self._throttled_in = self.period_start
+            self.throttled += 1
+
     def throttle(self) -> bool:
         """From a call's deadline callback: wait out the quota if it is used up (outside
         the running count). Returns False if the function was stopped meanwhile."""
@@ -289,7 +300,7 @@ class Share:
         until = self.throttled_until(time.monotonic())
         if not until:
             return not self.stopped
-        self.throttled_periods += 1
+        self.note_throttled()
         started = time.monotonic()
         with self.scheduler.waiting():
             with self.scheduler.lock:
@@ -300,6 +311,16 @@ class Share:
                     self.wake.wait(left)
         self.throttled_seconds += time.monotonic() - started
         return not self.stopped
+
+    def describe(self) -> dict[str, object]:
+        """For ``layotto ps``: its CPU request and limit, and how often the limit held it."""
+        return {
+            "cpu_shares": round(self.weight * DEFAULT_SHARES),
+            "cpu_limit": round(self.quota / self.period, 3) if self.quota is not None else None,
+            "throttled": self.throttled,
+            "throttled_seconds": round(self.throttled_seconds, 3),
+            "queued": len(self.queue),
+        }
 
     # --- queue -----------------------------------------------------------------------
 
@@ -432,6 +453,7 @@ class CallScheduler:
                 continue
             until = share.throttled_until(now)
             if until:
+                share.note_throttled()
                 wake = until if not wake else min(wake, until)
                 continue
             if best is None or share.vtime < best.vtime:

@@ -443,6 +443,7 @@ class FunctionWorkload:
                 errors=fn.stats.errors,
                 instances=fn.instances,
                 mode=fn.mode,
+                **fn.share.describe(),
             )
         return row
 

@@ -42,7 +42,7 @@ pytestmark = pytest.mark.integration
 
 RUNTIME = "io.containerd.layotto.v1"
 IMAGE = "docker.io/library/layotto-fnmods:latest"
-MODULES = ("fn-hello", "fn_echo", "fn_misbehave", "fn_badresp", "sleeper")  # sleeper: a command
+MODULES = ("fn-hello", "fn_echo", "fn_misbehave", "fn_badresp", "fn_work", "sleeper")  # sleeper: a command
 BODY_LIMIT = 4 << 20  # the host's default request body limit (host/ingress.py)
 
 _ids = itertools.count()
