@@ -99,6 +99,7 @@ class HostRole:
         self.forward_to: list[Path] = []  # the hosts ids this one does not serve may be on
         self._routes: dict[str, Path] = {}
         self._watch: asyncio.Task[None] | None = None
+        self._resuming = asyncio.Lock()
         ingress.forward = self.forward
 
     # --- current ----------------------------------------------------------------------
@@ -139,6 +140,11 @@ class HostRole:
     async def resume(self) -> None:
         """A retired host given a new container (its version was installed again): it is
         the current host again."""
+        async with self._resuming:  # (containers created at once: one takes over)
+            if self.retired:
+                await self._resume()
+
+    async def _resume(self) -> None:
         log.info("a new container for this retired host: it becomes the current host again")
         handed = await self.take_over()
         try:

@@ -297,3 +297,31 @@ def test_a_bad_version_is_refused_with_its_cause(node: Node) -> None:
     result = node.c.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, new_id("bad"), "/sleeper.wasm", check=False)
     assert result.returncode != 0
     assert "bad layotto version '../x'" in result.stderr
+
+
+def test_roll_back_to_an_old_host_still_running(node: Node) -> None:
+    """Installing the old version again while its host still runs: the next container goes
+    to that host, which becomes the current one again (the port comes back to it) and
+    retires the newer host, which exits with its last task."""
+    a, b = node.version_a, VERSION_B
+    cmd_a = node.run("sleeper", "cmd-a")
+    pid_a = node.host_pid(a)
+    node.install(b)
+    fn_b = node.run("fn-hello", "fn-b")
+    pid_b = node.host_pid(b)
+    reply = node.get(fn_b)
+    assert reply[0] == 200, reply
+
+    node.install(a)
+    fn_a = node.run("fn-hello", "fn-a")
+    assert node.task_pid(fn_a) == pid_a and node.task_pid(cmd_a) == pid_a
+    assert os.readlink(node.run_dir / "current") == a
+    assert admin_host(node.run_dir / a)[1]["current"] is True
+    assert admin_host(node.run_dir / b)[1]["retired"] is True
+    for fid in (fn_a, fn_b):  # both answer on the node's port, now A's again
+        assert node.get(fid)[0] == 200, fid
+
+    node.c.ctr("tasks", "kill", "--signal", "SIGKILL", fn_b)
+    wait_for(lambda: gone(pid_b), EXIT_TIMEOUT, what="the newer host's exit after its last task")
+    assert node.get(fn_a)[0] == 200
+    assert not gone(pid_a)
