@@ -27,6 +27,8 @@ MAX_KEY = SPEC.limits.get("max_key", 1024)
 MAX_VALUE = SPEC.limits.get("max_value", 4 << 20)
 KNOWN_CAPABILITIES = frozenset(SPEC.capabilities)
 
+_U32 = struct.Struct("<I")
+
 BUFFER_REQUEST_BODY = 0
 BUFFER_RESPONSE_BODY = 1
 BUFFER_CALL_DATA = 8
@@ -135,18 +137,20 @@ class AbiContext:
 
     def give(self, ptr_ptr: int, len_ptr: int, data: bytes) -> None:
         """Copy ``data`` into a guest-allocated buffer and return it through the out-pointers."""
-        if len(data) > MAX_VALUE:
-            raise AbiStatus(Status.LIMIT_EXCEEDED, f"a result of {len(data)} bytes exceeds {MAX_VALUE}")
+        n = len(data)
+        if n > MAX_VALUE:
+            raise AbiStatus(Status.LIMIT_EXCEEDED, f"a result of {n} bytes exceeds {MAX_VALUE}")
         self.check_writable(ptr_ptr, 4)
         self.check_writable(len_ptr, 4)
         addr = 0
-        if data:
-            addr = self.guest_alloc(len(data))
+        if n:
+            addr = self.guest_alloc(n)
             if not addr:
                 raise AbiStatus(Status.INVALID_MEMORY_ACCESS, "the guest allocator returned 0")
             self.write(addr, data)
-        self.write(ptr_ptr, struct.pack("<I", addr))
-        self.write(len_ptr, struct.pack("<I", len(data)))
+        view = self.view()  # the out-pointers were checked: memory only grows
+        _U32.pack_into(view, ptr_ptr, addr)
+        _U32.pack_into(view, len_ptr, n)
 
     # --- components ---------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import yaml
@@ -240,12 +241,18 @@ def parse_config(doc: object, source: str) -> list[ComponentSpec]:
     return specs
 
 
+_NO_METADATA: Mapping[str, object] = MappingProxyType({})
+
+
 class Components:
     """The node's components by kind and name. Built eagerly (configuration errors show at
     start); ``close`` closes them all."""
 
     def __init__(self, specs: list[ComponentSpec], state_dir: str | Path, base_dir: str | Path) -> None:
         self.specs = list(specs)
+        self._metadata: dict[str, dict[str, Mapping[str, object]]] = {}
+        for spec in self.specs:
+            self._metadata.setdefault(spec.kind, {})[spec.name] = MappingProxyType(dict(spec.metadata))
         ctx = _Context(Path(state_dir), Path(base_dir))
         self._lock = threading.Lock()
         self._by_kind: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
@@ -282,13 +289,13 @@ class Components:
             raise UnknownComponent(f"no {kind} component named {name!r} (configured: {known})")
         return component
 
-    def metadata(self, kind: str, name: str = "") -> dict[str, object]:
-        """The configured metadata of a component (an empty dict for an unknown one)."""
-        kind = KIND_ALIASES.get(kind, kind)
-        specs = [s for s in self.specs if s.kind == kind]
-        name = name or self._default_of([s.name for s in specs])
-        spec = next((s for s in specs if s.name == name), None)
-        return dict(spec.metadata) if spec is not None else {}
+    def metadata(self, kind: str, name: str = "") -> Mapping[str, object]:
+        """The configured metadata of a component (empty for an unknown one), read-only:
+        asked for on every state call (key scoping), so looked up in one dict."""
+        by_name = self._metadata.get(KIND_ALIASES.get(kind, kind))
+        if by_name is None:
+            return _NO_METADATA
+        return by_name.get(name or self._default_of(by_name), _NO_METADATA)
 
     def state(self, name: str = "") -> StateStore:
         return self._get("state", name)
