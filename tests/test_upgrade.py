@@ -32,6 +32,7 @@ from layotto.images import builder
 from tests.conftest import SHIM_NAME, _started, _stop
 from tests.containerd_env import Containerd
 from tests.support import wait_for
+from tests.test_deploy import FakeNode, payload  # noqa: F401 - payload: a fixture
 from tests.test_host_exit import Events, exited_year, task_status
 
 pytestmark = pytest.mark.integration
@@ -278,6 +279,11 @@ def test_the_old_host_exits_with_its_last_task_and_the_current_one_stays(node: N
     status, info = admin_host(node.run_dir / b)
     assert (status, info["current"], info["tasks"]) == (200, True, 0)
     assert node.layotto("drain").stdout.startswith("layotto drain: nothing to drain")
+    unknown = node.layotto("drain", "--version", "7.7.7")
+    assert unknown.returncode == 1
+    assert f"no live host of version 7.7.7 (live: {b})" in unknown.stderr
+    negative = node.layotto("drain", "--grace", "-1")
+    assert negative.returncode == 2 and "-1 seconds: must be 0 or more" in negative.stderr
     again = node.run("sleeper", "cmd-b2")
     assert node.task_pid(again) == pid_b and not gone(pid_b)
 
@@ -325,3 +331,33 @@ def test_roll_back_to_an_old_host_still_running(node: Node) -> None:
     wait_for(lambda: gone(pid_b), EXIT_TIMEOUT, what="the newer host's exit after its last task")
     assert node.get(fn_a)[0] == 200
     assert not gone(pid_a)
+
+
+# --------------------------------------------------------------------------- the installer's upgrade path
+
+
+@pytest.fixture
+def fake_node(tmp_path: Path, payload: Path) -> FakeNode:  # noqa: F811 - test_deploy's fixture
+    return FakeNode(tmp_path, payload)
+
+
+def test_the_installer_upgrades_beside_and_rolls_back(fake_node: FakeNode) -> None:
+    """install.sh puts a new version beside the old one and switches the symlink (the
+    switch is the upgrade: the next container starts a host of the new version); the old
+    directory stays, so installing the old version again points the symlink back."""
+    fake_node.run()
+    old = fake_node.path("/etc/layotto/installed").read_text().split("\n")[0].removeprefix("version=")
+    upgraded = fake_node.run(LAYOTTO_VERSION="9.0.0")
+    assert os.readlink(fake_node.path("/opt/layotto")) == "layotto-9.0.0"
+    assert fake_node.path(f"/opt/layotto-{old}/bin/{SHIM_NAME}").is_file()
+    assert (
+        f"switched from layotto {old}: containers running now stay in the {old} node host" in upgraded.stdout
+    )
+    assert "/opt/layotto/bin/layotto drain --grace 30" in upgraded.stdout
+    assert fake_node.restarts() == []  # the config did not change: containerd is not restarted
+
+    back = fake_node.run(LAYOTTO_VERSION=old)
+    assert f"/opt/layotto-{old} is already installed" in back.stdout
+    assert os.readlink(fake_node.path("/opt/layotto")) == f"layotto-{old}"
+    assert "switched from layotto 9.0.0" in back.stdout
+    assert fake_node.run(LAYOTTO_VERSION=old).stdout.count("switched") == 0  # again: no change
