@@ -329,8 +329,10 @@ def report(r: dict[str, Any]) -> str:
         f"fairness: one node host, {r['cores']} CPUs shared with wrk, {r['duration']} s per wrk run",
         "",
         "  a. fn_work (~2 ms/request), one connection vs eight:",
-        f"     wrk -c1 {line(a['c1'])}  host {a['c1'].get('server_cpu_cores', nan) * 100:4.0f}% CPU",
-        f"     wrk -c8 {line(a['c8'])}  host {a['c8'].get('server_cpu_cores', nan) * 100:4.0f}% CPU",
+        f"     wrk -c1 {line(a['c1'])}  host {a['c1'].get('server_cpu_cores', nan) * 100:4.0f}% CPU"
+        f", other processes {a['c1'].get('other_cpu_cores', nan) * 100:3.0f}%",
+        f"     wrk -c8 {line(a['c8'])}  host {a['c8'].get('server_cpu_cores', nan) * 100:4.0f}% CPU"
+        f", other processes {a['c8'].get('other_cpu_cores', nan) * 100:3.0f}%",
         f"     ratio {a['ratio']:.2f}x (>= {a['target_ratio']:.2f}x): {pm('cores')}",
         "  b. noisy neighbour: fn-hello wrk -c4, alone and while wrk -c8 drives fn_work:",
         f"     alone   {line(b['alone'])}",
