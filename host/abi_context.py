@@ -88,6 +88,7 @@ class AbiContext:
     namespace: str | None = None  # the caller's namespace (None: not scoped, host-internal)
     buffers: dict[int, bytearray] = field(default_factory=dict)  # proxy-wasm's, per request
     buffer_limit: int = BUFFER_LIMIT  # what ``buffers`` may hold in all
+    deadline: float | None = None  # time.monotonic() when the current call's time is up
     _view: memoryview | None = field(default=None, repr=False)
 
     # --- guest memory, checked --------------------------------------------------------

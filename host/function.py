@@ -116,7 +116,9 @@ def _average(average: float, sample: float) -> float:
     twice the average (plus INLINE_CHEAP) only: a thread preempted once on a busy machine
     must not move a function off the loop. A function that really became costly raises it
     by steps, or passes the inline budget at once."""
-    sample = min(sample, 2 * average + INLINE_CHEAP)
+    cap = 2 * average + INLINE_CHEAP
+    if sample > cap:
+        sample = cap
     return average + (sample - average) * COST_WEIGHT
 
 
@@ -311,12 +313,35 @@ class Function(InstancePool):
         self.wasm_cost = max(self.wasm_cost, INLINE_HEAVY)
 
     def _run(self, instance: BaseInstance, request: Request, ticks: int, kind: str) -> Response:
+        """One call on this thread, its CPU time charged to this function."""
         meter = scheduler.meter(kind == "inline")
+        clock = meter.clock  # CPU time on a worker: not the wait for the GIL after wasm
+        if meter.top is None and not self.uses_abi:
+            # Nothing can nest in it (no Runtime ABI), nor is it nested: its time is its own,
+            # all of it in wasm. The inline fast path.
+            began = clock()
+            try:
+                return self._serve(instance, request, ticks, kind, None)
+            finally:
+                spent = clock() - began
+                self.share.charge(spent)
+                self.cost = self.wasm_cost = _average(self.cost, spent)
         meter.enter(self.share)
         call = scheduler.current()
         if call is not None:
             host0, wasm0 = call.host_seconds, call.wasm_seconds
-        began = time.perf_counter()
+        began = clock()
+        try:
+            return self._serve(instance, request, ticks, kind, call)
+        finally:
+            self.cost = _average(self.cost, meter.exit())
+            if call is not None:  # the part of the call in wasm: what a worker would run
+                in_wasm = call.account(clock() - began, host0, wasm0, in_wasm=True)
+                self.wasm_cost = _average(self.wasm_cost, in_wasm)
+
+    def _serve(
+        self, instance: BaseInstance, request: Request, ticks: int, kind: str, call: scheduler.Call | None
+    ) -> Response:
         try:
             response = instance.call(request, ticks, kind)
         except BudgetExceeded:
@@ -349,12 +374,6 @@ class Function(InstancePool):
         except BaseException:  # a host bug: the instance (and its slot) must not leak
             self._give_back(instance, healthy=False)
             raise
-        finally:
-            spent = meter.exit()
-            self.cost = _average(self.cost, spent)
-            if call is not None:  # the part of the call in wasm: what a worker would run
-                in_wasm = call.account(time.perf_counter() - began, host0, wasm0, in_wasm=True)
-                self.wasm_cost = _average(self.wasm_cost, in_wasm)
         self._give_back(instance, healthy=True)
         return response
 
@@ -371,8 +390,11 @@ class Function(InstancePool):
             instance = self._take()
             if instance is None:  # every instance is busy elsewhere: queue for a worker
                 return None
-            with scheduler.running(call):
+            scheduler.enter(call)
+            try:
                 response = self._run(instance, request, INLINE_BUDGET_TICKS, "inline")
+            finally:
+                scheduler.leave()
         except BudgetExceeded:
             if call.network:
                 self._leave_inline("an inline call was about to wait on the network")

@@ -232,6 +232,7 @@ class Instance(BaseInstance):
         abi = self.abi
         if abi is None:
             return self._call(request, ticks, kind)
+        abi.deadline = time.monotonic() + self.fn.timeout  # carried by calls to other nodes
         with calling(abi):
             try:
                 return self._call(request, ticks, kind)
@@ -346,6 +347,7 @@ class ProxyInstance(BaseInstance):
             func.call(*args[:arity])
 
     def call(self, request: Request, ticks: int, kind: str) -> Response:
+        self.abi.deadline = time.monotonic() + self.fn.timeout  # carried by calls to other nodes
         with calling(self.abi):
             self.calls += 1
             self._arm(ticks, kind)

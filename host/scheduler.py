@@ -110,6 +110,15 @@ def current() -> Call | None:
     return getattr(_local, "call", None)
 
 
+def enter(call: Call) -> None:
+    """Make ``call`` this thread's current call (the event loop's inline calls: no nesting)."""
+    _local.call = call
+
+
+def leave() -> None:
+    _local.call = None
+
+
 @contextlib.contextmanager
 def running(call: Call) -> Iterator[Call]:
     """Make ``call`` this thread's current call (nested calls keep the outer one)."""

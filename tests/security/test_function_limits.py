@@ -28,6 +28,7 @@ import wasmtime
 from layotto.host.abi_host import BUFFER_LIMIT, MAX_VALUE, S
 from layotto.host.function import LOG_LINE_LIMIT, Function, FunctionLog, Request
 from layotto.host.runtime import NodeRuntime
+from layotto.host.scheduler import CallScheduler
 from tests.support import wait_for
 
 MIB = 1 << 20
@@ -514,7 +515,9 @@ def test_fifty_in_process_callers_share_a_pool_of_two(
 def test_callers_past_the_queue_limit_are_told_the_function_is_busy(
     runtime: NodeRuntime, wasm_dir: Path, cleanup: list[Function]
 ) -> None:
-    fn = misbehave(runtime, wasm_dir, pool_size=2, queue_limit=5, timeout=20.0)
+    # a scheduler of its own: workers busy with other tests' calls would change the count
+    own = CallScheduler(2)
+    fn = misbehave(runtime, wasm_dir, pool_size=2, queue_limit=5, timeout=20.0, call_scheduler=own)
     cleanup.append(fn)
     held = [fn._take(0), fn._take(0)]  # two calls in flight: the pool is full
     assert fn.call_inline(get(b"/count")) is None  # the inline path does not wait: to the workers
@@ -553,7 +556,7 @@ def test_a_caller_waits_at_most_the_timeout_for_an_instance(
 
 
 def test_stopping_a_function_answers_its_waiting_callers(runtime: NodeRuntime, wasm_dir: Path) -> None:
-    fn = misbehave(runtime, wasm_dir, pool_size=1, timeout=30.0)
+    fn = misbehave(runtime, wasm_dir, pool_size=1, timeout=30.0, call_scheduler=CallScheduler(2))
     held = fn._take(0)
     callers = [Caller(lambda: fn.call_sync(get(b"/count"))) for _ in range(3)]
     for caller in callers:
