@@ -164,11 +164,15 @@ class HostRole:
     async def retire(self, query: dict[str, str]) -> tuple[int, Any, socket.socket | None]:
         """Admin ``POST /retire?by=<version>``: a newer host took the node over."""
         handed = self.ingress.release()
-        self.hooks.metrics_off()
-        self.hooks.release()
+        for let_go in (self.hooks.metrics_off, self.hooks.release):
+            try:
+                let_go()
+            except Exception:  # the port must still reach the new host
+                log.exception("retiring")
         self.retired = True
         by = query.get("by", "")
-        self.forward_to = [self.run_dir.parent / by] if by else []
+        named = by not in ("", ".", "..") and "/" not in by
+        self.forward_to = [self.run_dir.parent / by] if named else []
         self._routes.clear()
         active = len(self.hooks.active())
         log.info("retired by the host of %s: %d task(s) left; exiting when they end", by or "?", active)
