@@ -51,6 +51,21 @@ class HostCollector:
             "Instances thrown away after a trap or deadline",
             labels=["function"],
         )
+        cpu = CounterMetricFamily(
+            "layotto_function_cpu_seconds",
+            "CPU time of a function's calls, inline and on workers",
+            labels=["function"],
+        )
+        throttled = CounterMetricFamily(
+            "layotto_function_cpu_throttled_periods",
+            "CPU periods in which the function's CPU limit held it back",
+            labels=["function"],
+        )
+        queued = GaugeMetricFamily(
+            "layotto_function_queued",
+            "Calls waiting in the function's queue for a worker",
+            labels=["function"],
+        )
         for fn in self.functions.all():
             for code, count in sorted(fn.stats.codes.items()):
                 invocations.add_metric([fn.id, str(code)], count)
@@ -61,7 +76,10 @@ class HostCollector:
             latency.add_metric([fn.id], buckets, fn.stats.latency_sum)
             instances.add_metric([fn.id], fn.instances)
             replaced.add_metric([fn.id], fn.stats.replaced)
-        yield from (invocations, latency, instances, replaced)
+            cpu.add_metric([fn.id], fn.cpu_seconds)
+            throttled.add_metric([fn.id], fn.share.throttled)
+            queued.add_metric([fn.id], len(fn.share.queue))
+        yield from (invocations, latency, instances, replaced, cpu, throttled, queued)
         stats = self.engine_stats()
         cache = CounterMetricFamily(
             "layotto_module_cache", "Module loads by where they came from", labels=["result"]

@@ -764,6 +764,10 @@ def test_ps_logs_and_metrics(node: Node) -> None:
     # The trap replaced an instance (a failure status may too).
     assert 1 <= sample(m, "layotto_function_instances_replaced_total", function=bad) <= 2
     assert sample(m, "layotto_function_instances_replaced_total", function=hello) == 0
+    # CPU per function, as the scheduler charged it; no limit, so never throttled
+    assert sample(m, "layotto_function_cpu_seconds_total", function=bad) > 0
+    assert sample(m, "layotto_function_cpu_throttled_periods_total", function=hello) == 0
+    assert sample(m, "layotto_function_queued", function=hello) == 0
     assert sample(m, "layotto_functions") >= 2
 
     # A second container of an already loaded module is a memory cache hit.
