@@ -278,15 +278,17 @@ class Function(InstancePool):
 
     @property
     def cpu_seconds(self) -> float:
-        """CPU time of every call so far, inline or on workers, nested calls included."""
+        """CPU time of its calls so far, inline or on workers (a function it invoked is
+        charged for its own part)."""
         return self.share.cpu_seconds
 
     @property
     def mode(self) -> str:
-        """Where its next call would run: ``inline`` or ``workers``."""
-        return "inline" if self._inline_ok() else "workers"
+        """Where its next call would run: ``inline`` or ``workers`` (from any thread: the
+        loop's load as last measured)."""
+        return "inline" if self._inline_ok(measure=False) else "workers"
 
-    def _inline_ok(self) -> bool:
+    def _inline_ok(self, *, measure: bool = True) -> bool:
         """Whether a call may run inline: costly calls never; calls with little time in
         wasm always; the ones in between while the event loop has CPU to spare (else a
         worker runs them on another core). A function with a CPU limit, or that has waited
@@ -297,7 +299,7 @@ class Function(InstancePool):
         # only its time in wasm would move to another core.
         if self.wasm_cost <= INLINE_CHEAP:
             return True
-        return not self.scheduler.loop_busy()
+        return not (self.scheduler.loop_busy() if measure else self.scheduler.loop_was_busy)
 
     def _leave_inline(self, why: str) -> None:
         """For good: the function waits on the network (it would block the loop)."""

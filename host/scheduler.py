@@ -395,7 +395,7 @@ class CallScheduler:
         return found
 
     def loop_busy(self) -> bool:
-        """Whether the event loop (the calling thread) has been busy more than
+        """On the event loop's thread only: whether it has been busy more than
         :data:`LOOP_BUSY` of the time lately (measured over windows of :data:`LOOP_WINDOW`):
         then calls of middling cost go to workers, on other cores."""
         now = time.perf_counter()
@@ -403,6 +403,11 @@ class CallScheduler:
             cpu = time.thread_time()
             self._loop_busy = (cpu - self._window_cpu) > LOOP_BUSY * (now - self._window_start)
             self._window_start, self._window_cpu = now, cpu
+        return self._loop_busy
+
+    @property
+    def loop_was_busy(self) -> bool:
+        """The event loop's load as last measured (readable from any thread)."""
         return self._loop_busy
 
     def share(self, name: str, **kwargs: Any) -> Share:
