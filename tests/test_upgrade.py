@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +119,38 @@ class Node:
             self.c.ctr("containers", "delete", line, check=False)
 
 
+class Client:
+    """Requests for one function on a thread, each on a new connection, until stopped."""
+
+    def __init__(self, node: Node, fid: str, port: int) -> None:
+        self.node, self.fid, self.port = node, fid, port
+        self.failures: list[object] = []
+        self.after_switch = 0  # requests answered once the new host's pid file exists
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        pid_file = self.node.run_dir / VERSION_B / "host.pid"
+        while not self._stop.is_set():
+            switched = pid_file.exists()
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            try:
+                reply: object = self.node.get(self.fid, conn)
+            except OSError as exc:
+                reply = exc
+            finally:
+                conn.close()
+            if not isinstance(reply, tuple) or reply[0] != 200:
+                self.failures.append(reply)
+            elif switched:
+                self.after_switch += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
 def shim_with_version(source: str, version: str) -> str:
     text, count = re.subn(r"(?m)^LAYOTTO_SHIM_VERSION=.*$", f"LAYOTTO_SHIM_VERSION={version}", source)
     assert count == 1, "the shim sets its version on one line"
@@ -201,10 +234,16 @@ def test_upgrade_with_tenants_running_then_drain_the_old_host(node: Node, grace:
         pid_a = node.host_pid(a)
         port = node.c.host_port("http")
 
+        # A client opening a new connection per request all through the switch: the port
+        # is handed from host to host, so none is refused and every answer is A's function's.
+        client = Client(node, fn_a, port)
         node.install(b)
         fn_b, cmd_b = node.run("fn-hello", "fn-b"), node.run("sleeper", "cmd-b")
         pid_b = node.host_pid(b)
-        assert pid_b != pid_a and not gone(pid_a) and not gone(pid_b)
+        wait_for(lambda: client.after_switch >= 20, what="requests after the switch")
+        client.stop()
+        assert client.failures == [], client.failures[:5]
+        assert not gone(pid_a) and not gone(pid_b) and pid_b != pid_a
         # containerd keeps talking to each task's own host.
         assert [node.task_pid(t) for t in (fn_a, cmd_a, fn_b, cmd_b)] == [pid_a, pid_a, pid_b, pid_b]
         assert os.readlink(node.run_dir / "current") == b
