@@ -213,7 +213,7 @@ def test_manifest_matches_the_kubernetes_api_schema(path: Path):
 
 
 def _function_deployment() -> dict:
-    return copy.deepcopy(find("Deployment", "hello"))
+    return copy.deepcopy(find("Deployment", "fn-hello"))
 
 
 def test_validator_reports_a_misspelled_field():
@@ -221,7 +221,7 @@ def test_validator_reports_a_misspelled_field():
     pod = doc["spec"]["template"]["spec"]
     pod["runtimeClass"] = pod.pop("runtimeClassName")
     assert validate_manifest(doc) == [
-        "Deployment 'hello': spec.template.spec.runtimeClass: unknown field for V1PodSpec "
+        "Deployment 'fn-hello': spec.template.spec.runtimeClass: unknown field for V1PodSpec "
         "(did you mean 'runtimeClassName'?)"
     ]
 
@@ -238,7 +238,7 @@ def test_validator_reports_a_wrong_type():
     doc = _function_deployment()
     doc["spec"]["replicas"] = "two"
     assert validate_manifest(doc) == [
-        "Deployment 'hello': spec.replicas: Input should be a valid integer (got 'two')"
+        "Deployment 'fn-hello': spec.replicas: Input should be a valid integer (got 'two')"
     ]
 
 
@@ -246,7 +246,7 @@ def test_validator_reports_a_missing_required_field():
     doc = _function_deployment()
     del doc["spec"]["template"]["spec"]["containers"][0]["name"]
     assert validate_manifest(doc) == [
-        "Deployment 'hello': spec.template.spec.containers[0].name: required field is missing"
+        "Deployment 'fn-hello': spec.template.spec.containers[0].name: required field is missing"
     ]
 
 
