@@ -287,9 +287,6 @@ class PodNetworks:
             self._close(listener)
         sandbox.listeners.clear()
 
-    def has_sandbox(self, namespace: str, sandbox_id: str) -> bool:
-        return (namespace, sandbox_id) in self._sandboxes
-
     @property
     def listeners(self) -> list[PodListener]:
         """Every open pod listener."""
