@@ -17,6 +17,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -450,3 +451,39 @@ def test_the_function_manifest_works_as_written(kubelet: Kubelet) -> None:
             assert 200 <= status < 400, f"{probe} of {pod.ip} answered {status}"
         (target,) = service["spec"]["ports"]
         assert get(pod.ip, port(target["targetPort"]), "/?name=svc") == (200, b"Hello, svc!\n")
+
+
+@pytest.mark.integration
+def test_a_port_taken_in_the_pod_fails_the_start_with_its_cause(kubelet: Kubelet) -> None:
+    pod = kubelet.run_pod("taken", {"layotto.io/port": "7070"})
+    # Something else of the pod holds its port: a listener in its namespace.
+    holder = subprocess.Popen(
+        ["nsenter", f"--net={pod.netns}", sys.executable, "-c", HOLD_PORT, "7070"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "listening"
+        config = CriClient.container_config("echo", FUNCS, command=["/fn_echo.wasm"])
+        config.linux.security_context.namespace_options.network = cri.POD
+        cid = kubelet.client.create_container_raw(pod.pod.id, config, pod.pod.config)
+        with pytest.raises(grpc.RpcError) as failure:
+            kubelet.client.start_container(cid)
+        cause = "port 7070 is already in use in the pod's network namespace"
+        assert cause in str(failure.value.details())
+        assert cause in kubelet.client.container_status(cid).status.message
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+#: Listen on argv[1] on every address, say so, and wait to be killed.
+HOLD_PORT = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+s.bind(("::", int(sys.argv[1])))
+s.listen()
+print("listening", flush=True)
+time.sleep(600)
+"""
