@@ -111,7 +111,7 @@ class AbiContext:
     def read(self, ptr: int, length: int, limit: int = MAX_VALUE) -> bytes:
         if length > limit:
             raise AbiStatus(Status.LIMIT_EXCEEDED, f"{length} bytes exceeds the limit of {limit}")
-        view = self.view()
+        view = self._view if self._view is not None else self.view()
         if ptr < 0 or length < 0 or ptr + length > len(view):
             raise AbiStatus(Status.INVALID_MEMORY_ACCESS, f"[{ptr:#x}, +{length}) is outside linear memory")
         return bytes(view[ptr : ptr + length])
@@ -124,7 +124,7 @@ class AbiContext:
             raise AbiStatus(Status.BAD_ARGUMENT, "not valid UTF-8") from exc
 
     def check_writable(self, ptr: int, length: int) -> None:
-        view = self.view()
+        view = self._view if self._view is not None else self.view()
         if ptr < 0 or length < 0 or ptr + length > len(view):
             raise AbiStatus(Status.INVALID_MEMORY_ACCESS, f"[{ptr:#x}, +{length}) is outside linear memory")
 
@@ -136,13 +136,15 @@ class AbiContext:
             )
         view[ptr : ptr + len(data)] = data
 
-    def give(self, ptr_ptr: int, len_ptr: int, data: bytes) -> None:
-        """Copy ``data`` into a guest-allocated buffer and return it through the out-pointers."""
+    def give(self, ptr_ptr: int, len_ptr: int, data: bytes, *, checked: bool = False) -> None:
+        """Copy ``data`` into a guest-allocated buffer and return it through the out-pointers
+        (``checked``: the caller has checked them already in this host call)."""
         n = len(data)
         if n > MAX_VALUE:
             raise AbiStatus(Status.LIMIT_EXCEEDED, f"a result of {n} bytes exceeds {MAX_VALUE}")
-        self.check_writable(ptr_ptr, 4)
-        self.check_writable(len_ptr, 4)
+        if not checked:
+            self.check_writable(ptr_ptr, 4)
+            self.check_writable(len_ptr, 4)
         addr = 0
         if n:
             addr = self.guest_alloc(n)

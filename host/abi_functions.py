@@ -53,8 +53,8 @@ def _state_get(
     item = ctx.component("state", store_name).get(ctx.state_key(store_name, key))
     if item is None:
         return Status.NOT_FOUND
-    ctx.give(vpp, vlp, item.value)
-    ctx.give(epp, elp, item.etag.encode())
+    ctx.give(vpp, vlp, item.value, checked=True)
+    ctx.give(epp, elp, item.etag.encode(), checked=True)
     return Status.OK
 
 
@@ -124,7 +124,7 @@ def _invoke(
     if ctx.invoker is None:
         return Status.UNIMPLEMENTED
     result = ctx.invoker.invoke(ctx, target, method, data)
-    ctx.give(rpp, rlp, result)
+    ctx.give(rpp, rlp, result, checked=True)
     return Status.OK
 
 

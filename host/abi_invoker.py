@@ -95,7 +95,7 @@ class HostInvoker:
     @staticmethod
     def _call_local(fn: Any, target: str, method: str, data: bytes) -> bytes:
         """The call to ``fn``, a function of this node, in process."""
-        from layotto.host.function import Request
+        from layotto.host.function_instances import Request  # (a cycle at import time)
 
         path = b"/" + method.lstrip("/").encode() if method else b"/"
         request = Request(b"POST", path, b"", [(b"content-type", b"application/octet-stream")], data)

@@ -8,6 +8,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from layotto.host.components import ComponentError
 
@@ -65,6 +66,15 @@ class Database:
         if self._conn is None:
             raise ComponentError(f"component closed (database {self.path})")
         return self._conn
+
+    def fetch_one(self, sql: str, params: tuple[object, ...]) -> Any:
+        """One row of a read (None if there is none): :meth:`read` for the hottest reads,
+        without a context manager around them."""
+        with self._lock:
+            try:
+                return self._connection().execute(sql, params).fetchone()
+            except sqlite3.Error as e:
+                raise ComponentError(f"components database {self.path}: {e}") from e
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:

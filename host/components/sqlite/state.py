@@ -9,6 +9,8 @@ from pathlib import Path
 from layotto.host.components import ETagMismatch, OpKind, StateItem, StateOp
 from layotto.host.components.sqlite.database import Database, next_counter
 
+_GET = "SELECT value, etag FROM state WHERE store = ? AND key = ?"
+
 
 class SqliteStateStore:
     """Key/value state with etags and transactions (features ETAG, TRANSACTIONAL)."""
@@ -23,10 +25,7 @@ class SqliteStateStore:
         return frozenset({"ETAG", "TRANSACTIONAL"})
 
     def get(self, key: str) -> StateItem | None:
-        with self._db.read() as conn:
-            row = conn.execute(
-                "SELECT value, etag FROM state WHERE store = ? AND key = ?", (self.name, key)
-            ).fetchone()
+        row = self._db.fetch_one(_GET, (self.name, key))
         return None if row is None else StateItem(key, bytes(row[0]), str(row[1]))
 
     def bulk_get(self, keys: Sequence[str]) -> list[StateItem | None]:
