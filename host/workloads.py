@@ -443,6 +443,8 @@ class FunctionWorkload:
                 errors=fn.stats.errors,
                 instances=fn.instances,
                 mode=fn.mode,
+                call_cpu_us=round(fn.cost * 1e6, 1),  # CPU per call, a moving average
+                call_wasm_us=round(fn.wasm_cost * 1e6, 1),  # ... of which in wasm
                 **fn.share.describe(),
             )
         return row
