@@ -11,7 +11,7 @@ from layotto.host.errors import ModuleError, describe_error
 from layotto.host.function_instances import BaseInstance, Response
 
 if TYPE_CHECKING:
-    from layotto.host.scheduler import CallScheduler
+    from layotto.host.scheduler import CallScheduler, Share
 
 
 class Unavailable(Exception):
@@ -39,6 +39,7 @@ class InstancePool:
     engine: Any
     stats: Any
     scheduler: CallScheduler
+    share: Share
     instance_class: type[BaseInstance]
     _idle: list[BaseInstance]
     _live: int
@@ -80,11 +81,14 @@ class InstancePool:
             if self._idle and not self.fresh:
                 return self._idle.pop()
             self._live += 1  # counted while being made: the ticker stays until it is gone
+        started = time.thread_time()
         try:
             return self._construct()
         except BaseException:
             self._release_slot()
             raise
+        finally:  # making an instance (every call's, for fresh instances) is its CPU too
+            self.share.charge(time.thread_time() - started)
 
     def _wait_for_slot(self, wait: float, limit_waiters: bool) -> None:
         # Called with self._lock held.

@@ -344,3 +344,18 @@ def test_cpu_shares_reach_the_function(node: Node) -> None:
     assert node.tasks_info()[task]["cpu_shares"] == 512
     plain = node.start("fn-hello", fid=new_id("plain"))
     assert node.tasks_info()[plain]["cpu_shares"] == 1024  # no requests.cpu: one CPU's weight
+
+
+def test_making_fresh_instances_is_charged_to_the_function(runtime: NodeRuntime, wasm_dir: Path) -> None:
+    """A fresh instance per request: instantiating is part of every call's cost, and is
+    charged (a function in fresh mode cannot use CPU its limit and shares do not see)."""
+    reuse = make(runtime, wasm_dir, "fn-hello")
+    fresh = make(runtime, wasm_dir, "fn-hello", fresh_instances=True)
+    try:
+        for fn in (reuse, fresh):
+            for _ in range(200):
+                assert fn.call_sync(get(b"/", b"name=x")).status == 200
+        assert fresh.cpu_seconds > 2 * reuse.cpu_seconds, (fresh.cpu_seconds, reuse.cpu_seconds)
+    finally:
+        reuse.stop()
+        fresh.stop()
