@@ -580,11 +580,67 @@ static PyTypeObject InstanceType = {
 
 static PyObject *live(PyObject *self, PyObject *unused) { return PyLong_FromSsize_t(live_instances); }
 
+/* call_i32(ctx, func, arg): a wasm function of one i32 to one i32 (the guest allocator,
+   called from host functions) without ctypes' conversions. The GIL is released as for any
+   wasm call: a guest allocator that loops must not stop the other threads until its
+   deadline. The result as an unsigned int, or (error pointer, trap pointer) when it failed. */
+static PyObject *call_i32(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "call_i32(ctx, func, arg)");
+        return NULL;
+    }
+    if (!api.bound) {
+        PyErr_SetString(PyExc_RuntimeError, "_handler.bind() has not been called");
+        return NULL;
+    }
+    void *ctx = PyLong_AsVoidPtr(args[0]);
+    void *func = PyLong_AsVoidPtr(args[1]);
+    long arg = PyLong_AsLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (ctx == NULL || func == NULL) {
+        PyErr_SetString(PyExc_ValueError, "call_i32: null context or function");
+        return NULL;
+    }
+    wt_val_raw_t vals[1];
+    memset(vals, 0, sizeof vals);
+    vals[0].i32 = (int32_t)arg;
+    void *trap = NULL;
+    void *error = call_wasm(ctx, func, vals, 1, &trap);
+    if (error != NULL || trap != NULL)
+        return Py_BuildValue("(NN)", PyLong_FromVoidPtr(error), PyLong_FromVoidPtr(trap));
+    return PyLong_FromUnsignedLong((uint32_t)vals[0].i32);
+}
+
+/* memory_size(ctx, memory): a linear memory's size in bytes. */
+static PyObject *memory_size(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "memory_size(ctx, memory)");
+        return NULL;
+    }
+    if (!api.bound) {
+        PyErr_SetString(PyExc_RuntimeError, "_handler.bind() has not been called");
+        return NULL;
+    }
+    void *ctx = PyLong_AsVoidPtr(args[0]);
+    void *memory = PyLong_AsVoidPtr(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (ctx == NULL || memory == NULL) {
+        PyErr_SetString(PyExc_ValueError, "memory_size: null context or memory");
+        return NULL;
+    }
+    return PyLong_FromSize_t(api.memory_data_size(ctx, memory));
+}
+
 static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS, "Give the module the wasmtime C API's function addresses."},
     {"instantiate", instantiate, METH_VARARGS, "Create a Store with one handler instance."},
     {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL, "Run the handler on one request."},
     {"live", live, METH_NOARGS, "How many Instances have a Store not yet freed."},
+    {"call_i32", (PyCFunction)(void (*)(void))call_i32, METH_FASTCALL,
+     "Call a wasm function of one i32 to one i32, with the GIL held."},
+    {"memory_size", (PyCFunction)(void (*)(void))memory_size, METH_FASTCALL, "A linear memory's size in bytes."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -37,6 +37,8 @@ MEMORIES = 1
 _memory_data = capi.memory_data
 _memory_data_size = capi.memory_data_size
 _call_unchecked = capi.func_call_unchecked
+_call_i32 = _handler.call_i32
+_memory_size = _handler.memory_size
 
 
 class OutOfBounds(Exception):
@@ -261,6 +263,11 @@ class Func:
     __call__ = call
 
     def call1(self, a: int) -> int:
+        if self.size == 1:  # one slot: host/_handler.c's call, without ctypes' conversions
+            result = _call_i32(self.ctx, self.func_addr, a)
+            if result.__class__ is tuple:
+                capi.raise_failure(*result)
+            return result
         self.vals[0].i32 = a
         return self._invoke()
 
@@ -289,7 +296,7 @@ class Memory:
         return _memory_data_size(self.ctx, self.mem_addr)
 
     def view(self) -> memoryview:
-        size = _memory_data_size(self.ctx, self.mem_addr)
+        size = _memory_size(self.ctx, self.mem_addr)
         if size == self._size:  # a memory moves only when it grows: same size, same place
             return self._view
         base = _memory_data(self.ctx, self.mem_addr) or 0
