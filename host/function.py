@@ -107,6 +107,7 @@ DEFAULT_MEMORY_LIMIT = 128 << 20
 INLINE_CHEAP = 50e-6  # this cheap: inline always (a hand-off to a worker costs about as much)
 INLINE_HEAVY = 1e-3  # this costly: never inline (it would hold up every other request)
 COST_WEIGHT = 0.1  # weight of the latest call in the average
+DEADLINE_HEADER = b"layotto-deadline-ms"  # a remote caller's time left (host/remote_invoke.py)
 
 PROXY_EXPORTS = ("proxy_on_request_body", "proxy_on_request_headers")
 
@@ -469,7 +470,7 @@ class Function(InstancePool):
         return Response(503, body=b"function busy: request queue is full\n")
 
     def _worker_job(self, request: Request) -> Callable[[], Response]:
-        ticks = max(1, int(self.timeout / TICK))
+        ticks = max(1, int(self._time_limit(request) / TICK))
 
         def job() -> Response:
             if self.stopped:
@@ -480,6 +481,21 @@ class Function(InstancePool):
                 return self._threaded_call(request, ticks, limit_waiters=False)
 
         return job
+
+    def _time_limit(self, request: Request) -> float:
+        """The call's time limit: the function's timeout, or less when the request carries
+        a caller's deadline (``layotto-deadline-ms``, what a node host sends along with a
+        call from another node): a caller that has given up gets no more of its time."""
+        for name, value in request.headers:
+            if name.lower() == DEADLINE_HEADER:
+                try:
+                    left = int(value) / 1000
+                except ValueError:
+                    break
+                if left > 0:
+                    return min(self.timeout, left)
+                break
+        return self.timeout
 
     def _threaded_call(self, request: Request, ticks: int, *, limit_waiters: bool = True) -> Response:
         try:

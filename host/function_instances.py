@@ -120,6 +120,7 @@ class BaseInstance:
     ticker: Any
     _deadline_at: int
     _started: float
+    _limit: float = 0.0
 
     def _on_deadline(self) -> Decision:
         """Called on the calling thread when the store's epoch deadline passes: stop the
@@ -141,7 +142,7 @@ class BaseInstance:
             fn.too_costly_inline()
             # CPU, not wall time: a loop preempted on a busy machine is not using the grace.
             return Stop.DEADLINE if time.thread_time() - call.effects_cpu >= INLINE_GRACE else RESUME
-        left = fn.timeout - elapsed
+        left = self._limit - elapsed
         if left <= 0:
             return Stop.DEADLINE
         if fn.share.quota is not None:  # limits.cpu: charge what it used, wait if over
@@ -158,6 +159,7 @@ class BaseInstance:
 
     def _arm(self, ticks: int, kind: str) -> None:
         self._started = time.perf_counter()
+        self._limit = ticks * TICK  # a thread call's deadline: the function's timeout, or less
         self.raw.watch.stopped = None
         # Resetting the deadline is needed only once the ticker has moved on since the
         # last reset (it ticks far less often than requests arrive). The first look comes

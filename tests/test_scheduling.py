@@ -359,3 +359,25 @@ def test_making_fresh_instances_is_charged_to_the_function(runtime: NodeRuntime,
     finally:
         reuse.stop()
         fresh.stop()
+
+
+def test_a_remote_callers_deadline_bounds_the_call(runtime: NodeRuntime, wasm_dir: Path) -> None:
+    """A call from another node carries its caller's time left (layotto-deadline-ms): a
+    looping call ends with 504 when that is up, not at the function's 30 s timeout; a
+    header that is not a number of milliseconds changes nothing."""
+    fn = make(runtime, wasm_dir, "fn_misbehave", timeout=30.0)
+    fn.threaded = True  # as the ingress hands it to a worker
+
+    def call(path: bytes, deadline: bytes) -> tuple[int, float]:
+        request = Request(b"GET", path, b"", [(b"Layotto-Deadline-Ms", deadline)], b"")
+        started = time.monotonic()
+        response = asyncio.run(fn.call_threaded(request))
+        return response.status, time.monotonic() - started
+
+    try:
+        status, took = call(b"/loop", b"300")
+        assert status == 504 and took < 5, (status, took)
+        assert call(b"/count", b"soon")[0] == 200
+        assert call(b"/count", b"-5")[0] == 200
+    finally:
+        fn.stop()
