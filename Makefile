@@ -4,7 +4,7 @@ PYTHON ?= python3.11
 VENV ?= .venv
 VPY := $(VENV)/bin/python
 WASM_OUT ?= build/wasm
-APT_PACKAGES := gcc containerd runc clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt busybox-static hyperfine docker-registry shellcheck redis-server rustc libstd-rust-dev-wasm32 curl wrk
+APT_PACKAGES := gcc containerd runc clang lld wasi-libc libclang-rt-14-dev-wasm32 wabt busybox-static hyperfine docker-registry shellcheck redis-server rustc libstd-rust-dev-wasm32 curl wrk containernetworking-plugins dnsmasq-base iproute2 util-linux
 
 include images/build.mk
 
@@ -15,12 +15,13 @@ all: venv modules
 # System packages: installed only when a tool is missing (needs root and Debian's apt).
 deps:
 	@missing=""; \
-	for tool in gcc:gcc containerd:containerd ctr:containerd runc:runc clang:clang wasm-ld:lld wat2wasm:wabt busybox:busybox-static hyperfine:hyperfine docker-registry:docker-registry shellcheck:shellcheck redis-server:redis-server curl:curl wrk:wrk; do \
+	for tool in gcc:gcc containerd:containerd ctr:containerd runc:runc clang:clang wasm-ld:lld wat2wasm:wabt busybox:busybox-static hyperfine:hyperfine docker-registry:docker-registry shellcheck:shellcheck redis-server:redis-server curl:curl wrk:wrk dnsmasq:dnsmasq-base ip:iproute2 nsenter:util-linux; do \
 	  command -v $${tool%%:*} >/dev/null || missing="$$missing $${tool#*:}"; \
 	done; \
 	[ -e /usr/lib/wasm32-wasi/libc.a ] || [ -e /usr/lib/wasm32-wasi/crt1.o ] || missing="$$missing wasi-libc"; \
 	[ -n "$$(ls /usr/lib/llvm-14/lib/clang/14.0.6/lib/wasi/libclang_rt.builtins-wasm32.a 2>/dev/null)" ] || missing="$$missing libclang-rt-14-dev-wasm32"; \
 	[ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/wasm32-wasi ] || missing="$$missing rustc libstd-rust-dev-wasm32"; \
+	[ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] || missing="$$missing containernetworking-plugins"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
 	inc=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null); \
 	[ -e "$$inc/Python.h" ] || missing="$$missing python3.11-dev"; \
