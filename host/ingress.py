@@ -50,6 +50,9 @@ DEFAULT_BODY_LIMIT = 4 << 20
 MAX_PIPELINED = 4  # requests read ahead on one connection while its function is busy
 
 
+HOST_ERROR = Response(500, body=b"host error: the node host failed to run the call (see its log)\n")
+
+
 class _Stop(Exception):
     """Raised from a parser callback after the connection was answered: parse no further."""
 
@@ -291,7 +294,11 @@ class HttpProtocol(asyncio.Protocol):
         if fn is None:
             self._respond(NOT_FOUND, keep_alive, request)
             return
-        response = fn.call_inline(request)
+        try:
+            response = fn.call_inline(request)
+        except Exception:  # a host bug: 500 (not a parser error, 400), and the host goes on
+            log.exception("ingress: function %s: inline call failed", fn.id)
+            response = HOST_ERROR
         if response is not None:  # answered inline, in this event-loop turn
             self._respond(response, keep_alive, request)
             return
@@ -315,9 +322,9 @@ class HttpProtocol(asyncio.Protocol):
         self._busy = False
         try:
             response = task.result()
-        except Exception as exc:  # pragma: no cover - a host bug
+        except Exception:  # a host bug: its details go to the host's log, not to the client
             log.exception("ingress: function call failed")
-            response = Response(500, body=f"host error: {exc}\n".encode())
+            response = HOST_ERROR
         if self._phase == IDLE:  # idle from now on
             self._since = self.server.now
         self._respond(response, keep_alive, request)

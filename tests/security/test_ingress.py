@@ -552,6 +552,30 @@ def test_no_timeout_while_a_function_computes(live: Callable[..., Live]) -> None
     conn.close()
 
 
+def test_a_host_bug_in_a_call_is_a_500_and_the_connection_goes_on(
+    live: Callable[..., Live], functions: dict[str, Function]
+) -> None:
+    """A failure inside the host while it runs a call (not the guest's: a trap is 500 too,
+    from the function) answers 500 naming the host, never 400 "malformed request", and
+    leaks no internal detail; the next request on the same connection is served."""
+    server = live()
+    fn = functions["echo"]
+
+    def broken(request: object) -> None:
+        raise RuntimeError("secret internal state /var/lib/x")
+
+    fn.call_inline = broken
+    try:
+        conn = Conn(server.port)
+        conn.send(get("echo"))
+        status, _headers, body = conn.response()
+        assert status == 500 and b"host error" in body and b"secret" not in body, body
+        hello(conn, "hello")
+        conn.close()
+    finally:
+        del fn.call_inline
+
+
 def test_connection_cap_refuses_new_connections_and_recovers(live: Callable[..., Live]) -> None:
     server = live(IngressLimits(max_connections=20, idle_timeout=60))
     conns = [Conn(server.port) for _ in range(20)]
