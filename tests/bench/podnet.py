@@ -26,12 +26,13 @@ reported but not ours. 1,000 CNI pods take a few minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+NEIGH = Path("/proc/sys/net/ipv4/neigh/default")
+
+
+@contextlib.contextmanager
+def neighbour_room(pods: int) -> Iterator[None]:
+    """Room in the node's ARP table for every pod (and stale entries of earlier runs) while
+    the benchmark runs, as a node meant for that many pods is configured: Linux's default
+    (gc_thresh3 = 1024 neighbours) refuses new pod IPs past it with "No route to host".
+    The previous values are put back afterwards."""
+    wanted = {"gc_thresh1": 2 * pods, "gc_thresh2": 4 * pods, "gc_thresh3": 8 * pods}
+    saved: dict[str, str] = {}
+    try:
+        for name, value in wanted.items():
+            path = NEIGH / name
+            saved[name] = path.read_text().strip()
+            if int(saved[name]) < value:
+                path.write_text(str(value))
+        yield
+    finally:
+        for name, value in reversed(saved.items()):
+            with contextlib.suppress(OSError):
+                (NEIGH / name).write_text(value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     missing = preflight()
@@ -321,9 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     c = new_containerd(args.pods)
     try:
-        c.start()
-        import_images(c)
-        results = measure(c, args)
+        with neighbour_room(args.pods):
+            c.start()
+            import_images(c)
+            results = measure(c, args)
     except BenchError as exc:
         print(f"podnet: {exc}", file=sys.stderr)
         return 1
