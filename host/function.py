@@ -204,7 +204,7 @@ class Function(InstancePool):
             period=cpu_period,
         )
         self.cost = 0.0  # CPU seconds per call, a moving average
-        self._plain_call = scheduler.Call(inline=True)  # reused by _call_inline_plain
+        self._plain_call = scheduler.Call(inline=True)  # reused by call_inline (no ABI imports)
         self.wasm_cost = 0.0  # ... of which in wasm (not in the Runtime ABI's host functions)
         facts = module_facts(compiled.module)
         try:
@@ -388,10 +388,10 @@ class Function(InstancePool):
             return stopped_response()
         if not self._inline_ok():
             return None
-        if not self.uses_abi:
-            return self._call_inline_plain(request)
         started = time.perf_counter()
-        call = scheduler.Call(inline=True)
+        # A function without Runtime ABI imports changes nothing and nests nothing: its Call
+        # (there for a WASI sleep, which must not wait on the loop) is reused.
+        call = scheduler.Call(inline=True) if self.uses_abi else self._plain_call
         try:
             instance = self._take()
             if instance is None:  # every instance is busy elsewhere: queue for a worker
@@ -406,6 +406,7 @@ class Function(InstancePool):
                 self._leave_inline("an inline call was about to wait on the network")
             else:
                 self.too_costly_inline()
+            call.would_block = call.network = False
             return None
         except Unavailable as exc:
             response = exc.response
@@ -414,43 +415,6 @@ class Function(InstancePool):
         if call.went_blocking:
             self._leave_inline("an inline call waited on the network")
         self.stats.observe(response.status, time.perf_counter() - started)
-        return response
-
-    def _call_inline_plain(self, request: Request) -> Response | None:
-        """:meth:`call_inline` of a function without Runtime ABI imports, the ingress's
-        hottest path: nothing can nest in it or change anything, so its time is its own and
-        all in wasm, and its :class:`~layotto.host.scheduler.Call` (there for a WASI sleep,
-        which must not wait on the loop) is reused."""
-        call = self._plain_call
-        try:
-            instance = self._take()
-            if instance is None:  # every instance is busy elsewhere: queue for a worker
-                return None
-            scheduler.enter(call)
-            started = time.perf_counter()
-            try:
-                response = self._serve(instance, request, INLINE_BUDGET_TICKS, "inline", call)
-            finally:
-                spent = time.perf_counter() - started
-                scheduler.leave()
-                share = self.share
-                share.cpu_seconds += spent
-                share.vtime += spent / share.weight
-                self.cost = self.wasm_cost = _average(self.cost, spent)
-        except BudgetExceeded:
-            if call.network:
-                call.would_block = call.network = False
-                self._leave_inline("an inline call was about to wait (a WASI sleep)")
-            else:
-                self.too_costly_inline()
-            return None
-        except Unavailable as exc:
-            response = exc.response
-            spent = 0.0
-        except ModuleError as exc:
-            response = Response(500, body=f"{exc}\n".encode())
-            spent = 0.0
-        self.stats.observe(response.status, spent)
         return response
 
     async def call_threaded(self, request: Request) -> Response:

@@ -461,6 +461,16 @@ class CriClient:
         info = self.pod_sandbox_status(pod_id, verbose=True).info
         return json.loads(info["info"]) if "info" in info else {}
 
+    @staticmethod
+    def pod_ipv4(info: dict[str, Any]) -> str:
+        """The pod's IPv4 address in a sandbox's verbose info (:meth:`sandbox_info`: its CNI
+        result); LookupError when CNI gave it none."""
+        for iface in ((info.get("cniResult") or {}).get("Interfaces") or {}).values():
+            for config in iface.get("IPConfigs") or ():
+                if "." in config["IP"]:
+                    return config["IP"]
+        raise LookupError(f"no IPv4 address in the CNI result: {json.dumps(info.get('cniResult'))}")
+
     def container_info(self, container_id: str) -> dict[str, Any]:
         """The verbose ContainerStatus ``info`` JSON (containerd: pid, sandboxID, runtimeSpec, ...)."""
         info = self.container_status(container_id, verbose=True).info

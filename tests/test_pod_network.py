@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import http.client
 import itertools
-import json
 import os
 import socket
 import subprocess
@@ -22,7 +21,6 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -183,7 +181,7 @@ class Kubelet:
         netns = next(
             ns["path"] for ns in info["runtimeSpec"]["linux"]["namespaces"] if ns["type"] == "network"
         )
-        found = NetPod(pod, pod_ip(info), netns)
+        found = NetPod(pod, CriClient.pod_ipv4(info), netns)
         self.pods.append(found)
         return found
 
@@ -214,16 +212,6 @@ def with_id(config: cri.PodSandboxConfig, function_id: str) -> cri.PodSandboxCon
     copy.CopyFrom(config)
     copy.annotations["layotto.io/function-id"] = function_id
     return copy
-
-
-def pod_ip(info: dict[str, Any]) -> str:
-    """The pod's IPv4 address from containerd's verbose sandbox info (its CNI result)."""
-    interfaces = info["cniResult"]["Interfaces"]
-    for iface in interfaces.values():
-        for config in iface.get("IPConfigs") or ():
-            if "." in config["IP"]:
-                return config["IP"]
-    raise AssertionError(f"no IPv4 address in the CNI result: {json.dumps(info.get('cniResult'))}")
 
 
 @pytest.fixture

@@ -63,6 +63,12 @@ class Recorder:
         for _ in range(n):
             assert self.done.acquire(timeout=10), "a job never ran"
 
+    def hold_the_core(self, share: scheduler.Share, cost: float = 0.0) -> None:
+        """A first call of ``share`` that keeps the only core until :attr:`gate` is set, so
+        that what is queued meanwhile is ordered by the scheduler alone."""
+        assert share.submit(self.job(share, "blocker", cost, hold=True), self.deliver)
+        wait_for(lambda: self.sched.stats()["running"] == 1, what="the blocker runs")
+
 
 def test_a_saturated_function_does_not_starve_a_light_one() -> None:
     """100 calls of a heavy function are queued; a light function's call, submitted after
@@ -71,8 +77,7 @@ def test_a_saturated_function_does_not_starve_a_light_one() -> None:
     rec = Recorder(sched)
     heavy = sched.share("heavy", slots=4)
     light = sched.share("light")
-    heavy.submit(rec.job(heavy, "blocker", 0.01, hold=True), rec.deliver)
-    wait_for(lambda: sched.stats()["running"] == 1, what="the blocker runs")
+    rec.hold_the_core(heavy, 0.01)
     for i in range(100):
         heavy.submit(rec.job(heavy, f"heavy-{i}", 0.01), rec.deliver)
     light.submit(rec.job(light, "light", 0.0001), rec.deliver)
@@ -88,8 +93,7 @@ def test_cpu_shares_divide_a_saturated_core_in_proportion() -> None:
     rec = Recorder(sched)
     big = sched.share("big", shares=4096, slots=4)
     small = sched.share("small", shares=1024, slots=4)
-    big.submit(rec.job(big, "blocker", 0.0, hold=True), rec.deliver)
-    wait_for(lambda: sched.stats()["running"] == 1, what="the blocker runs")
+    rec.hold_the_core(big)
     for _ in range(60):
         big.submit(rec.job(big, "big", 0.001), rec.deliver)
         small.submit(rec.job(small, "small", 0.001), rec.deliver)
@@ -110,8 +114,7 @@ def test_idling_earns_no_credit() -> None:
         a.submit(rec.job(a, "a", 0.01), rec.deliver)
     rec.wait(20)
     rec.order.clear()
-    a.submit(rec.job(a, "blocker", 0.0, hold=True), rec.deliver)
-    wait_for(lambda: sched.stats()["running"] == 1, what="the blocker runs")
+    rec.hold_the_core(a)
     for _ in range(10):
         a.submit(rec.job(a, "a", 0.01), rec.deliver)
         b.submit(rec.job(b, "b", 0.01), rec.deliver)
@@ -124,8 +127,7 @@ def test_queue_limit_refuses_past_it() -> None:
     sched = CallScheduler(cores=1, nice=0)
     rec = Recorder(sched)
     share = sched.share("f", slots=1, queue_limit=3)
-    assert share.submit(rec.job(share, "blocker", 0.0, hold=True), rec.deliver)
-    wait_for(lambda: sched.stats()["running"] == 1, what="the blocker runs")
+    rec.hold_the_core(share)
     accepted = [share.submit(rec.job(share, "x", 0.0), rec.deliver) for _ in range(5)]
     assert accepted == [True, True, True, False, False]
     rec.gate.set()

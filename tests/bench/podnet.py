@@ -87,11 +87,10 @@ def import_images(c: Containerd) -> None:
 
 
 def pod_ip(client: CriClient, pod_id: str) -> str:
-    for iface in client.sandbox_info(pod_id)["cniResult"]["Interfaces"].values():
-        for config in iface.get("IPConfigs") or ():
-            if "." in config["IP"]:
-                return config["IP"]
-    raise BenchError(f"pod {pod_id} has no IPv4 address")
+    try:
+        return client.pod_ipv4(client.sandbox_info(pod_id))
+    except LookupError as exc:
+        raise BenchError(f"pod {pod_id}: {exc}") from exc
 
 
 def start_pod(client: CriClient, log_root: Path, n: int, *, network: bool) -> dict[str, Any]:
