@@ -69,6 +69,7 @@ typedef void *(*call_unchecked_t)(void *ctx, const void *func, wt_val_raw_t *arg
                                   void **trap);
 typedef uint8_t *(*memory_data_t)(const void *ctx, const void *memory);
 typedef size_t (*memory_data_size_t)(const void *ctx, const void *memory);
+typedef void *(*trap_new_t)(const char *message, size_t len);
 
 static struct {
     store_new_t store_new;
@@ -83,6 +84,7 @@ static struct {
     call_unchecked_t call_unchecked;
     memory_data_t memory_data;
     memory_data_size_t memory_data_size;
+    trap_new_t trap_new;
     bool bound;
 } api;
 
@@ -158,6 +160,7 @@ static PyObject *bind(PyObject *self, PyObject *args) {
         {"wasmtime_func_call_unchecked", (void **)&api.call_unchecked},
         {"wasmtime_memory_data", (void **)&api.memory_data},
         {"wasmtime_memory_data_size", (void **)&api.memory_data_size},
+        {"wasmtime_trap_new", (void **)&api.trap_new},
     };
     for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++)
         if (bind_one(addresses, table[i].name, table[i].slot) < 0)
@@ -633,6 +636,124 @@ static PyObject *memory_size(PyObject *self, PyObject *const *args, Py_ssize_t n
     return PyLong_FromSize_t(api.memory_data_size(ctx, memory));
 }
 
+/* --- host functions: the Runtime ABI's imports, called from wasm --------------------------
+ *
+ * A host function is a Python callable of the import's i32 parameters that returns the
+ * result (an int) or, to trap the guest, the trap's message (a str). wasmtime calls
+ * `host_callback` with the raw values and the function's `host_env`; the arguments reach
+ * Python as ints, pointers and lengths unsigned, and no ctypes object is made per call
+ * (through a ctypes callback the crossing and the argument conversions cost about 2 µs). */
+
+#define MAX_HOST_PARAMS 32
+
+typedef struct {
+    PyObject *fn;
+    uint32_t arity;
+    uint32_t unsigned_mask; /* bit i set: parameter i is read as an unsigned 32-bit value */
+} host_env;
+
+static void *host_trap(const char *fallback) {
+    /* The pending exception (or `fallback`) as a trap; the exception is cleared. */
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *text = value != NULL ? PyObject_Str(value) : NULL;
+    PyErr_Clear();
+    const char *message = fallback;
+    Py_ssize_t len = (Py_ssize_t)strlen(fallback);
+    if (text != NULL) {
+        const char *utf8 = PyUnicode_AsUTF8AndSize(text, &len);
+        if (utf8 != NULL)
+            message = utf8;
+        else {
+            PyErr_Clear();
+            len = (Py_ssize_t)strlen(fallback);
+        }
+    }
+    void *trap = api.trap_new(message, (size_t)len);
+    Py_XDECREF(text);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return trap;
+}
+
+static void *host_callback(void *env, void *caller, wt_val_raw_t *vals, size_t count) {
+    (void)caller;
+    (void)count;
+    host_env *h = env;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    PyObject *argv[MAX_HOST_PARAMS];
+    uint32_t made = 0;
+    for (; made < h->arity; made++) {
+        argv[made] = (h->unsigned_mask >> made) & 1 ? PyLong_FromUnsignedLong((uint32_t)vals[made].i32)
+                                                     : PyLong_FromLong(vals[made].i32);
+        if (argv[made] == NULL)
+            break;
+    }
+    PyObject *result = made == h->arity ? PyObject_Vectorcall(h->fn, argv, made, NULL) : NULL;
+    for (uint32_t i = 0; i < made; i++)
+        Py_DECREF(argv[i]);
+    void *trap = NULL;
+    if (result == NULL) {
+        trap = host_trap("host function failed");
+    } else if (PyLong_Check(result)) {
+        long value = PyLong_AsLong(result);
+        if (value == -1 && PyErr_Occurred())
+            trap = host_trap("host function result out of range");
+        else
+            vals[0].i32 = (int32_t)value;
+    } else if (PyUnicode_Check(result)) {
+        Py_ssize_t len;
+        const char *message = PyUnicode_AsUTF8AndSize(result, &len);
+        trap = message != NULL ? api.trap_new(message, (size_t)len) : host_trap("host function trapped");
+    } else {
+        PyErr_Format(PyExc_TypeError, "host function returned %.100s, not int or str", Py_TYPE(result)->tp_name);
+        trap = host_trap("host function returned neither int nor str");
+    }
+    Py_XDECREF(result);
+    PyGILState_Release(gil);
+    return trap;
+}
+
+static void host_env_free(void *env) {
+    host_env *h = env;
+    if (h == NULL)
+        return;
+    if (Py_IsInitialized() && !_Py_IsFinalizing()) {
+        PyGILState_STATE gil = PyGILState_Ensure();
+        Py_DECREF(h->fn);
+        PyGILState_Release(gil);
+    } /* else: the interpreter is gone, and the reference with it */
+    PyMem_RawFree(h);
+}
+
+/* host_function(fn, arity, unsigned_mask) -> (callback, env, finalizer): the addresses to
+   give wasmtime_linker_define_func_unchecked. The env holds a reference to `fn` until
+   wasmtime calls the finalizer (when the definition is gone). */
+static PyObject *host_function(PyObject *self, PyObject *args) {
+    PyObject *fn;
+    unsigned int arity, mask;
+    if (!PyArg_ParseTuple(args, "OII", &fn, &arity, &mask))
+        return NULL;
+    if (!api.bound) {
+        PyErr_SetString(PyExc_RuntimeError, "_handler.bind() has not been called");
+        return NULL;
+    }
+    if (!PyCallable_Check(fn) || arity > MAX_HOST_PARAMS) {
+        PyErr_Format(PyExc_ValueError, "host_function: a callable of at most %d parameters", MAX_HOST_PARAMS);
+        return NULL;
+    }
+    host_env *h = PyMem_RawMalloc(sizeof *h);
+    if (h == NULL)
+        return PyErr_NoMemory();
+    Py_INCREF(fn);
+    h->fn = fn;
+    h->arity = arity;
+    h->unsigned_mask = mask;
+    return Py_BuildValue("(NNN)", PyLong_FromVoidPtr((void *)host_callback), PyLong_FromVoidPtr(h),
+                         PyLong_FromVoidPtr((void *)host_env_free));
+}
+
 static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS, "Give the module the wasmtime C API's function addresses."},
     {"instantiate", instantiate, METH_VARARGS, "Create a Store with one handler instance."},
@@ -641,6 +762,7 @@ static PyMethodDef methods[] = {
     {"call_i32", (PyCFunction)(void (*)(void))call_i32, METH_FASTCALL,
      "Call a wasm function of one i32 to one i32, with the GIL held."},
     {"memory_size", (PyCFunction)(void (*)(void))memory_size, METH_FASTCALL, "A linear memory's size in bytes."},
+    {"host_function", host_function, METH_VARARGS, "A Python callable as a wasmtime unchecked host function."},
     {NULL, NULL, 0, NULL},
 };
 

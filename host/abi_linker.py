@@ -14,7 +14,6 @@ import logging
 import threading
 from collections.abc import Callable
 from time import perf_counter
-from typing import Any
 
 import wasmtime
 
@@ -59,67 +58,56 @@ class calling:
 _QUIET = frozenset({Status.NOT_FOUND, Status.CAS_MISMATCH})
 
 
-def host_function(fn: abi_spec.Function) -> Callable[..., int]:
+def host_function(fn: abi_spec.Function) -> Callable[..., int | str]:
     """The wasm-callable host function for one ABI entry: the caller (:func:`current`),
-    the capability check, the implementation, and every failure turned into a status."""
+    the capability check, the implementation, and every failure turned into a status, or
+    into a trap (a str: the trap's message) for a trap in a nested guest call (the
+    allocator) or an inline call stopped to run again on a worker."""
     impl = IMPLEMENTATIONS[(fn.module, fn.name)]
     capability = fn.capability
+    name = fn.name
 
-    def call(*args: int) -> int:
+    def call(*args: int) -> int | str:
+        # Time under the GIL, not in wasm: what moving the call to a worker would not take
+        # off the event loop (host/scheduler.py). A function invoked from here counts its
+        # own time (Call.account).
         ctx = current()
         if ctx is None:
             return Status.INTERNAL_FAILURE
-        ctx.reset_view()
-        if capability not in ctx.capabilities:
-            ctx.note(f"{fn.name}: permission denied (the pod does not grant {capability!r})")
-            return Status.PERMISSION_DENIED
+        timed = current_call()
+        if timed is not None:
+            host0, wasm0, started = timed.host_seconds, timed.wasm_seconds, perf_counter()
         try:
+            ctx.reset_view()
+            if capability not in ctx.capabilities:
+                ctx.note(f"{name}: permission denied (the pod does not grant {capability!r})")
+                return Status.PERMISSION_DENIED
             return impl(ctx, *args)
-        except (wasmtime.Trap, wasmtime.WasmtimeError):
-            raise  # a trap inside a nested call (the guest allocator): the caller traps too
-        except WouldBlock:
-            raise  # an inline call stopped to run again on a worker (host/scheduler.py)
+        except (wasmtime.Trap, wasmtime.WasmtimeError, WouldBlock) as exc:
+            return f"{name}: {exc}"
         except (LayottoError, OSError) as exc:
             status = abi_status(exc) or Status.INTERNAL_FAILURE
             if status not in _QUIET:
                 failure = "" if isinstance(exc, AbiStatus) else "component failure: "
-                ctx.note(f"{fn.name}: {failure}{exc}")
+                ctx.note(f"{name}: {failure}{exc}")
             return status
         except Exception as exc:  # never let guest input crash the host
-            log.exception("ABI %s failed", fn.name)
-            ctx.note(f"{fn.name}: internal error: {type(exc).__name__}: {exc}")
+            log.exception("ABI %s failed", name)
+            ctx.note(f"{name}: internal error: {type(exc).__name__}: {exc}")
             return Status.INTERNAL_FAILURE
+        finally:
+            if timed is not None:
+                timed.account(perf_counter() - started, host0, wasm0, in_wasm=False)
 
-    call.__name__ = fn.name
+    call.__name__ = name
     return call
 
 
-def _raw_callback(fn: abi_spec.Function) -> object:
-    """wasmtime's unchecked host-function callback for ``fn``: arguments straight from
-    the raw value array (about 1 µs per call, against 7-10 µs through ``define_func``).
-    Pointers and lengths are read unsigned, ``i32`` parameters signed."""
-    host = host_function(fn)
-    signed = tuple(suffix == "" for p in fn.params for suffix in abi_spec.LOWERING[p.type])
-    arity = fn.arity
-
-    def callback(_env: object, _caller: object, vals: Any, _count: int) -> int:
-        # Time under the GIL, not in wasm: what moving the call to a worker would not take
-        # off the event loop (host/scheduler.py). A function invoked from here counts its
-        # own time (Call.account).
-        call = current_call()
-        if call is not None:
-            host0, wasm0, started = call.host_seconds, call.wasm_seconds, perf_counter()
-        try:
-            args = [vals[i].i32 if signed[i] else vals[i].i32 & 0xFFFFFFFF for i in range(arity)]
-            vals[0].i32 = host(*args)
-            return 0
-        except BaseException as exc:  # a trap in a nested guest call (the allocator)
-            return capi.new_trap(f"{fn.name}: {exc}")
-        finally:
-            if call is not None:
-                call.account(perf_counter() - started, host0, wasm0, in_wasm=False)
-
-    return capi.UncheckedCallback(callback)
+def _unsigned_mask(fn: abi_spec.Function) -> int:
+    """Which lowered parameters are pointers or lengths (read unsigned); ``i32`` ones are
+    read signed."""
+    suffixes = [suffix for p in fn.params for suffix in abi_spec.LOWERING[p.type]]
+    return sum(1 << i for i, suffix in enumerate(suffixes) if suffix)
 
 
 def define_imports(linker: wasmtime.Linker) -> None:
@@ -128,4 +116,4 @@ def define_imports(linker: wasmtime.Linker) -> None:
     i32 = wasmtime.ValType.i32()
     for fn in SPEC.all_functions():
         ty = wasmtime.FuncType([i32] * fn.arity, [i32])
-        capi.define_unchecked(linker, fn.module, fn.name, ty, _raw_callback(fn))
+        capi.define_host_function(linker, fn.module, fn.name, ty, host_function(fn), _unsigned_mask(fn))

@@ -104,9 +104,6 @@ linker_define_async_func = _keeps_gil("wasmtime_linker_define_async_func", _vp, 
 error_new = _keeps_gil("wasmtime_error_new", _vp, ctypes.c_char_p)
 trap_new = _keeps_gil("wasmtime_trap_new", _vp, ctypes.c_char_p, _size)
 
-#: ``(env, caller, values, count) -> trap``: a host function over raw values.
-UncheckedCallback = ctypes.CFUNCTYPE(_size, _vp, _vp, ctypes.POINTER(ValRaw), _size)
-
 
 class Continuation(ctypes.Structure):
     """wasmtime_async_continuation_t: what an async host function returns."""
@@ -200,41 +197,19 @@ def new_trap(message: str) -> int:
     return trap_new(data, len(data)) or 0
 
 
-_incref = ctypes.pythonapi.Py_IncRef
-_incref.argtypes = (ctypes.py_object,)
-_incref.restype = None
-_decref = ctypes.PYFUNCTYPE(None, _vp)(("Py_DecRef", ctypes.pythonapi))
-
-
-def _release(env: int) -> None:
-    _decref(env)
-
-
-# A definition's finalizer: wasmtime calls it once the definition is gone (the linker and
-# every store instantiated through it), and it drops the reference define_unchecked took.
-_RELEASE = ctypes.CFUNCTYPE(None, _vp)(_release)
-
-
-def define_unchecked(
-    linker: wasmtime.Linker, module: str, name: str, ty: wasmtime.FuncType, callback: object
+def define_host_function(
+    linker: wasmtime.Linker, module: str, name: str, ty: wasmtime.FuncType, fn: object, unsigned_mask: int
 ) -> None:
-    """Define ``module.name`` in ``linker`` as an :data:`UncheckedCallback`. The definition
-    owns a reference to ``callback``: it lives as long as the linker and every store that
-    uses it, and no longer."""
+    """Define ``module.name`` in ``linker`` as the host function ``fn`` (host/_handler.c
+    ``host_function``: ``fn(*i32 arguments)`` returns the result, or a str to trap with;
+    bit i of ``unsigned_mask`` reads argument i unsigned). The definition owns a reference
+    to ``fn``: it lives as long as the linker and every store that uses it, and no longer."""
     m, n = module.encode(), name.encode()
-    _incref(callback)  # dropped by _RELEASE when wasmtime drops the definition
+    callback, env, finalizer = _handler.host_function(fn, len(ty.params), unsigned_mask)
     error = linker_define_func_unchecked(
-        linker_address(linker),
-        m,
-        len(m),
-        n,
-        len(n),
-        functype_address(ty),
-        address(callback),
-        id(callback),
-        address(_RELEASE),
+        linker_address(linker), m, len(m), n, len(n), functype_address(ty), callback, env, finalizer
     )
-    raise_failure(error, None)
+    raise_failure(error, None)  # (a refused definition's env is freed by wasmtime too)
 
 
 def set_pooling_allocation(
@@ -356,6 +331,7 @@ _handler.bind(
             "wasmtime_func_call_unchecked",
             "wasmtime_memory_data",
             "wasmtime_memory_data_size",
+            "wasmtime_trap_new",
         )
     },
     ctypes.sizeof(Extern),

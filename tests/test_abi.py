@@ -249,8 +249,9 @@ def test_key_prefix_none_reads_the_raw_key(tmp_path) -> None:
 
 
 def test_calls_from_wasm_go_through_the_raw_import_table(components) -> None:
-    """The linker's ABI functions (raw unchecked callbacks): pointers arrive unsigned,
-    a pointer past 2 GiB is INVALID_MEMORY_ACCESS, not a crash or a negative index."""
+    """The linker's ABI functions (host/_handler.c host functions): pointers and lengths
+    arrive unsigned, a pointer past 2 GiB is INVALID_MEMORY_ACCESS, not a crash or a
+    negative index, and a trap inside the host function's guest calls traps the caller."""
     from layotto.host.nanoprocess import build_linker
 
     wat = """
@@ -258,12 +259,19 @@ def test_calls_from_wasm_go_through_the_raw_import_table(components) -> None:
       (import "layotto" "layotto_log" (func $log (param i32 i32 i32) (result i32)))
       (import "layotto" "layotto_state_get"
         (func $get (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+      (import "layotto" "layotto_random" (func $random (param i32 i32) (result i32)))
       (memory (export "memory") 1)
       (data (i32.const 16) "hello from wasm")
       (func (export "log_ok") (result i32) (call $log (i32.const 2) (i32.const 16) (i32.const 15)))
       (func (export "get_far") (result i32)
         (call $get (i32.const 0xFFFFFFF0) (i32.const 4) (i32.const 16) (i32.const 5)
-                   (i32.const 100) (i32.const 104) (i32.const 108) (i32.const 112))))
+                   (i32.const 100) (i32.const 104) (i32.const 108) (i32.const 112)))
+      (func (export "random_huge") (result i32) (call $random (i32.const 16) (i32.const 0xFFFFFFF0)))
+      (data (i32.const 48) "state_demobook1")
+      (func (export "get_book") (result i32)
+        (call $get (i32.const 48) (i32.const 10) (i32.const 58) (i32.const 5)
+                   (i32.const 100) (i32.const 104) (i32.const 108) (i32.const 112)))
+      (func (export "alloc_trap") (param i32) (result i32) unreachable))
     """
     engine = WasmEngine(None)
     compiled = engine.load(bytes(wasmtime.wat2wasm(wat)), name="/raw.wasm")
@@ -275,7 +283,7 @@ def test_calls_from_wasm_go_through_the_raw_import_table(components) -> None:
     ctx = AbiContext(
         name="raw",
         memory=WasmtimeMemory(store, exports["memory"]),
-        allocate=lambda n: 0,
+        allocate=lambda n: exports["alloc_trap"](store, n),
         capabilities=parse_capabilities("state"),
         app_id="tests.raw",
         components=components,
@@ -284,6 +292,14 @@ def test_calls_from_wasm_go_through_the_raw_import_table(components) -> None:
     with calling(ctx):
         assert exports["log_ok"](store) == STATUS["OK"]
         assert exports["get_far"](store) == STATUS["INVALID_MEMORY_ACCESS"]
+        # A length past 2 GiB arrives unsigned too: over the limit, not a negative length.
+        assert exports["random_huge"](store) == STATUS["LIMIT_EXCEEDED"]
+        # A trap in a guest call the host function makes (its allocator, for the result)
+        # traps the caller, naming the host function.
+        components.state("state_demo").set(ctx.state_key("state_demo", "book1"), b"100")
+        trapped = (wasmtime.Trap, wasmtime.WasmtimeError)
+        with pytest.raises(trapped, match=r"(?s)layotto_state_get: .*unreachable"):
+            exports["get_book"](store)
     assert ("info", "hello from wasm") in logged
     # Without a caller context (no ABI caller pushed) the host answers, it does not crash.
     assert exports["log_ok"](store) == STATUS["INTERNAL_FAILURE"]
