@@ -754,6 +754,131 @@ static PyObject *host_function(PyObject *self, PyObject *args) {
                          PyLong_FromVoidPtr((void *)host_env_free));
 }
 
+/* --- guest memory for the Runtime ABI's host functions -----------------------------------
+ *
+ * What host functions do with a caller's linear memory, by the store context and memory
+ * addresses (no memoryview, no ctypes): read a range, write one, and give the guest a
+ * result (allocate it with the guest's allocator, copy it in, and write its address and
+ * length to two out-pointers). Every range is checked against the memory's size at the
+ * time; a guest pointer or length outside it is refused, never followed. */
+
+static int memory_args(PyObject *const *args, void **ctx, void **memory) {
+    if (!api.bound) {
+        PyErr_SetString(PyExc_RuntimeError, "_handler.bind() has not been called");
+        return -1;
+    }
+    *ctx = PyLong_AsVoidPtr(args[0]);
+    *memory = PyLong_AsVoidPtr(args[1]);
+    if (PyErr_Occurred())
+        return -1;
+    if (*ctx == NULL || *memory == NULL) {
+        PyErr_SetString(PyExc_ValueError, "null store context or memory");
+        return -1;
+    }
+    return 0;
+}
+
+/* A guest pointer or length: a Python int in [0, 2**32); -1 for anything else. */
+static int64_t guest_u32(PyObject *value) {
+    long long v = PyLong_AsLongLong(value);
+    if (v == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    return v < 0 || v > UINT32_MAX ? -1 : v;
+}
+
+/* guest_read(ctx, memory, ptr, len) -> bytes, or None when [ptr, ptr + len) is outside. */
+static PyObject *guest_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    void *ctx, *memory;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "guest_read(ctx, memory, ptr, len)");
+        return NULL;
+    }
+    if (memory_args(args, &ctx, &memory) < 0)
+        return NULL;
+    int64_t ptr = guest_u32(args[2]), len = guest_u32(args[3]);
+    if (ptr < 0 || len < 0 || !in_range((uint64_t)ptr, (uint64_t)len, api.memory_data_size(ctx, memory)))
+        Py_RETURN_NONE;
+    return PyBytes_FromStringAndSize((const char *)api.memory_data(ctx, memory) + ptr, (Py_ssize_t)len);
+}
+
+/* guest_write(ctx, memory, ptr, data) -> True, or False when the range is outside. */
+static PyObject *guest_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    void *ctx, *memory;
+    const char *data;
+    Py_ssize_t len;
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "guest_write(ctx, memory, ptr, data)");
+        return NULL;
+    }
+    if (memory_args(args, &ctx, &memory) < 0 || bytes_of(args[3], &data, &len) < 0)
+        return NULL;
+    int64_t ptr = guest_u32(args[2]);
+    if (ptr < 0 || !in_range((uint64_t)ptr, (uint64_t)len, api.memory_data_size(ctx, memory)))
+        Py_RETURN_FALSE;
+    memcpy(api.memory_data(ctx, memory) + ptr, data, (size_t)len);
+    Py_RETURN_TRUE;
+}
+
+/* What guest_give reports besides success (0). */
+enum {
+    GIVE_BAD_OUT = 1,       /* an out-pointer is outside linear memory */
+    GIVE_NO_MEMORY = 2,     /* the guest allocator returned 0 */
+    GIVE_BAD_BUFFER = 3,    /* the allocator returned a buffer outside linear memory */
+};
+
+/* guest_give(ctx, memory, alloc, ptr_ptr, len_ptr, data) -> 0 | GIVE_* | (error, trap):
+   `data` copied into a buffer from the guest's allocator `alloc` (none for empty data:
+   address 0), whose address and length go to the out-pointers (u32 each). The allocator
+   runs without the GIL, as any wasm. */
+static PyObject *guest_give(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    void *ctx, *memory;
+    const char *data;
+    Py_ssize_t len;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "guest_give(ctx, memory, alloc, ptr_ptr, len_ptr, data)");
+        return NULL;
+    }
+    if (memory_args(args, &ctx, &memory) < 0 || bytes_of(args[5], &data, &len) < 0)
+        return NULL;
+    void *alloc = PyLong_AsVoidPtr(args[2]);
+    if (alloc == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "guest_give: null allocator");
+        return NULL;
+    }
+    int64_t ptr_ptr = guest_u32(args[3]), len_ptr = guest_u32(args[4]);
+    uint64_t size = api.memory_data_size(ctx, memory);
+    if (ptr_ptr < 0 || len_ptr < 0 || !in_range((uint64_t)ptr_ptr, 4, size) || !in_range((uint64_t)len_ptr, 4, size))
+        return PyLong_FromLong(GIVE_BAD_OUT);
+    if ((uint64_t)len > UINT32_MAX)
+        return PyLong_FromLong(GIVE_BAD_BUFFER);
+    uint32_t addr = 0;
+    if (len > 0) {
+        /* `data` is a bytes object: immutable, and referenced by our caller throughout. */
+        wt_val_raw_t vals[1];
+        memset(vals, 0, sizeof vals);
+        vals[0].i32 = (int32_t)len;
+        void *trap = NULL;
+        void *error = call_wasm(ctx, alloc, vals, 1, &trap);
+        if (error != NULL || trap != NULL)
+            return Py_BuildValue("(NN)", PyLong_FromVoidPtr(error), PyLong_FromVoidPtr(trap));
+        addr = (uint32_t)vals[0].i32;
+        if (addr == 0)
+            return PyLong_FromLong(GIVE_NO_MEMORY);
+        size = api.memory_data_size(ctx, memory); /* the allocator may have grown it */
+        if (!in_range(addr, (uint64_t)len, size))
+            return PyLong_FromLong(GIVE_BAD_BUFFER);
+        memcpy(api.memory_data(ctx, memory) + addr, data, (size_t)len);
+    }
+    uint8_t *base = api.memory_data(ctx, memory); /* memory only grows: the out-pointers hold */
+    uint32_t n = (uint32_t)len;
+    memcpy(base + ptr_ptr, &addr, 4);
+    memcpy(base + len_ptr, &n, 4);
+    return PyLong_FromLong(0);
+}
+
 static PyMethodDef methods[] = {
     {"bind", bind, METH_VARARGS, "Give the module the wasmtime C API's function addresses."},
     {"instantiate", instantiate, METH_VARARGS, "Create a Store with one handler instance."},
@@ -762,6 +887,10 @@ static PyMethodDef methods[] = {
     {"call_i32", (PyCFunction)(void (*)(void))call_i32, METH_FASTCALL,
      "Call a wasm function of one i32 to one i32, with the GIL held."},
     {"memory_size", (PyCFunction)(void (*)(void))memory_size, METH_FASTCALL, "A linear memory's size in bytes."},
+    {"guest_read", (PyCFunction)(void (*)(void))guest_read, METH_FASTCALL, "Read a range of linear memory."},
+    {"guest_write", (PyCFunction)(void (*)(void))guest_write, METH_FASTCALL, "Write a range of linear memory."},
+    {"guest_give", (PyCFunction)(void (*)(void))guest_give, METH_FASTCALL,
+     "Copy bytes into a guest-allocated buffer and return it through two out-pointers."},
     {"host_function", host_function, METH_VARARGS, "A Python callable as a wasmtime unchecked host function."},
     {NULL, NULL, 0, NULL},
 };

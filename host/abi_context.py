@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import wasmtime
 
 from layotto.abi import spec as abi_spec
-from layotto.host import scheduler, scoping
+from layotto.host import _handler, capi, scheduler, scoping
 from layotto.host.components import ConfigItem
 from layotto.host.errors import AbiStatus, ComponentDenied, ComponentError, Status
 
@@ -28,6 +28,15 @@ MAX_VALUE = SPEC.limits.get("max_value", 4 << 20)
 KNOWN_CAPABILITIES = frozenset(SPEC.capabilities)
 
 _U32 = struct.Struct("<I")
+_guest_read = _handler.guest_read
+_guest_write = _handler.guest_write
+_guest_give = _handler.guest_give
+# What _handler.guest_give reports besides success (0).
+_GIVE_FAILURES = {
+    1: "an out-pointer is outside linear memory",
+    2: "the guest allocator returned 0",
+    3: "the guest allocator returned a buffer outside linear memory",
+}
 
 BUFFER_REQUEST_BODY = 0
 BUFFER_RESPONSE_BODY = 1
@@ -39,6 +48,10 @@ BUFFER_TYPES = frozenset({BUFFER_REQUEST_BODY, BUFFER_RESPONSE_BODY, BUFFER_CALL
 # and a largest response); a write past it is LIMIT_EXCEEDED. The host empties them after
 # every request.
 BUFFER_LIMIT = 2 * MAX_VALUE
+
+
+def _outside(ptr: int, length: int) -> AbiStatus:
+    return AbiStatus(Status.INVALID_MEMORY_ACCESS, f"[{ptr:#x}, +{length}) is outside linear memory")
 
 
 class OverNetwork:
@@ -89,6 +102,9 @@ class AbiContext:
     buffers: dict[int, bytearray] = field(default_factory=dict)  # proxy-wasm's, per request
     buffer_limit: int = BUFFER_LIMIT  # what ``buffers`` may hold in all
     deadline: float | None = None  # time.monotonic() when the current call's time is up
+    # (store context, memory, allocator) addresses of a store made through the C API: guest
+    # memory is then read, written and given to in host/_handler.c, without a memoryview.
+    raw: tuple[int, int, int] | None = None
     _view: memoryview | None = field(default=None, repr=False)
 
     # --- guest memory, checked --------------------------------------------------------
@@ -111,10 +127,15 @@ class AbiContext:
     def read(self, ptr: int, length: int, limit: int = MAX_VALUE) -> bytes:
         if length > limit:
             raise AbiStatus(Status.LIMIT_EXCEEDED, f"{length} bytes exceeds the limit of {limit}")
-        view = self._view if self._view is not None else self.view()
-        if ptr < 0 or length < 0 or ptr + length > len(view):
-            raise AbiStatus(Status.INVALID_MEMORY_ACCESS, f"[{ptr:#x}, +{length}) is outside linear memory")
-        return bytes(view[ptr : ptr + length])
+        raw = self.raw
+        if raw is not None:
+            data = _guest_read(raw[0], raw[1], ptr, length)
+        else:
+            view = self._view if self._view is not None else self.view()
+            data = bytes(view[ptr : ptr + length]) if 0 <= ptr and 0 <= length <= len(view) - ptr else None
+        if data is None:
+            raise _outside(ptr, length)
+        return data
 
     def read_str(self, ptr: int, length: int) -> str:
         raw = self.read(ptr, length, MAX_KEY)
@@ -126,14 +147,17 @@ class AbiContext:
     def check_writable(self, ptr: int, length: int) -> None:
         view = self._view if self._view is not None else self.view()
         if ptr < 0 or length < 0 or ptr + length > len(view):
-            raise AbiStatus(Status.INVALID_MEMORY_ACCESS, f"[{ptr:#x}, +{length}) is outside linear memory")
+            raise _outside(ptr, length)
 
     def write(self, ptr: int, data: bytes) -> None:
+        raw = self.raw
+        if raw is not None and data.__class__ is bytes:
+            if not _guest_write(raw[0], raw[1], ptr, data):
+                raise _outside(ptr, len(data))
+            return
         view = self.view()
         if ptr < 0 or ptr + len(data) > len(view):
-            raise AbiStatus(
-                Status.INVALID_MEMORY_ACCESS, f"[{ptr:#x}, +{len(data)}) is outside linear memory"
-            )
+            raise _outside(ptr, len(data))
         view[ptr : ptr + len(data)] = data
 
     def give(self, ptr_ptr: int, len_ptr: int, data: bytes, *, checked: bool = False) -> None:
@@ -142,6 +166,15 @@ class AbiContext:
         n = len(data)
         if n > MAX_VALUE:
             raise AbiStatus(Status.LIMIT_EXCEEDED, f"a result of {n} bytes exceeds {MAX_VALUE}")
+        raw = self.raw
+        if raw is not None:  # in C: the allocation, the copy and the out-pointers, each checked
+            result = _guest_give(raw[0], raw[1], raw[2], ptr_ptr, len_ptr, bytes(data))
+            self._view = None  # the allocator may have grown (moved) the memory
+            if result.__class__ is tuple:  # the allocator trapped or failed
+                capi.raise_failure(*result)
+            if result:
+                raise AbiStatus(Status.INVALID_MEMORY_ACCESS, _GIVE_FAILURES[result])
+            return
         if not checked:
             self.check_writable(ptr_ptr, 4)
             self.check_writable(len_ptr, 4)

@@ -255,10 +255,16 @@ class Function(InstancePool):
         )
 
     def abi_context(
-        self, memory: Memory, allocate: Callable[[int], int], *, always: bool = False
+        self,
+        memory: Memory,
+        allocate: Callable[[int], int],
+        *,
+        always: bool = False,
+        raw: tuple[int, int, int] | None = None,
     ) -> AbiContext | None:
         """The Runtime ABI's view of one instance (None when the module imports no ABI,
-        unless ``always``: Layotto-style modules keep their request buffers there)."""
+        unless ``always``: Layotto-style modules keep their request buffers there);
+        ``raw``: its store context, memory and allocator addresses (AbiContext.raw)."""
         if not self.uses_abi and not always:
             return None
         services = self.services
@@ -274,6 +280,7 @@ class Function(InstancePool):
             namespace=self.namespace,
             # host memory the guest's buffers may take: never more than its own memory
             buffer_limit=min(BUFFER_LIMIT, self.memory_limit),
+            raw=raw,
         )
 
     # --- invocation --------------------------------------------------------------------

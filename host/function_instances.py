@@ -215,7 +215,13 @@ class Instance(BaseInstance):
             raise ModuleError(f"{fn.name}: {exc}") from None
         self.ctx = self.raw.ctx
         self.out = self.raw.out
-        self.abi = fn.abi_context(self.memory, self.alloc.call1) if fn.uses_abi else None
+        self.abi = (
+            fn.abi_context(
+                self.memory, self.alloc.call1, raw=(self.ctx, self.raw.mem_addr, self.raw.alloc_addr)
+            )
+            if fn.uses_abi
+            else None
+        )
 
     @property
     def memory(self) -> Memory:
@@ -305,7 +311,7 @@ class ProxyInstance(BaseInstance):
                 raise ModuleError(f"{fn.name}: a Layotto function must export memory and malloc")
             self.alloc = Func(ctx, alloc, 1)
             self.memory = Memory(ctx, memory)
-            abi = fn.abi_context(self.memory, self.alloc.call1, always=True)
+            abi = fn.abi_context(self.memory, self.alloc.call1, always=True, raw=(ctx, memory, alloc))
             assert abi is not None  # always=True
             self.abi: AbiContext = abi
             arity = fn.export_arity

@@ -20,6 +20,8 @@ from layotto.host.abi_host import AbiContext, WasmtimeMemory, calling, host_func
 from layotto.host.components.registry import load_components
 from layotto.host.engine import WasmEngine
 from layotto.host.errors import ModuleError, Status
+from layotto.host.function import Function, HostServices, Request
+from layotto.host.nanoprocess import build_linker
 
 SPEC = abi_spec.load()
 STATUS = SPEC.status
@@ -137,7 +139,6 @@ def test_the_host_implements_exactly_the_table() -> None:
     engine = WasmEngine(None)
     wasm = wasmtime.wat2wasm(wat)
     compiled = engine.load(bytes(wasm), name="/all-imports.wasm")
-    from layotto.host.nanoprocess import build_linker
 
     build_linker(engine).instantiate(wasmtime.Store(engine.engine), compiled.module)
 
@@ -252,7 +253,6 @@ def test_calls_from_wasm_go_through_the_raw_import_table(components) -> None:
     """The linker's ABI functions (host/_handler.c host functions): pointers and lengths
     arrive unsigned, a pointer past 2 GiB is INVALID_MEMORY_ACCESS, not a crash or a
     negative index, and a trap inside the host function's guest calls traps the caller."""
-    from layotto.host.nanoprocess import build_linker
 
     wat = """
     (module
@@ -348,3 +348,77 @@ def test_secrets_configuration_and_keys_are_scoped_to_the_caller(components, mon
     # A key naming another app's prefix is refused.
     bad = impostor.put(200, b"tenant-a.app||k")
     assert impostor.call("layotto_state_get", *store, *bad, 1000, 1004, 1008, 1012) == STATUS["BAD_ARGUMENT"]
+
+
+# A handler-ABI function whose allocator can be told to fail: its handler saves and reads
+# back a value, then reads it into an out-pointer past the memory's end, with an allocator
+# that returns 0, and with one that returns a buffer running past the end. The statuses
+# and the value read back are the response body.
+GIVING = """
+(module
+  (import "layotto" "layotto_state_save"
+    (func $save (param i32 i32 i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "layotto" "layotto_state_get" (func $get (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $bump (mut i32) (i32.const 4096))
+  (global $mode (mut i32) (i32.const 0))
+  (data (i32.const 16) "state_demo")
+  (data (i32.const 32) "key")
+  (data (i32.const 40) "value")
+  (func (export "proxy_on_memory_allocate") (param $n i32) (result i32)
+    (if (i32.eq (global.get $mode) (i32.const 1)) (then (return (i32.const 0))))
+    (if (i32.eq (global.get $mode) (i32.const 2)) (then (return (i32.const 65534))))
+    (global.get $bump)
+    (global.set $bump (i32.add (global.get $bump) (i32.add (local.get $n) (i32.const 8)))))
+  (func $get_into (param $value_out i32) (result i32)
+    (call $get (i32.const 16) (i32.const 10) (i32.const 32) (i32.const 3)
+               (local.get $value_out) (i32.const 212) (i32.const 216) (i32.const 220)))
+  (func (export "layotto_http_handle") (param $req i32) (param $len i32) (param $op i32) (param $ol i32)
+    (result i32)
+    (i32.store8 (i32.const 524)
+      (call $save (i32.const 16) (i32.const 10) (i32.const 32) (i32.const 3) (i32.const 40) (i32.const 5)
+                  (i32.const 0) (i32.const 0) (i32.const 200) (i32.const 204)))
+    (i32.store8 (i32.const 525) (call $get_into (i32.const 208)))
+    (i32.store8 (i32.const 526) (i32.load (i32.const 212)))
+    (memory.copy (i32.const 530) (i32.load (i32.const 208)) (i32.const 5))
+    (i32.store8 (i32.const 527) (call $get_into (i32.const 0xFFFFFFFE)))
+    (global.set $mode (i32.const 1))
+    (i32.store8 (i32.const 528) (call $get_into (i32.const 208)))
+    (global.set $mode (i32.const 2))
+    (i32.store8 (i32.const 529) (call $get_into (i32.const 208)))
+    (global.set $mode (i32.const 0))
+    (i32.store (i32.const 512) (i32.const 200))
+    (i32.store (i32.const 516) (i32.const 0))
+    (i32.store (i32.const 520) (i32.const 11))
+    (i32.store (local.get $op) (i32.const 512))
+    (i32.store (local.get $ol) (i32.const 23))
+    (i32.const 0)))
+"""
+
+
+def test_a_function_instance_gives_results_through_checked_out_pointers(components) -> None:
+    """A function instance's host calls read and give guest memory in host/_handler.c:
+    the value arrives in a buffer from the guest's allocator, and an out-pointer past the
+    end, an allocator returning 0 and one returning a buffer past the end are each
+    INVALID_MEMORY_ACCESS, with the function serving on."""
+    engine = WasmEngine(None)
+    fn = Function(
+        name="test/giving",
+        function_id="giving",
+        engine=engine,
+        linker=build_linker(engine),
+        compiled=engine.load(bytes(wasmtime.wat2wasm(GIVING)), name="/giving.wasm"),
+        argv=["giving"],
+        env=[],
+        memory_limit=None,
+        capabilities=parse_capabilities("state"),
+        services=HostServices(components, None),
+    )
+    try:
+        bad = STATUS["INVALID_MEMORY_ACCESS"]
+        for _ in range(2):  # the same instance again: nothing was left broken
+            response = fn.call_inline(Request(b"GET", b"/", b"", [], b""))
+            assert response is not None and response.status == 200
+            assert response.body == bytes([STATUS["OK"], STATUS["OK"], 5, bad, bad, bad]) + b"value"
+    finally:
+        fn.stop()
