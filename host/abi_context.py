@@ -31,6 +31,7 @@ _U32 = struct.Struct("<I")
 _guest_read = _handler.guest_read
 _guest_write = _handler.guest_write
 _guest_give = _handler.guest_give
+_memory_size = _handler.memory_size
 # What _handler.guest_give reports besides success (0).
 _GIVE_FAILURES = {
     1: "an out-pointer is outside linear memory",
@@ -149,6 +150,14 @@ class AbiContext:
         if ptr < 0 or length < 0 or ptr + length > len(view):
             raise _outside(ptr, length)
 
+    def check_out(self, *ptrs: int) -> None:
+        """Each of ``ptrs`` is an out-pointer: 4 bytes of linear memory to write a result to."""
+        raw = self.raw
+        last = (_memory_size(raw[0], raw[1]) if raw is not None else len(self.view())) - 4
+        for ptr in ptrs:
+            if not 0 <= ptr <= last:
+                raise _outside(ptr, 4)
+
     def write(self, ptr: int, data: bytes) -> None:
         raw = self.raw
         if raw is not None and data.__class__ is bytes:
@@ -176,8 +185,7 @@ class AbiContext:
                 raise AbiStatus(Status.INVALID_MEMORY_ACCESS, _GIVE_FAILURES[result])
             return
         if not checked:
-            self.check_writable(ptr_ptr, 4)
-            self.check_writable(len_ptr, 4)
+            self.check_out(ptr_ptr, len_ptr)
         addr = 0
         if n:
             addr = self.guest_alloc(n)

@@ -48,8 +48,7 @@ def _state_get(
     ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, vpp: int, vlp: int, epp: int, elp: int
 ) -> Status:
     store_name, key = ctx.read_str(sp, sl), ctx.read_str(kp, kl)
-    for p in (vpp, vlp, epp, elp):
-        ctx.check_writable(p, 4)
+    ctx.check_out(vpp, vlp, epp, elp)
     item = ctx.component("state", store_name).get(ctx.state_key(store_name, key))
     if item is None:
         return Status.NOT_FOUND
@@ -64,8 +63,7 @@ def _state_get_bulk(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, rpp: in
         keys = [k.decode() for k, _ in decode_map(ctx.read(kp, kl))]
     except ValueError as exc:  # UnicodeDecodeError included
         raise AbiStatus(Status.PARSE_FAILURE, str(exc)) from exc
-    ctx.check_writable(rpp, 4)
-    ctx.check_writable(rlp, 4)
+    ctx.check_out(rpp, rlp)
     store = ctx.component("state", store_name)
     items = store.bulk_get([ctx.state_key(store_name, k) for k in keys])
     pairs = [(k.encode(), item.value) for k, item in zip(keys, items, strict=True) if item is not None]
@@ -89,8 +87,7 @@ def _state_save(
     store_name, key = ctx.read_str(sp, sl), ctx.read_str(kp, kl)
     value = ctx.read(vp, vl)
     etag = ctx.read_str(ep, el) or None
-    ctx.check_writable(npp, 4)
-    ctx.check_writable(nlp, 4)
+    ctx.check_out(npp, nlp)
     store = ctx.component("state", store_name, changes=True)
     new_etag = store.set(ctx.state_key(store_name, key), value, etag)
     ctx.give(npp, nlp, str(new_etag).encode())
@@ -119,8 +116,7 @@ def _invoke(
 ) -> Status:
     target, method = ctx.read_str(ip, il), ctx.read_str(mp, ml)
     data = ctx.read(dp, dl)
-    ctx.check_writable(rpp, 4)
-    ctx.check_writable(rlp, 4)
+    ctx.check_out(rpp, rlp)
     if ctx.invoker is None:
         return Status.UNIMPLEMENTED
     result = ctx.invoker.invoke(ctx, target, method, data)
@@ -157,8 +153,7 @@ def _config_get(
         ctx.read_str(lp, ll),
         ctx.read_str(kp, kl),
     )
-    ctx.check_writable(vpp, 4)
-    ctx.check_writable(vlp, 4)
+    ctx.check_out(vpp, vlp)
     items = ctx.configuration(store_name, [key], group, label)
     item = next((i for i in items if i.key == key), None)
     if item is None:
@@ -173,7 +168,7 @@ def _try_lock(
     store_name, resource, owner = ctx.read_str(sp, sl), ctx.read_str(rp, rl), ctx.read_str(op, ol)
     if expire <= 0 or not owner or not resource:
         return Status.BAD_ARGUMENT
-    ctx.check_writable(out, 4)
+    ctx.check_out(out)
     taken = ctx.component("lock", store_name, changes=True).try_lock(
         ctx.state_key(store_name, resource, "lock"), owner, expire
     )
@@ -183,7 +178,7 @@ def _try_lock(
 
 def _unlock(ctx: AbiContext, sp: int, sl: int, rp: int, rl: int, op: int, ol: int, out: int) -> Status:
     store_name, resource, owner = ctx.read_str(sp, sl), ctx.read_str(rp, rl), ctx.read_str(op, ol)
-    ctx.check_writable(out, 4)
+    ctx.check_out(out)
     locks = ctx.component("lock", store_name, changes=True)
     status = locks.unlock(ctx.state_key(store_name, resource, "lock"), owner)
     if status == UnlockStatus.INTERNAL_ERROR:
@@ -203,8 +198,7 @@ def _next_id(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, out: int) -> S
 
 def _get_secret(ctx: AbiContext, sp: int, sl: int, np_: int, nl: int, rpp: int, rlp: int) -> Status:
     store_name, name = ctx.read_str(sp, sl), ctx.read_str(np_, nl)
-    ctx.check_writable(rpp, 4)
-    ctx.check_writable(rlp, 4)
+    ctx.check_out(rpp, rlp)
     # a missing secret raises NotFound: NOT_FOUND (errors.abi_status)
     secret = ctx.component("secrets", store_name).get(ctx.secret_name(store_name, name))
     ctx.give(rpp, rlp, encode_map([(k.encode(), v.encode()) for k, v in secret.items()]))
@@ -216,8 +210,7 @@ def _get_secret(ctx: AbiContext, sp: int, sl: int, np_: int, nl: int, rpp: int, 
 
 def _proxy_get_state(ctx: AbiContext, sp: int, sl: int, kp: int, kl: int, vpp: int, vlp: int) -> Status:
     store_name, key = ctx.read_str(sp, sl), ctx.read_str(kp, kl)
-    ctx.check_writable(vpp, 4)
-    ctx.check_writable(vlp, 4)
+    ctx.check_out(vpp, vlp)
     item = ctx.component("state", store_name).get(ctx.state_key(store_name, key))
     if item is None:
         return Status.NOT_FOUND
@@ -230,8 +223,7 @@ def _proxy_get_buffer_bytes(
 ) -> Status:
     if btype not in BUFFER_TYPES:
         return Status.BAD_ARGUMENT
-    ctx.check_writable(dpp, 4)
-    ctx.check_writable(dlp, 4)
+    ctx.check_out(dpp, dlp)
     buf = ctx.buffers.get(btype)
     if buf is None:
         return Status.NOT_FOUND

@@ -36,6 +36,14 @@ def current() -> AbiContext | None:
     return stack[-1] if stack else None
 
 
+def caller_stack() -> list[AbiContext | None]:
+    """This thread's stack of ABI callers (innermost last)."""
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
 class calling:
     """``with calling(ctx): <call into the guest>`` makes ``ctx`` the ABI caller."""
 
@@ -45,10 +53,7 @@ class calling:
         self.ctx = ctx
 
     def __enter__(self) -> None:
-        stack = getattr(_local, "stack", None)
-        if stack is None:
-            stack = _local.stack = []
-        stack.append(self.ctx)
+        caller_stack().append(self.ctx)
 
     def __exit__(self, *exc: object) -> None:
         _local.stack.pop()

@@ -187,7 +187,7 @@ class HandlerStore(_Exports):
             handler,
         )
         if result[0] != HANDLER_OK:
-            _raise_result(result)
+            raise_result(result)
         self.instance: _handler.Instance = result[1]
         addresses = self.instance.addresses()
         self.ctx, self.alloc_addr, self.handler_addr, self.mem_addr, self.out, self.instance_addr = addresses
@@ -199,7 +199,7 @@ class HandlerStore(_Exports):
         result = _handler.call(self.instance, method, path, query, headers, body)
         if result[0] == HANDLER_OK:
             return result[1:]
-        return _raise_result(result)
+        return raise_result(result)
 
     def delete(self) -> None:
         """Free the store now (a second delete does nothing)."""
@@ -220,7 +220,8 @@ class HandlerStatus(Exception):
         self.status = status
 
 
-def _raise_result(result: tuple) -> Any:
+def raise_result(result: tuple) -> Any:
+    """Raise what a failed host/_handler.c call reported."""
     kind = result[0]
     if kind == HANDLER_WASM_ERROR:
         capi.raise_failure(result[1], result[2])

@@ -337,17 +337,17 @@ class Function(InstancePool):
                 spent = clock() - began
                 self.share.charge(spent)
                 self.cost = self.wasm_cost = _average(self.cost, spent)
-        meter.enter(self.share)
         call = scheduler.current()
         if call is not None:
             host0, wasm0 = call.host_seconds, call.wasm_seconds
-        began = clock()
+        meter.enter(self.share)
+        began = meter.mark
         try:
             return self._serve(instance, request, ticks, kind, call)
         finally:
             self.cost = _average(self.cost, meter.exit())
             if call is not None:  # the part of the call in wasm: what a worker would run
-                in_wasm = call.account(clock() - began, host0, wasm0, in_wasm=True)
+                in_wasm = call.account(meter.mark - began, host0, wasm0, in_wasm=True)
                 self.wasm_cost = _average(self.wasm_cost, in_wasm)
 
     def _serve(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import wasmtime
 
 from layotto.abi.maps import encode_map
-from layotto.host import scheduler
+from layotto.host import _handler, scheduler
 from layotto.host.abi_host import (
     BUFFER_CALL_DATA,
     BUFFER_REQUEST_BODY,
@@ -27,12 +27,14 @@ from layotto.host.abi_host import (
     AbiContext,
     calling,
 )
+from layotto.host.abi_linker import caller_stack
 from layotto.host.capi import RESUME, Decision, Resume, Stop
 from layotto.host.engine import TICK
 from layotto.host.errors import ModuleError
 from layotto.host.fastcall import (
     EXTERN_FUNC,
     EXTERN_MEMORY,
+    HANDLER_OK,
     Func,
     HandlerStatus,
     HandlerStore,
@@ -40,11 +42,14 @@ from layotto.host.fastcall import (
     Memory,
     MissingExport,
     RawStore,
+    raise_result,
     set_epoch_deadline,
 )
 
 if TYPE_CHECKING:
     from layotto.host.function import Function
+
+_handler_call = _handler.call
 
 HANDLER_EXPORT = "layotto_http_handle"
 INLINE_BUDGET_TICKS = 2  # first look after 5-10 ms ...
@@ -215,6 +220,7 @@ class Instance(BaseInstance):
             raise ModuleError(f"{fn.name}: {exc}") from None
         self.ctx = self.raw.ctx
         self.out = self.raw.out
+        self.handle = self.raw.instance
         self.abi = (
             fn.abi_context(
                 self.memory, self.alloc.call1, raw=(self.ctx, self.raw.mem_addr, self.raw.alloc_addr)
@@ -241,27 +247,33 @@ class Instance(BaseInstance):
         if abi is None:
             return self._call(request, ticks, kind)
         abi.deadline = time.monotonic() + self.fn.timeout  # carried by calls to other nodes
-        with calling(abi):
-            try:
-                return self._call(request, ticks, kind)
-            finally:
-                if abi.buffers:  # what the guest left in Layotto's buffers lives one request
-                    abi.buffers = {}
+        callers = caller_stack()  # (abi_linker.calling, inlined: this is every request's path)
+        callers.append(abi)
+        try:
+            return self._call(request, ticks, kind)
+        finally:
+            callers.pop()
+            if abi.buffers:  # what the guest left in Layotto's buffers lives one request
+                abi.buffers = {}
 
     def _call(self, request: Request, ticks: int, kind: str) -> Response:
         self.calls += 1
         self._arm(ticks, kind)  # the budget covers the allocation too
-        try:
-            code, headers, body = self.raw.call(
-                request.method, request.path, request.query, request.headers, request.body
-            )
-        except (wasmtime.WasmtimeError, wasmtime.Trap):
-            self._classify()
-            raise
-        except HandlerStatus as exc:
-            raise HandlerError(str(exc)) from None
-        except MalformedHeaders as exc:
-            raise HandlerError(f"malformed response headers: {exc}") from None
+        # (HandlerStore.call, inlined: this is every request's path)
+        result = _handler_call(
+            self.handle, request.method, request.path, request.query, request.headers, request.body
+        )
+        if result[0] != HANDLER_OK:
+            try:
+                raise_result(result)
+            except (wasmtime.WasmtimeError, wasmtime.Trap):
+                self._classify()
+                raise
+            except HandlerStatus as exc:
+                raise HandlerError(str(exc)) from None
+            except MalformedHeaders as exc:
+                raise HandlerError(f"malformed response headers: {exc}") from None
+        _, code, headers, body = result
         if code == 0:
             code = 200
         elif not 100 <= code <= 599:
