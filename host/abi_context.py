@@ -139,9 +139,15 @@ class AbiContext:
         return data
 
     def read_str(self, ptr: int, length: int) -> str:
-        raw = self.read(ptr, length, MAX_KEY)
+        raw = self.raw
+        if raw is not None and length <= MAX_KEY:  # (read, inlined: names and keys are hot)
+            data = _guest_read(raw[0], raw[1], ptr, length)
+            if data is None:
+                raise _outside(ptr, length)
+        else:
+            data = self.read(ptr, length, MAX_KEY)
         try:
-            return raw.decode()
+            return data.decode()
         except UnicodeDecodeError as exc:
             raise AbiStatus(Status.BAD_ARGUMENT, "not valid UTF-8") from exc
 

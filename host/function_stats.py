@@ -67,20 +67,67 @@ class FunctionLog:
 
 
 class Stats:
-    """Counters of one function, read by `layotto ps` and the metrics endpoint."""
+    """Counters of one function, read by `layotto ps` and the metrics endpoint.
+
+    A call's outcome is appended to a list (one step on the request path, from any
+    thread); the counters fold the list in when they are read, or when it grows long."""
+
+    FOLD_AT = 4096
 
     def __init__(self) -> None:
-        self.invocations = 0
-        self.errors = 0
-        self.codes: collections.Counter[int] = collections.Counter()
-        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
-        self.latency_sum = 0.0
+        self._invocations = 0
+        self._errors = 0
+        self._codes: collections.Counter[int] = collections.Counter()
+        self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self._latency_sum = 0.0
+        self._seen: list[tuple[int, float]] = []
+        self._fold_lock = threading.Lock()
         self.replaced = 0
 
     def observe(self, code: int, seconds: float) -> None:
-        self.invocations += 1
-        self.codes[code] += 1
-        if code >= 500:
-            self.errors += 1
-        self.buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.latency_sum += seconds
+        seen = self._seen
+        seen.append((code, seconds))
+        if len(seen) >= self.FOLD_AT:
+            self._fold()
+
+    def _fold(self) -> None:
+        # The slice and the del are one step each under the GIL: an outcome appended
+        # meanwhile stays in the list for the next fold.
+        with self._fold_lock:
+            seen = self._seen
+            n = len(seen)
+            batch = seen[:n]
+            del seen[:n]
+            codes, buckets = self._codes, self._buckets
+            for code, seconds in batch:
+                codes[code] += 1
+                if code >= 500:
+                    self._errors += 1
+                buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+                self._latency_sum += seconds
+            self._invocations += n
+
+    @property
+    def invocations(self) -> int:
+        self._fold()
+        return self._invocations
+
+    @property
+    def errors(self) -> int:
+        self._fold()
+        return self._errors
+
+    @property
+    def codes(self) -> collections.Counter[int]:
+        self._fold()
+        return self._codes
+
+    @property
+    def buckets(self) -> list[int]:
+        self._fold()
+        return self._buckets
+
+    @property
+    def latency_sum(self) -> float:
+        self._fold()
+        return self._latency_sum

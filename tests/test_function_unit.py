@@ -151,3 +151,39 @@ def test_configuration_changes_reach_a_subscribed_function(
     assert b'"key": "feature"' in seen[0] and b'"content": "on"' in seen[0]
     assert b"other" not in seen[0] and b'"content": "no"' not in seen[0] and b"||" not in seen[0]
     assert fn.stats.invocations >= 1
+
+
+def test_call_counters_count_every_outcome_from_every_thread() -> None:
+    """Stats folds the outcomes it was given when read (and when many are waiting):
+    threads observing at once, reads in between, nothing lost or counted twice."""
+    import sys
+    import threading
+
+    from layotto.host.function_stats import LATENCY_BUCKETS, Stats
+
+    stats = Stats()
+    per_thread = Stats.FOLD_AT + 1000  # each thread passes the fold threshold too
+
+    def observe(code: int) -> None:
+        for i in range(per_thread):
+            stats.observe(code, 0.0002 if i % 2 else 0.2)
+            if i % 997 == 0:
+                assert stats.invocations >= 0  # a read folds meanwhile
+
+    threads = [threading.Thread(target=observe, args=(code,)) for code in (200, 404, 503, 200)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert stats.invocations == 4 * per_thread
+    assert stats.codes == {200: 2 * per_thread, 404: per_thread, 503: per_thread}
+    assert stats.errors == per_thread
+    assert sum(stats.buckets) == 4 * per_thread
+    fast = LATENCY_BUCKETS.index(0.00025)
+    assert stats.buckets[fast] == 2 * per_thread
+    assert stats.latency_sum == pytest.approx(4 * per_thread / 2 * (0.0002 + 0.2))
