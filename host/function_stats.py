@@ -72,7 +72,7 @@ class Stats:
     A call's outcome is appended to a list (one step on the request path, from any
     thread); the counters fold the list in when they are read, or when it grows long."""
 
-    FOLD_AT = 4096
+    FOLD_AT = 128  # (a few KiB per busy function at most)
 
     def __init__(self) -> None:
         self._invocations = 0
