@@ -28,6 +28,10 @@ _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]").search  # control characte
 # Header lines already checked, by (name, value): most functions answer the same few.
 _LINES: dict[tuple[bytes, bytes], bytes] = {}
 _LINES_MAX = 4096
+# Whole heads already checked (the status line and the header lines), by (status, headers):
+# most functions answer with one or two.
+_HEADS: dict[tuple[int, tuple[tuple[bytes, bytes], ...]], bytes] = {}
+_HEADS_MAX = 4096
 
 
 def _header_problem(name: object, value: object) -> str | None:
@@ -76,10 +80,19 @@ class _Invalid(Exception):
 
 def _render(response: Response, keep_alive: bool, head: bool) -> bytes:
     status = response.status
+    body = response.body
+    key = None
+    if type(status) is int and type(body) is bytes:
+        try:
+            key = (status, tuple(response.headers))
+            start = _HEADS.get(key)
+        except TypeError:  # (headers that are not a list of tuples: checked below)
+            key = start = None
+        if start is not None:
+            return _finish(start, status, body, keep_alive, head)
     line = _STATUS_LINES.get(status) if type(status) is int else None
     if line is None:
         raise _Invalid(f"response status {_short(status)}")
-    body = response.body
     if type(body) is not bytes:
         if not isinstance(body, (bytearray, memoryview)):
             raise _Invalid(f"response body of type {type(body).__name__}")
@@ -100,13 +113,18 @@ def _render(response: Response, keep_alive: bool, head: bool) -> bytes:
                 parts.append(text)
     except (TypeError, ValueError) as exc:  # not a list of pairs, ...
         raise _Invalid(f"response headers ({exc})") from None
+    start = b"".join(parts)
+    if key is not None and len(_HEADS) < _HEADS_MAX:
+        _HEADS[key] = start
+    return _finish(start, status, body, keep_alive, head)
+
+
+def _finish(start: bytes, status: int, body: bytes, keep_alive: bool, head: bool) -> bytes:
+    """The response from its checked head: the framing headers, the end of the head, the body."""
     if status in _NO_BODY:
-        parts.append(_END if keep_alive else _END_CLOSE)
-        return b"".join(parts)
-    parts.append(b"content-length: %d\r\n%s" % (len(body), _END if keep_alive else _END_CLOSE))
-    if not head:
-        parts.append(body)
-    return b"".join(parts)
+        return start + (_END if keep_alive else _END_CLOSE)
+    framing = b"content-length: %d\r\n%s" % (len(body), _END if keep_alive else _END_CLOSE)
+    return start + framing if head else b"".join((start, framing, body))
 
 
 _REFUSED = (
