@@ -821,6 +821,25 @@ static PyObject *guest_write(PyObject *self, PyObject *const *args, Py_ssize_t n
     Py_RETURN_TRUE;
 }
 
+/* guest_out(ctx, memory, ptr, ...) -> -1 when each ptr has 4 bytes of linear memory (an
+   out-pointer), else the index of the first that does not. */
+static PyObject *guest_out(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    void *ctx, *memory;
+    if (nargs < 2) {
+        PyErr_SetString(PyExc_TypeError, "guest_out(ctx, memory, ptr, ...)");
+        return NULL;
+    }
+    if (memory_args(args, &ctx, &memory) < 0)
+        return NULL;
+    uint64_t size = api.memory_data_size(ctx, memory);
+    for (Py_ssize_t i = 2; i < nargs; i++) {
+        int64_t ptr = guest_u32(args[i]);
+        if (ptr < 0 || !in_range((uint64_t)ptr, 4, size))
+            return PyLong_FromSsize_t(i - 2);
+    }
+    return PyLong_FromLong(-1);
+}
+
 /* What guest_give reports besides success (0). */
 enum {
     GIVE_BAD_OUT = 1,       /* an out-pointer is outside linear memory */
@@ -889,6 +908,8 @@ static PyMethodDef methods[] = {
     {"memory_size", (PyCFunction)(void (*)(void))memory_size, METH_FASTCALL, "A linear memory's size in bytes."},
     {"guest_read", (PyCFunction)(void (*)(void))guest_read, METH_FASTCALL, "Read a range of linear memory."},
     {"guest_write", (PyCFunction)(void (*)(void))guest_write, METH_FASTCALL, "Write a range of linear memory."},
+    {"guest_out", (PyCFunction)(void (*)(void))guest_out, METH_FASTCALL,
+     "Check out-pointers: the index of the first outside linear memory, or -1."},
     {"guest_give", (PyCFunction)(void (*)(void))guest_give, METH_FASTCALL,
      "Copy bytes into a guest-allocated buffer and return it through two out-pointers."},
     {"host_function", host_function, METH_VARARGS, "A Python callable as a wasmtime unchecked host function."},

@@ -31,7 +31,7 @@ _U32 = struct.Struct("<I")
 _guest_read = _handler.guest_read
 _guest_write = _handler.guest_write
 _guest_give = _handler.guest_give
-_memory_size = _handler.memory_size
+_guest_out = _handler.guest_out
 # What _handler.guest_give reports besides success (0).
 _GIVE_FAILURES = {
     1: "an out-pointer is outside linear memory",
@@ -159,7 +159,12 @@ class AbiContext:
     def check_out(self, *ptrs: int) -> None:
         """Each of ``ptrs`` is an out-pointer: 4 bytes of linear memory to write a result to."""
         raw = self.raw
-        last = (_memory_size(raw[0], raw[1]) if raw is not None else len(self.view())) - 4
+        if raw is not None:
+            bad = _guest_out(raw[0], raw[1], *ptrs)
+            if bad >= 0:
+                raise _outside(ptrs[bad], 4)
+            return
+        last = len(self.view()) - 4
         for ptr in ptrs:
             if not 0 <= ptr <= last:
                 raise _outside(ptr, 4)
