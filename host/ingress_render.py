@@ -3,8 +3,9 @@
 Nothing a function returns is written unchecked: a status outside 200-999, a header name
 that is not an RFC 7230 token, a value with a control character or a body that is not
 bytes turns the response into a 500 naming the cause, so a function cannot forge a second
-response on a keep-alive connection. Checked header lines are cached by (name, value):
-most functions answer with the same few. See docs/security.md ("The ingress and other
+response on a keep-alive connection. Checked header lines and whole heads are cached (most
+functions answer with the same few), small ones only: a function answering with large or
+ever-new headers must not make the host keep them. See docs/security.md ("The ingress and other
 listeners") and docs/functions.md ("Status codes").
 """
 
@@ -32,6 +33,9 @@ _LINES_MAX = 4096
 # most functions answer with one or two.
 _HEADS: dict[tuple[int, tuple[tuple[bytes, bytes], ...]], bytes] = {}
 _HEADS_MAX = 4096
+# Only a line or head this short is cached (so the caches hold a few MiB at most, whatever
+# functions answer with).
+_CACHED_BYTES = 512
 
 
 def _header_problem(name: object, value: object) -> str | None:
@@ -107,14 +111,14 @@ def _render(response: Response, keep_alive: bool, head: bool) -> bytes:
                 text = None
             if text is None:
                 text = _header_line(pair)
-                if len(lines) < _LINES_MAX and type(pair) is tuple:
+                if len(lines) < _LINES_MAX and type(pair) is tuple and len(text) <= _CACHED_BYTES:
                     lines[pair] = text
             if text:
                 parts.append(text)
     except (TypeError, ValueError) as exc:  # not a list of pairs, ...
         raise _Invalid(f"response headers ({exc})") from None
     start = b"".join(parts)
-    if key is not None and len(_HEADS) < _HEADS_MAX:
+    if key is not None and len(_HEADS) < _HEADS_MAX and len(start) <= _CACHED_BYTES:
         _HEADS[key] = start
     return _finish(start, status, body, keep_alive, head)
 

@@ -894,3 +894,23 @@ def test_render_never_writes_a_header_line_the_function_did_not_name(
     assert [(n, v.strip(b" \t")) for n, v in got if n not in (b"content-length", b"connection")] == kept
     assert parts.bodies[0] == (b"" if status in (204, 304) else body)
     assert (b"connection", b"close") in got if not keep_alive else True
+
+
+def test_large_or_ever_new_response_headers_are_not_kept_by_the_host() -> None:
+    """The renderer caches checked header lines and heads, small ones only: a function
+    answering with ever-new large headers must not make the host keep them (a few hundred
+    responses of 8 KiB heads would otherwise stay in memory for good)."""
+    from layotto.host import ingress_render
+
+    def cached_bytes() -> int:
+        heads, lines = ingress_render._HEADS.values(), ingress_render._LINES.values()
+        return sum(map(len, heads)) + sum(map(len, lines))
+
+    before = cached_bytes()
+    for i in range(300):
+        out = render(Response(200, [(b"x-big", b"%d" % i + b"v" * 8192)], b"ok"), True)
+        assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"\r\n\r\nok")
+    assert cached_bytes() - before < 64 << 10
+    small = Response(201, [(b"x-small", b"1")], b"hi")
+    assert render(small, True) == render(small, True)
+    assert (201, ((b"x-small", b"1"),)) in ingress_render._HEADS  # small heads still are
