@@ -583,6 +583,24 @@ static PyTypeObject InstanceType = {
 
 static PyObject *live(PyObject *self, PyObject *unused) { return PyLong_FromSsize_t(live_instances); }
 
+/* The two addresses at args[0] and args[1] (a store context and a function or memory),
+   neither null; -1 with an exception set otherwise, or before bind(). */
+static int address_pair(PyObject *const *args, void **ctx, void **of, const char *what) {
+    if (!api.bound) {
+        PyErr_SetString(PyExc_RuntimeError, "_handler.bind() has not been called");
+        return -1;
+    }
+    *ctx = PyLong_AsVoidPtr(args[0]);
+    *of = PyLong_AsVoidPtr(args[1]);
+    if (PyErr_Occurred())
+        return -1;
+    if (*ctx == NULL || *of == NULL) {
+        PyErr_Format(PyExc_ValueError, "null store context or %s", what);
+        return -1;
+    }
+    return 0;
+}
+
 /* call_i32(ctx, func, arg): a wasm function of one i32 to one i32 (the guest allocator,
    called from host functions) without ctypes' conversions. The GIL is released as for any
    wasm call: a guest allocator that loops must not stop the other threads until its
@@ -592,19 +610,12 @@ static PyObject *call_i32(PyObject *self, PyObject *const *args, Py_ssize_t narg
         PyErr_SetString(PyExc_TypeError, "call_i32(ctx, func, arg)");
         return NULL;
     }
-    if (!api.bound) {
-        PyErr_SetString(PyExc_RuntimeError, "_handler.bind() has not been called");
+    void *ctx, *func;
+    if (address_pair(args, &ctx, &func, "function") < 0)
         return NULL;
-    }
-    void *ctx = PyLong_AsVoidPtr(args[0]);
-    void *func = PyLong_AsVoidPtr(args[1]);
     long arg = PyLong_AsLong(args[2]);
-    if (PyErr_Occurred())
+    if (arg == -1 && PyErr_Occurred())
         return NULL;
-    if (ctx == NULL || func == NULL) {
-        PyErr_SetString(PyExc_ValueError, "call_i32: null context or function");
-        return NULL;
-    }
     wt_val_raw_t vals[1];
     memset(vals, 0, sizeof vals);
     vals[0].i32 = (int32_t)arg;
@@ -621,18 +632,9 @@ static PyObject *memory_size(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_TypeError, "memory_size(ctx, memory)");
         return NULL;
     }
-    if (!api.bound) {
-        PyErr_SetString(PyExc_RuntimeError, "_handler.bind() has not been called");
+    void *ctx, *memory;
+    if (address_pair(args, &ctx, &memory, "memory") < 0)
         return NULL;
-    }
-    void *ctx = PyLong_AsVoidPtr(args[0]);
-    void *memory = PyLong_AsVoidPtr(args[1]);
-    if (PyErr_Occurred())
-        return NULL;
-    if (ctx == NULL || memory == NULL) {
-        PyErr_SetString(PyExc_ValueError, "memory_size: null context or memory");
-        return NULL;
-    }
     return PyLong_FromSize_t(api.memory_data_size(ctx, memory));
 }
 
@@ -762,22 +764,6 @@ static PyObject *host_function(PyObject *self, PyObject *args) {
  * length to two out-pointers). Every range is checked against the memory's size at the
  * time; a guest pointer or length outside it is refused, never followed. */
 
-static int memory_args(PyObject *const *args, void **ctx, void **memory) {
-    if (!api.bound) {
-        PyErr_SetString(PyExc_RuntimeError, "_handler.bind() has not been called");
-        return -1;
-    }
-    *ctx = PyLong_AsVoidPtr(args[0]);
-    *memory = PyLong_AsVoidPtr(args[1]);
-    if (PyErr_Occurred())
-        return -1;
-    if (*ctx == NULL || *memory == NULL) {
-        PyErr_SetString(PyExc_ValueError, "null store context or memory");
-        return -1;
-    }
-    return 0;
-}
-
 /* A guest pointer or length: a Python int in [0, 2**32); -1 for anything else. */
 static int64_t guest_u32(PyObject *value) {
     long long v = PyLong_AsLongLong(value);
@@ -795,7 +781,7 @@ static PyObject *guest_read(PyObject *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_TypeError, "guest_read(ctx, memory, ptr, len)");
         return NULL;
     }
-    if (memory_args(args, &ctx, &memory) < 0)
+    if (address_pair(args, &ctx, &memory, "memory") < 0)
         return NULL;
     int64_t ptr = guest_u32(args[2]), len = guest_u32(args[3]);
     if (ptr < 0 || len < 0 || !in_range((uint64_t)ptr, (uint64_t)len, api.memory_data_size(ctx, memory)))
@@ -812,7 +798,7 @@ static PyObject *guest_write(PyObject *self, PyObject *const *args, Py_ssize_t n
         PyErr_SetString(PyExc_TypeError, "guest_write(ctx, memory, ptr, data)");
         return NULL;
     }
-    if (memory_args(args, &ctx, &memory) < 0 || bytes_of(args[3], &data, &len) < 0)
+    if (address_pair(args, &ctx, &memory, "memory") < 0 || bytes_of(args[3], &data, &len) < 0)
         return NULL;
     int64_t ptr = guest_u32(args[2]);
     if (ptr < 0 || !in_range((uint64_t)ptr, (uint64_t)len, api.memory_data_size(ctx, memory)))
@@ -829,7 +815,7 @@ static PyObject *guest_out(PyObject *self, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_TypeError, "guest_out(ctx, memory, ptr, ...)");
         return NULL;
     }
-    if (memory_args(args, &ctx, &memory) < 0)
+    if (address_pair(args, &ctx, &memory, "memory") < 0)
         return NULL;
     uint64_t size = api.memory_data_size(ctx, memory);
     for (Py_ssize_t i = 2; i < nargs; i++) {
@@ -859,7 +845,7 @@ static PyObject *guest_give(PyObject *self, PyObject *const *args, Py_ssize_t na
         PyErr_SetString(PyExc_TypeError, "guest_give(ctx, memory, alloc, ptr_ptr, len_ptr, data)");
         return NULL;
     }
-    if (memory_args(args, &ctx, &memory) < 0 || bytes_of(args[5], &data, &len) < 0)
+    if (address_pair(args, &ctx, &memory, "memory") < 0 || bytes_of(args[5], &data, &len) < 0)
         return NULL;
     void *alloc = PyLong_AsVoidPtr(args[2]);
     if (alloc == NULL) {

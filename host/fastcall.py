@@ -141,10 +141,11 @@ class MissingExport(Exception):
 
 
 class HandlerStore(_Exports):
-    """A Store with one instance of a handler-ABI module, made and called in one C call
-    each (host/_handler.c): ``call`` takes the request's parts and returns the response's
-    (status, headers, body); traps and errors raise as wasmtime's own exceptions,
-    a bad guest pointer as OutOfBounds, a failed allocation as MemoryError.
+    """A Store with one instance of a handler-ABI module, made in one C call
+    (host/_handler.c). A request is one more: ``_handler.call(store.instance, method, path,
+    query, headers, body)`` answers ``(HANDLER_OK, status, headers, body)``, or what
+    :func:`raise_result` raises: traps and errors as wasmtime's own exceptions, a bad guest
+    pointer as OutOfBounds, a failed allocation as MemoryError.
 
     The store is a ``_handler.Instance``, which owns it: ``delete`` frees it once, and
     an instance never deleted is freed with its last reference."""
@@ -191,15 +192,6 @@ class HandlerStore(_Exports):
         self.instance: _handler.Instance = result[1]
         addresses = self.instance.addresses()
         self.ctx, self.alloc_addr, self.handler_addr, self.mem_addr, self.out, self.instance_addr = addresses
-
-    def call(
-        self, method: bytes, path: bytes, query: bytes, headers: list[tuple[bytes, bytes]], body: bytes
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """Serve one request: the response's (status, headers, body)."""
-        result = _handler.call(self.instance, method, path, query, headers, body)
-        if result[0] == HANDLER_OK:
-            return result[1:]
-        return raise_result(result)
 
     def delete(self) -> None:
         """Free the store now (a second delete does nothing)."""

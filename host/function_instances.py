@@ -259,7 +259,7 @@ class Instance(BaseInstance):
     def _call(self, request: Request, ticks: int, kind: str) -> Response:
         self.calls += 1
         self._arm(ticks, kind)  # the budget covers the allocation too
-        # (HandlerStore.call, inlined: this is every request's path)
+        # One C call: the request in, the handler run, the response out (fastcall.HandlerStore).
         result = _handler_call(
             self.handle, request.method, request.path, request.query, request.headers, request.body
         )

@@ -1,10 +1,15 @@
-"""What many tests share: waiting for a condition instead of sleeping a fixed time."""
+"""What many tests share: waiting for a condition instead of sleeping a fixed time, and
+making a function the way the node host does."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from layotto.host.function import Function
+    from layotto.host.runtime import NodeRuntime
 
 T = TypeVar("T")
 
@@ -22,3 +27,21 @@ def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not met within {timeout} s (last: {value!r})")
         time.sleep(interval)
+
+
+def make_function(runtime: NodeRuntime, wasm: bytes, name: str, **options: Any) -> Function:
+    """A function of the module ``wasm`` on ``runtime``'s engine and linker, as the node host
+    makes one (id ``name`` and no memory limit unless ``options`` say otherwise)."""
+    from layotto.host.function import Function
+
+    options.setdefault("function_id", name)
+    options.setdefault("memory_limit", None)
+    return Function(
+        name=f"test/{name}",
+        engine=runtime.engine,
+        linker=runtime.linker,
+        compiled=runtime.engine.load(wasm, name=name),
+        argv=[name],
+        env=[],
+        **options,
+    )

@@ -20,8 +20,10 @@ from layotto.host.abi_host import AbiContext, WasmtimeMemory, calling, host_func
 from layotto.host.components.registry import load_components
 from layotto.host.engine import WasmEngine
 from layotto.host.errors import ModuleError, Status
-from layotto.host.function import Function, HostServices, Request
+from layotto.host.function import HostServices, Request
 from layotto.host.nanoprocess import build_linker
+from layotto.host.runtime import NodeRuntime
+from tests.support import make_function
 
 SPEC = abi_spec.load()
 STATUS = SPEC.status
@@ -401,16 +403,10 @@ def test_a_function_instance_gives_results_through_checked_out_pointers(componen
     the value arrives in a buffer from the guest's allocator, and an out-pointer past the
     end, an allocator returning 0 and one returning a buffer past the end are each
     INVALID_MEMORY_ACCESS, with the function serving on."""
-    engine = WasmEngine(None)
-    fn = Function(
-        name="test/giving",
-        function_id="giving",
-        engine=engine,
-        linker=build_linker(engine),
-        compiled=engine.load(bytes(wasmtime.wat2wasm(GIVING)), name="/giving.wasm"),
-        argv=["giving"],
-        env=[],
-        memory_limit=None,
+    fn = make_function(
+        NodeRuntime(None),
+        bytes(wasmtime.wat2wasm(GIVING)),
+        "giving",
         capabilities=parse_capabilities("state"),
         services=HostServices(components, None),
     )

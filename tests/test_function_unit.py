@@ -11,6 +11,7 @@ import pytest
 
 from layotto.host.function import INLINE_BUDGET, INLINE_CHEAP, INLINE_HEAVY, Function, Request
 from layotto.host.runtime import NodeRuntime
+from tests.support import make_function
 
 
 @pytest.fixture(scope="module")
@@ -19,17 +20,7 @@ def runtime() -> NodeRuntime:
 
 
 def make(runtime: NodeRuntime, wasm_dir: Path, module: str) -> Function:
-    compiled = runtime.engine.load((wasm_dir / f"{module}.wasm").read_bytes(), name=module)
-    return Function(
-        name=f"test/{module}",
-        function_id=module,
-        engine=runtime.engine,
-        linker=runtime.linker,
-        compiled=compiled,
-        argv=[module],
-        env=[],
-        memory_limit=None,
-    )
+    return make_function(runtime, (wasm_dir / f"{module}.wasm").read_bytes(), module)
 
 
 def get(path: bytes, query: bytes = b"") -> Request:

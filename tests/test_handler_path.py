@@ -10,6 +10,7 @@ import wasmtime
 from layotto.host.errors import ModuleError
 from layotto.host.function import Function, Request, encode_request
 from layotto.host.runtime import NodeRuntime
+from tests.support import make_function
 
 # A bump allocator, and a handler whose body each case fills in. The handler's response
 # goes at 512: status, headers length, body length (u32 each), then the body "ok".
@@ -60,18 +61,7 @@ def function(
     wasm = wasmtime.wat2wasm(
         MODULE.replace("{alloc}", alloc).replace("{handle}", handle).replace("{alloc_name}", alloc_name)
     )
-    compiled = runtime.engine.load(bytes(wasm), name="handler-test")
-    return Function(
-        name="test/handler",
-        function_id="handler",
-        engine=runtime.engine,
-        linker=runtime.linker,
-        compiled=compiled,
-        argv=["handler"],
-        env=[],
-        memory_limit=None,
-        fresh_instances=fresh,
-    )
+    return make_function(runtime, bytes(wasm), "handler", fresh_instances=fresh)
 
 
 def call(fn: Function, body: bytes = b"") -> tuple[int, bytes]:

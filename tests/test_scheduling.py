@@ -27,7 +27,7 @@ from layotto.host.function import Function, HostServices, Request
 from layotto.host.function_registry import FunctionRegistry
 from layotto.host.runtime import NodeRuntime
 from layotto.host.scheduler import CallScheduler
-from tests.support import wait_for
+from tests.support import make_function, wait_for
 from tests.test_functions import Node, new_id
 from tests.test_functions import fn_images as fn_images
 from tests.test_functions import node as node
@@ -182,18 +182,8 @@ def runtime() -> NodeRuntime:
 
 
 def make(runtime: NodeRuntime, wasm_dir: Path, module: str, **kw: object) -> Function:
-    compiled = runtime.engine.load((wasm_dir / f"{module}.wasm").read_bytes(), name=module)
     kw.setdefault("function_id", new_id(module))
-    return Function(
-        name=f"test/{module}",
-        engine=runtime.engine,
-        linker=runtime.linker,
-        compiled=compiled,
-        argv=[module],
-        env=[],
-        memory_limit=None,
-        **kw,
-    )
+    return make_function(runtime, (wasm_dir / f"{module}.wasm").read_bytes(), module, **kw)
 
 
 def test_a_cpu_limited_function_uses_at_most_its_quota(runtime: NodeRuntime, wasm_dir: Path) -> None:

@@ -29,7 +29,7 @@ from layotto.host.abi_host import BUFFER_LIMIT, MAX_VALUE, S
 from layotto.host.function import LOG_LINE_LIMIT, Function, FunctionLog, Request
 from layotto.host.runtime import NodeRuntime
 from layotto.host.scheduler import CallScheduler
-from tests.support import wait_for
+from tests.support import make_function, wait_for
 
 MIB = 1 << 20
 CAPABILITIES = frozenset({"log", "time", "random"})
@@ -47,19 +47,7 @@ def own_runtime() -> NodeRuntime:
 
 
 def make(runtime: NodeRuntime, wasm: bytes, name: str, **options: object) -> Function:
-    compiled = runtime.engine.load(wasm, name=name)
-    return Function(
-        name=f"test/{name}",
-        function_id=name,
-        engine=runtime.engine,
-        linker=runtime.linker,
-        compiled=compiled,
-        argv=[name],
-        env=[],
-        memory_limit=None,
-        capabilities=CAPABILITIES,
-        **options,
-    )
+    return make_function(runtime, wasm, name, capabilities=CAPABILITIES, **options)
 
 
 def misbehave(runtime: NodeRuntime, wasm_dir: Path, **options: object) -> Function:
