@@ -15,6 +15,7 @@ from typing import Any
 from layotto.host import scheduler
 from layotto.host.abi_context import MAX_VALUE, AbiContext
 from layotto.host.errors import AbiStatus, Status
+from layotto.host.messages import Request
 from layotto.host.remote_invoke import (
     CALLER_HEADER,
     CALLER_NAMESPACE_HEADER,
@@ -95,8 +96,6 @@ class HostInvoker:
     @staticmethod
     def _call_local(fn: Any, target: str, method: str, data: bytes) -> bytes:
         """The call to ``fn``, a function of this node, in process."""
-        from layotto.host.function_instances import Request  # (a cycle at import time)
-
         path = b"/" + method.lstrip("/").encode() if method else b"/"
         request = Request(b"POST", path, b"", [(b"content-type", b"application/octet-stream")], data)
         response = fn.call_sync(request)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import struct
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import wasmtime
@@ -45,6 +44,7 @@ from layotto.host.fastcall import (
     raise_result,
     set_epoch_deadline,
 )
+from layotto.host.messages import Request, Response
 
 if TYPE_CHECKING:
     from layotto.host.function import Function
@@ -60,22 +60,6 @@ INLINE_GRACE = 0.1  # ... or, once it changed something (no re-run), before it i
 CHECK_TICKS = 10
 
 _HEADER = struct.Struct("<5I")
-
-
-@dataclass(slots=True)
-class Request:
-    method: bytes
-    path: bytes
-    query: bytes
-    headers: list[tuple[bytes, bytes]]
-    body: bytes
-
-
-@dataclass(slots=True)
-class Response:
-    status: int
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    body: bytes = b""
 
 
 class BudgetExceeded(Exception):
