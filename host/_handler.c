@@ -32,6 +32,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 /* wasmtime's C API structures, as far as this file touches them. */
 typedef struct {
@@ -648,6 +649,30 @@ static PyObject *memory_size(PyObject *self, PyObject *const *args, Py_ssize_t n
 
 #define MAX_HOST_PARAMS 32
 
+/* Time in host functions, per thread and per nesting depth: `host_seconds[d]` adds up the
+ * wall-clock time of the host calls made at depth `d` (1: from a function called from
+ * Python; 2: from a function invoked from inside such a host call; ...), each measured with
+ * the GIL held. A function's run reads the counter of the depth below it before and after
+ * (`host_clock`): the difference is the time its own host calls took, whatever functions
+ * they called in turn; the rest of the run was wasm. Deeper calls share the last counter
+ * (a run that deep just sees its time in wasm overstated). */
+#define MAX_HOST_DEPTH 32
+static _Thread_local uint32_t host_depth;
+static _Thread_local double host_seconds[MAX_HOST_DEPTH + 1];
+
+static inline double monotonic(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static PyObject *host_clock(PyObject *self, PyObject *unused) {
+    (void)self;
+    (void)unused;
+    uint32_t below = host_depth < MAX_HOST_DEPTH ? host_depth + 1 : MAX_HOST_DEPTH;
+    return PyFloat_FromDouble(host_seconds[below]);
+}
+
 typedef struct {
     PyObject *fn;
     uint32_t arity;
@@ -684,6 +709,8 @@ static void *host_callback(void *env, void *caller, wt_val_raw_t *vals, size_t c
     (void)count;
     host_env *h = env;
     PyGILState_STATE gil = PyGILState_Ensure();
+    uint32_t depth = ++host_depth < MAX_HOST_DEPTH ? host_depth : MAX_HOST_DEPTH;
+    double began = monotonic();
     PyObject *argv[MAX_HOST_PARAMS];
     uint32_t made = 0;
     for (; made < h->arity; made++) {
@@ -713,6 +740,8 @@ static void *host_callback(void *env, void *caller, wt_val_raw_t *vals, size_t c
         trap = host_trap("host function returned neither int nor str");
     }
     Py_XDECREF(result);
+    host_seconds[depth] += monotonic() - began;
+    host_depth--;
     PyGILState_Release(gil);
     return trap;
 }
@@ -899,6 +928,8 @@ static PyMethodDef methods[] = {
     {"guest_give", (PyCFunction)(void (*)(void))guest_give, METH_FASTCALL,
      "Copy bytes into a guest-allocated buffer and return it through two out-pointers."},
     {"host_function", host_function, METH_VARARGS, "A Python callable as a wasmtime unchecked host function."},
+    {"host_clock", host_clock, METH_NOARGS,
+     "Seconds this thread spent in host functions called from the depth it is at now."},
     {NULL, NULL, 0, NULL},
 };
 

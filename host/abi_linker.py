@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from time import perf_counter
 
 import wasmtime
 
@@ -23,7 +22,6 @@ from layotto.host.abi_context import SPEC, AbiContext
 from layotto.host.abi_functions import IMPLEMENTATIONS, check_table
 from layotto.host.errors import AbiStatus, LayottoError, Status, abi_status
 from layotto.host.scheduler import WouldBlock
-from layotto.host.scheduler import current as current_call
 
 log = logging.getLogger(__name__)
 
@@ -73,15 +71,10 @@ def host_function(fn: abi_spec.Function) -> Callable[..., int | str]:
     name = fn.name
 
     def call(*args: int) -> int | str:
-        # Time under the GIL, not in wasm: what moving the call to a worker would not take
-        # off the event loop (host/scheduler.py). A function invoked from here counts its
-        # own time (Call.account).
+        # (Its time is measured by the C trampoline: _handler.host_clock.)
         ctx = current()
         if ctx is None:
             return Status.INTERNAL_FAILURE
-        timed = current_call()
-        if timed is not None:
-            host0, wasm0, started = timed.host_seconds, timed.wasm_seconds, perf_counter()
         try:
             ctx.reset_view()
             if capability not in ctx.capabilities:
@@ -100,9 +93,6 @@ def host_function(fn: abi_spec.Function) -> Callable[..., int | str]:
             log.exception("ABI %s failed", name)
             ctx.note(f"{name}: internal error: {type(exc).__name__}: {exc}")
             return Status.INTERNAL_FAILURE
-        finally:
-            if timed is not None:
-                timed.account(perf_counter() - started, host0, wasm0, in_wasm=False)
 
     call.__name__ = name
     return call

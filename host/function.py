@@ -47,6 +47,7 @@ from typing import Any
 import wasmtime
 
 from layotto.host import scheduler
+from layotto.host._handler import host_clock
 from layotto.host.abi_host import (
     BUFFER_LIMIT,
     AbiContext,
@@ -338,17 +339,17 @@ class Function(InstancePool):
                 self.share.charge(spent)
                 self.cost = self.wasm_cost = _average(self.cost, spent)
         call = scheduler.current()
-        if call is not None:
-            host0, wasm0 = call.host_seconds, call.wasm_seconds
+        host0 = host_clock()
         meter.enter(self.share)
         began = meter.mark
         try:
             return self._serve(instance, request, ticks, kind, call)
         finally:
             self.cost = _average(self.cost, meter.exit())
-            if call is not None:  # the part of the call in wasm: what a worker would run
-                in_wasm = call.account(meter.mark - began, host0, wasm0, in_wasm=True)
-                self.wasm_cost = _average(self.wasm_cost, in_wasm)
+            # Its time in wasm, what a worker would take off the loop: the run less its
+            # host calls (the functions those invoked included).
+            in_wasm = meter.mark - began - (host_clock() - host0)
+            self.wasm_cost = _average(self.wasm_cost, in_wasm if in_wasm > 0 else 0.0)
 
     def _serve(
         self, instance: BaseInstance, request: Request, ticks: int, kind: str, call: scheduler.Call | None

@@ -76,8 +76,6 @@ class Call:
         "would_block",
         "network",
         "went_blocking",
-        "host_seconds",
-        "wasm_seconds",
     )
 
     def __init__(self, inline: bool) -> None:
@@ -87,19 +85,6 @@ class Call:
         self.would_block = False  # stopped for a re-run on a worker
         self.network = False  # ... because it was about to wait on the network
         self.went_blocking = False  # waited on the network inline (it had effects already)
-        self.host_seconds = 0.0  # in Runtime ABI host functions (Python, under the GIL)
-        self.wasm_seconds = 0.0  # in wasm, every function this call reached included
-
-    def account(self, elapsed: float, host0: float, wasm0: float, *, in_wasm: bool) -> float:
-        """Add a span that started when the counters were ``host0``/``wasm0``: a function's
-        run (``in_wasm``) or a host call, less what spans inside it counted already.
-        Returns the span's own part."""
-        own = elapsed - (self.host_seconds - host0) - (self.wasm_seconds - wasm0)
-        if in_wasm:
-            self.wasm_seconds += own
-        else:
-            self.host_seconds += own
-        return own
 
 
 _local = threading.local()
