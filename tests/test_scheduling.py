@@ -308,6 +308,37 @@ def test_cpu_time_is_charged_per_function_exactly(runtime: NodeRuntime, wasm_dir
         b.stop()
 
 
+def test_time_in_wasm_is_each_functions_own(runtime: NodeRuntime, wasm_dir: Path) -> None:
+    """What decides inline or worker is a function's time in wasm: a caller's excludes its
+    host calls, the function it invoked included (~2 ms of wasm in fn_work here); the
+    callee's is its own. Measured by the C trampoline per nesting depth
+    (_handler.host_clock)."""
+    functions = FunctionRegistry()
+    services = HostServices(None, HostInvoker(functions))
+    work = make(runtime, wasm_dir, "fn_work", services=services, function_id="id_2")
+    caller = make(
+        runtime,
+        wasm_dir,
+        "faas_fn1",
+        services=services,
+        capabilities=parse_capabilities("invoke"),
+        function_id="id_1",
+    )
+    functions.add(work)
+    functions.add(caller)
+    try:
+        for _ in range(60):
+            response = caller.call_sync(BOOK)
+            assert response.status == 200 and response.body.startswith(b"There are n="), response.body
+        assert work.wasm_cost > 500e-6  # its ~2 ms of work (the average climbs in steps)
+        assert caller.wasm_cost < work.wasm_cost / 10
+        assert caller.cost < work.cost / 5  # its CPU: the callee's time is charged to the callee
+        assert work.cpu_seconds > 10 * caller.cpu_seconds
+    finally:
+        caller.stop()
+        work.stop()
+
+
 # ---------------------------------------------------------------- through containerd
 
 
