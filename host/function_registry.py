@@ -30,6 +30,21 @@ class FunctionRegistry:
     def __init__(self) -> None:
         self._by_id: dict[str, list] = {}
         self._rr = itertools.count()
+        # The ids served by exactly one function, by their UTF-8 bytes, kept with _by_id: the
+        # ingress finds the function of an ``id`` header here without decoding it (any other
+        # header value goes the way of get()). Read it, never change it.
+        self.sole: dict[bytes, Registered] = {}
+
+    def _index(self, function_id: str) -> None:
+        try:
+            key = function_id.encode()
+        except UnicodeEncodeError:  # (a lone surrogate: no header decodes to it)
+            return
+        group = self._by_id.get(function_id)
+        if group is not None and len(group) == 1:
+            self.sole[key] = group[0]
+        else:
+            self.sole.pop(key, None)
 
     def add(self, fn: Registered) -> None:
         group = self._by_id.get(fn.id)
@@ -39,6 +54,7 @@ class FunctionRegistry:
                 f"a function id belongs to one namespace (this container is in {fn.namespace!r})"
             )
         self._by_id.setdefault(fn.id, []).append(fn)
+        self._index(fn.id)
 
     def remove(self, fn: Registered) -> None:
         group = self._by_id.get(fn.id)
@@ -46,6 +62,7 @@ class FunctionRegistry:
             group.remove(fn)
             if not group:
                 del self._by_id[fn.id]
+            self._index(fn.id)
 
     def owner(self, function_id: str) -> str | None:
         """The namespace serving ``function_id``, or None."""

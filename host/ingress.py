@@ -53,6 +53,11 @@ MAX_PIPELINED = 4  # requests read ahead on one connection while its function is
 HOST_ERROR = Response(500, body=b"host error: the node host failed to run the call (see its log)\n")
 
 
+def _field_bytes(headers: list[tuple[bytes, bytes]]) -> int:
+    """The bytes of a request's header fields (names and values, as counted by the limit)."""
+    return sum(len(name) + len(value) for name, value in headers)
+
+
 class _Stop(Exception):
     """Raised from a parser callback after the connection was answered: parse no further."""
 
@@ -66,7 +71,6 @@ class HttpProtocol(asyncio.Protocol):
         "transport",
         "_url",
         "_headers",
-        "_hdr_bytes",
         "_body",
         "_body_size",
         "_too_large",
@@ -87,6 +91,8 @@ class HttpProtocol(asyncio.Protocol):
         "_raw",
         "_unsent",
         "_pod",
+        "_slice",
+        "_max_url",
     )
 
     def __init__(self, server: Ingress, pod: PodListener | None = None) -> None:
@@ -98,7 +104,6 @@ class HttpProtocol(asyncio.Protocol):
         self._raw: asyncio.Transport | None = None  # the transport until the connection is lost
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
-        self._hdr_bytes = 0
         self._body: list[bytes] = []
         self._body_size = 0
         self._too_large = False
@@ -119,6 +124,9 @@ class HttpProtocol(asyncio.Protocol):
         self._peer: str | None = None
         self._open = False  # counted among the server's connections
         self._unsent = -1  # closing: bytes the client had not taken at the last check
+        # (the server's, read on every request: copied here, one attribute lookup apiece)
+        self._slice = server._slice
+        self._max_url = server.limits.max_url_bytes
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -133,8 +141,8 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes | memoryview) -> None:
         if self._halted:
             return
-        size = self.server._slice
-        if len(data) > size:
+        if len(data) > self._slice:
+            size = self._slice
             # Fed in slices: a head that begins inside a slice is counted exactly from the
             # next one, so httptools never holds more of a head than its limit and a slice.
             view = memoryview(data)
@@ -153,7 +161,7 @@ class HttpProtocol(asyncio.Protocol):
             if not self._halted:  # (otherwise a callback answered and stopped the parser)
                 self._error(400, f"malformed request: {exc}\n".encode())
             return
-        if self._phase != IDLE and not self._halted:  # a request is still arriving
+        if self._phase and not self._halted:  # a request is still arriving (IDLE is 0)
             self._count(phase, body_before, len(data))
 
     def _count(self, phase: int, body_before: int, size: int) -> None:
@@ -162,7 +170,7 @@ class HttpProtocol(asyncio.Protocol):
         limits = self.server.limits
         if self._phase == HEAD:
             if self._head_bytes < 0:  # the head began in this feed: what the callbacks saw of it
-                self._head_bytes = len(self._url) + self._hdr_bytes
+                self._head_bytes = len(self._url) + _field_bytes(self._headers)
             else:
                 self._head_bytes += size
             if self._head_bytes > limits.max_header_bytes:
@@ -204,7 +212,6 @@ class HttpProtocol(asyncio.Protocol):
         self._fid = None
         self._url = b""
         self._headers = []
-        self._hdr_bytes = 0
         self._body_size = 0
         self._too_large = False
         self._phase = HEAD
@@ -214,15 +221,16 @@ class HttpProtocol(asyncio.Protocol):
         self._since = self.server.now
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
-        if len(self._url) > self.server.limits.max_url_bytes:
+        if self._url:  # (the URL came in pieces)
+            url = self._url + url
+        self._url = url
+        if len(url) > self._max_url:
             self._error(414, b"request URL too long\n")
             raise _Stop
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # (Checked at the end of the head: until then what a head can hold is bounded by
         # the bytes counted as they arrive.)
-        self._hdr_bytes += len(name) + len(value)
         name = name.lower()
         if name == b"id":
             self._fid = value
@@ -233,7 +241,13 @@ class HttpProtocol(asyncio.Protocol):
         srv = self.server
         self._since = srv.now
         limits = srv.limits
-        if len(self._headers) > limits.max_headers or self._hdr_bytes > limits.max_header_bytes:
+        headers = self._headers
+        # The bytes of the header fields are only added up for a head that came in several
+        # feeds (or when a slice may be larger than the limit): one that began in this feed
+        # holds fewer than the slice's bytes, at most max_header_bytes.
+        if len(headers) > limits.max_headers or (
+            (self._head_bytes >= 0 or srv._slice_over) and _field_bytes(headers) > limits.max_header_bytes
+        ):
             self._error(431, b"request header fields too large\n")
             raise _Stop
 
@@ -274,7 +288,12 @@ class HttpProtocol(asyncio.Protocol):
         else:
             body = b""
         request = Request(parser.get_method(), path, query, self._headers, body)
-        fn = srv.route(request, self._fid) if self._pod is None else self._pod.route(request, self._fid)
+        fid = self._fid
+        if self._pod is None:
+            # (the id of a header that is one function's id: found without decoding it)
+            fn = srv.registry.sole.get(fid) or srv.route(request, fid)
+        else:
+            fn = self._pod.route(request, fid)
         if not keep_alive:  # its response is the connection's last: parse nothing after it
             self._halted = True
         if self._busy or self._pending:
@@ -300,7 +319,17 @@ class HttpProtocol(asyncio.Protocol):
             log.exception("ingress: function %s: inline call failed", fn.id)
             response = HOST_ERROR
         if response is not None:  # answered inline, in this event-loop turn
-            self._respond(response, keep_alive, request)
+            transport = self.transport
+            if keep_alive and transport is not None and not request.body:
+                # _respond and Ingress.send in their common case, inline (nothing to release)
+                data = render(response, True, request.method == b"HEAD")
+                srv = self.server
+                outbox = srv._outbox
+                if not outbox:
+                    asyncio.get_running_loop().call_soon(srv._flush)
+                outbox.append((transport, data, 0))
+            else:
+                self._respond(response, keep_alive, request)
             return
         # The function runs on worker threads: finish as a task, keep the order.
         self._busy = True
@@ -415,6 +444,7 @@ class Ingress(ConnectionBook):
         self.registry = registry
         self.body_limit = body_limit
         self._slice = max(1024, min(self.limits.max_header_bytes, 64 << 10))
+        self._slice_over = self._slice > self.limits.max_header_bytes  # (a head in one slice may pass it)
         self._servers: list[asyncio.base_events.Server] = []
         self._pod_servers: dict[PodListener, asyncio.base_events.Server] = {}
         self._outbox: list[tuple[asyncio.Transport, bytes, int]] = []
@@ -439,12 +469,15 @@ class Ingress(ConnectionBook):
         for transport, data, close in outbox:
             if transport.is_closing():  # the client went away meanwhile
                 continue
+            if not close:  # (a response, kept alive: the common case first)
+                transport.write(data)
+                continue
             if data:
                 transport.write(data)
             if close == 2 and transport.can_write_eof():
                 transport.write_eof()
                 transport.resume_reading()  # (read and drop what it still sends)
-            elif close:
+            else:
                 transport.close()
 
     def route(self, request: Request, function_id: bytes | None = None) -> Function | None:

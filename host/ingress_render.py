@@ -72,6 +72,17 @@ def render(response: Response, keep_alive: bool, head: bool = False) -> bytes:
     token, a value with a control character, or a response that is not bytes is replaced
     by a 500 naming the cause: nothing a function returns is written unchecked. ``head``:
     the answer to a HEAD request (its content-length, no body)."""
+    status = response.status
+    body = response.body
+    if type(status) is int and type(body) is bytes:  # (so 200.0 or a str body miss the cache)
+        try:
+            start = _HEADS.get((status, tuple(response.headers)))
+        except TypeError:  # (headers that are not a list of tuples: checked by _render)
+            start = None
+        if start is not None:  # a head already checked: the common case, inline
+            if keep_alive and not head and status not in _NO_BODY:
+                return b"%scontent-length: %d\r\n\r\n%s" % (start, len(body), body)
+            return _finish(start, status, body, keep_alive, head)
     try:
         return _render(response, keep_alive, head)
     except _Invalid as exc:
