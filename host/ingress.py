@@ -92,7 +92,11 @@ class HttpProtocol(asyncio.Protocol):
         "_unsent",
         "_pod",
         "_slice",
+        "_slice_over",
         "_max_url",
+        "_max_headers",
+        "_fed_phase",
+        "_fed_body",
     )
 
     def __init__(self, server: Ingress, pod: PodListener | None = None) -> None:
@@ -118,6 +122,8 @@ class HttpProtocol(asyncio.Protocol):
         self._phase = IDLE
         self._since = 0.0  # when the connection entered its phase (the server's coarse clock)
         self._head_bytes = 0  # bytes of the current head so far (-1: it began in this feed)
+        self._fed_phase = IDLE  # the phase and body bytes of a request still arriving after
+        self._fed_body = 0  # the last feed (_count's: where the next feed begins)
         self._frame = 0  # bytes of the current body that were not body (chunk framing, trailers)
         self._chunks = 0
         self._held = 0  # request-body bytes of this connection counted in the server's budget
@@ -126,7 +132,9 @@ class HttpProtocol(asyncio.Protocol):
         self._unsent = -1  # closing: bytes the client had not taken at the last check
         # (the server's, read on every request: copied here, one attribute lookup apiece)
         self._slice = server._slice
+        self._slice_over = server._slice_over
         self._max_url = server.limits.max_url_bytes
+        self._max_headers = server.limits.max_headers
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -149,8 +157,6 @@ class HttpProtocol(asyncio.Protocol):
             for start in range(0, len(data), size):
                 self.data_received(view[start : start + size])
             return
-        phase = self._phase
-        body_before = self._body_size
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -162,25 +168,40 @@ class HttpProtocol(asyncio.Protocol):
                 self._error(400, f"malformed request: {exc}\n".encode())
             return
         if self._phase and not self._halted:  # a request is still arriving (IDLE is 0)
-            self._count(phase, body_before, len(data))
+            self._count(len(data))
 
-    def _count(self, phase: int, body_before: int, size: int) -> None:
+    def _count(self, size: int) -> None:
         """Bound what httptools holds of a request that is still arriving (after a feed of
-        *size* bytes that began in *phase*)."""
-        limits = self.server.limits
-        if self._phase == HEAD:
+        *size* bytes), and stamp the phase it entered in that feed.
+
+        The stamps of a head and a body are taken here, not by on_message_begin and
+        on_headers_complete: only the sweep reads them, between callbacks, and the server's
+        clock does not move within one. (A request that arrives in one feed never gets
+        here: on_message_complete stamps its end.)"""
+        phase = self._phase
+        if phase == HEAD:
             if self._head_bytes < 0:  # the head began in this feed: what the callbacks saw of it
+                self._since = self.server.now
                 self._head_bytes = len(self._url) + _field_bytes(self._headers)
             else:
                 self._head_bytes += size
-            if self._head_bytes > limits.max_header_bytes:
+            if self._head_bytes > self.server.limits.max_header_bytes:
                 self._error(431, b"request header fields too large\n")
-        elif self._head_bytes < 0:  # the message began in this feed: count from the next one
-            self._head_bytes = 0
-        elif phase == BODY:  # (the same message's body all along) its framing and trailers
-            self._frame += size - (self._body_size - body_before)
-            if self._frame > limits.max_header_bytes + 32 * self._chunks:
-                self._error(431, b"request chunk framing or trailers too large\n")
+                return
+        elif phase == BODY:
+            if self._head_bytes < 0:  # the message began in this feed: count from the next one
+                self._since = self.server.now
+                self._head_bytes = 0
+            elif self._fed_phase == BODY:  # (the same message's body all along) its framing and trailers
+                self._frame += size - (self._body_size - self._fed_body)
+                if self._frame > self.server.limits.max_header_bytes + 32 * self._chunks:
+                    self._error(431, b"request chunk framing or trailers too large\n")
+                    return
+            else:  # its head ended in this feed
+                self._since = self.server.now
+        # (A later feed that does not begin a message goes on with this one from here.)
+        self._fed_phase = phase
+        self._fed_body = self._body_size
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = self._raw = None
@@ -218,7 +239,7 @@ class HttpProtocol(asyncio.Protocol):
         self._head_bytes = -1
         self._frame = 0
         self._chunks = 0
-        self._since = self.server.now
+        # (its stamp: see _count)
 
     def on_url(self, url: bytes) -> None:
         if self._url:  # (the URL came in pieces)
@@ -237,16 +258,13 @@ class HttpProtocol(asyncio.Protocol):
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self._phase = BODY
-        srv = self.server
-        self._since = srv.now
-        limits = srv.limits
-        headers = self._headers
+        self._phase = BODY  # (its stamp: see _count)
         # The bytes of the header fields are only added up for a head that came in several
         # feeds (or when a slice may be larger than the limit): one that began in this feed
         # holds fewer than the slice's bytes, at most max_header_bytes.
-        if len(headers) > limits.max_headers or (
-            (self._head_bytes >= 0 or srv._slice_over) and _field_bytes(headers) > limits.max_header_bytes
+        if len(self._headers) > self._max_headers or (
+            (self._head_bytes >= 0 or self._slice_over)
+            and _field_bytes(self._headers) > self.server.limits.max_header_bytes
         ):
             self._error(431, b"request header fields too large\n")
             raise _Stop
