@@ -84,7 +84,6 @@ class HttpProtocol(asyncio.Protocol):
         "_since",
         "_head_bytes",
         "_frame",
-        "_chunks",
         "_held",
         "_peer",
         "_open",
@@ -124,8 +123,9 @@ class HttpProtocol(asyncio.Protocol):
         self._head_bytes = 0  # bytes of the current head so far (-1: it began in this feed)
         self._fed_phase = IDLE  # the phase and body bytes of a request still arriving after
         self._fed_body = 0  # the last feed (_count's: where the next feed begins)
-        self._frame = 0  # bytes of the current body that were not body (chunk framing, trailers)
-        self._chunks = 0
+        # Bytes of the current body that were not body (chunk framing, trailers), less 32 per
+        # chunk (what a chunk's framing may take beyond max_header_bytes).
+        self._frame = 0
         self._held = 0  # request-body bytes of this connection counted in the server's budget
         self._peer: str | None = None
         self._open = False  # counted among the server's connections
@@ -194,7 +194,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._head_bytes = 0
             elif self._fed_phase == BODY:  # (the same message's body all along) its framing and trailers
                 self._frame += size - (self._body_size - self._fed_body)
-                if self._frame > self.server.limits.max_header_bytes + 32 * self._chunks:
+                if self._frame > self.server.limits.max_header_bytes:
                     self._error(431, b"request chunk framing or trailers too large\n")
                     return
             else:  # its head ended in this feed
@@ -238,7 +238,6 @@ class HttpProtocol(asyncio.Protocol):
         self._phase = HEAD
         self._head_bytes = -1
         self._frame = 0
-        self._chunks = 0
         # (its stamp: see _count)
 
     def on_url(self, url: bytes) -> None:
@@ -270,7 +269,7 @@ class HttpProtocol(asyncio.Protocol):
             raise _Stop
 
     def on_chunk_header(self) -> None:
-        self._chunks += 1
+        self._frame -= 32  # (the framing a chunk may take, see __init__)
 
     def on_body(self, body: bytes) -> None:
         size = len(body)
