@@ -787,13 +787,61 @@ static PyObject *host_function(PyObject *self, PyObject *args) {
 
 /* --- guest memory for the Runtime ABI's host functions -----------------------------------
  *
- * What host functions do with a caller's linear memory, by the store context and memory
- * addresses (no memoryview, no ctypes): read a range, write one, and give the guest a
- * result (allocate it with the guest's allocator, copy it in, and write its address and
- * length to two out-pointers). Every range is checked against the memory's size at the
- * time; a guest pointer or length outside it is refused, never followed. */
+ * What host functions do with a caller's linear memory, as one `Guest` object per function
+ * instance (made with the instance's store context, memory and allocator addresses): read
+ * a range (as bytes, or as a UTF-8 str), check out-pointers, write a range, and give the
+ * guest a result (allocate it with the guest's allocator, copy it in, and write its address
+ * and length to two out-pointers). Every range is checked against the memory's size at the
+ * time; a guest pointer or length outside it is refused, never followed. The methods have
+ * the signatures of host/abi_context.py's AbiContext methods, which they replace for such
+ * instances. A refusal raises what `fail(code, a, b)` (given by the host, Python) returns:
+ * the same AbiStatus the Python methods raise, so the guest sees the same status and the
+ * function's log the same message. */
 
-/* A guest pointer or length: a Python int in [0, 2**32); -1 for anything else. */
+typedef struct {
+    PyObject_HEAD
+    void *ctx, *memory, *alloc;
+    PyObject *fail;
+    uint64_t max_key, max_value;
+} guest_object;
+
+/* fail(code, a, b)'s codes, with what a and b are. */
+enum {
+    FAIL_OUTSIDE = 0,   /* a range outside linear memory: (ptr, length) */
+    FAIL_LIMIT = 1,     /* a read longer than allowed: (length, limit) */
+    FAIL_UTF8 = 2,      /* a str that is not UTF-8 */
+    FAIL_TOO_LARGE = 3, /* a result to give larger than allowed: (length, limit) */
+    FAIL_GIVE = 4,      /* giving failed: (GIVE_*, None) */
+    FAIL_ALLOCATOR = 5, /* the guest allocator failed or trapped: (error address, trap address) */
+};
+
+/* What giving can fail for besides an out-pointer and the allocator itself. */
+enum {
+    GIVE_NO_MEMORY = 2,  /* the guest allocator returned 0 */
+    GIVE_BAD_BUFFER = 3, /* the allocator returned a buffer outside linear memory */
+};
+
+static PyTypeObject GuestType;
+
+static PyObject *guest_fail(guest_object *g, int code, PyObject *a, PyObject *b) {
+    PyObject *exc = PyObject_CallFunction(g->fail, "iOO", code, a != NULL ? a : Py_None, b != NULL ? b : Py_None);
+    if (exc != NULL) {
+        PyErr_SetObject((PyObject *)Py_TYPE(exc), exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+static PyObject *guest_fail_n(guest_object *g, int code, uint64_t a, uint64_t b) {
+    PyObject *x = PyLong_FromUnsignedLongLong(a), *y = PyLong_FromUnsignedLongLong(b);
+    PyObject *result = x != NULL && y != NULL ? guest_fail(g, code, x, y) : NULL;
+    Py_XDECREF(x);
+    Py_XDECREF(y);
+    return result;
+}
+
+/* A guest pointer or length: a Python int in [0, 2**32); -1 for anything else (which every
+   check then refuses as outside linear memory). */
 static int64_t guest_u32(PyObject *value) {
     long long v = PyLong_AsLongLong(value);
     if (v == -1 && PyErr_Occurred()) {
@@ -803,114 +851,248 @@ static int64_t guest_u32(PyObject *value) {
     return v < 0 || v > UINT32_MAX ? -1 : v;
 }
 
-/* guest_read(ctx, memory, ptr, len) -> bytes, or None when [ptr, ptr + len) is outside. */
+/* The linear memory at [ptr, ptr + len) of args[0] and args[1], checked against `limit`
+   and the memory's size; NULL with the failure raised. */
+static const uint8_t *guest_range(guest_object *g, PyObject *const *args, uint64_t limit, int64_t *len_out) {
+    int64_t ptr = guest_u32(args[0]), len = guest_u32(args[1]);
+    if (len >= 0 && (uint64_t)len > limit) {
+        guest_fail_n(g, FAIL_LIMIT, (uint64_t)len, limit);
+        return NULL;
+    }
+    if (ptr < 0 || len < 0 || !in_range((uint64_t)ptr, (uint64_t)len, api.memory_data_size(g->ctx, g->memory))) {
+        guest_fail(g, FAIL_OUTSIDE, args[0], args[1]);
+        return NULL;
+    }
+    *len_out = len;
+    return api.memory_data(g->ctx, g->memory) + ptr;
+}
+
+/* read(ptr, len, limit=max_value) -> bytes */
 static PyObject *guest_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    void *ctx, *memory;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "guest_read(ctx, memory, ptr, len)");
+    guest_object *g = (guest_object *)self;
+    if (nargs < 2 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "read(ptr, len, limit=max_value)");
         return NULL;
     }
-    if (address_pair(args, &ctx, &memory, "memory") < 0)
-        return NULL;
-    int64_t ptr = guest_u32(args[2]), len = guest_u32(args[3]);
-    if (ptr < 0 || len < 0 || !in_range((uint64_t)ptr, (uint64_t)len, api.memory_data_size(ctx, memory)))
-        Py_RETURN_NONE;
-    return PyBytes_FromStringAndSize((const char *)api.memory_data(ctx, memory) + ptr, (Py_ssize_t)len);
+    uint64_t limit = g->max_value;
+    if (nargs == 3) {
+        limit = PyLong_AsUnsignedLongLong(args[2]);
+        if (limit == (uint64_t)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    int64_t len;
+    const uint8_t *at = guest_range(g, args, limit, &len);
+    return at != NULL ? PyBytes_FromStringAndSize((const char *)at, (Py_ssize_t)len) : NULL;
 }
 
-/* guest_write(ctx, memory, ptr, data) -> True, or False when the range is outside. */
-static PyObject *guest_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    void *ctx, *memory;
-    const char *data;
-    Py_ssize_t len;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "guest_write(ctx, memory, ptr, data)");
+/* read_str(ptr, len) -> str: a name or key (at most max_key bytes), strict UTF-8. */
+static PyObject *guest_read_str(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    guest_object *g = (guest_object *)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "read_str(ptr, len)");
         return NULL;
     }
-    if (address_pair(args, &ctx, &memory, "memory") < 0 || bytes_of(args[3], &data, &len) < 0)
+    int64_t len;
+    const uint8_t *at = guest_range(g, args, g->max_key, &len);
+    if (at == NULL)
         return NULL;
-    int64_t ptr = guest_u32(args[2]);
-    if (ptr < 0 || !in_range((uint64_t)ptr, (uint64_t)len, api.memory_data_size(ctx, memory)))
-        Py_RETURN_FALSE;
-    memcpy(api.memory_data(ctx, memory) + ptr, data, (size_t)len);
-    Py_RETURN_TRUE;
+    PyObject *text = PyUnicode_DecodeUTF8((const char *)at, (Py_ssize_t)len, NULL);
+    if (text == NULL && PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) {
+        PyErr_Clear();
+        return guest_fail(g, FAIL_UTF8, NULL, NULL);
+    }
+    return text;
 }
 
-/* guest_out(ctx, memory, ptr, ...) -> -1 when each ptr has 4 bytes of linear memory (an
-   out-pointer), else the index of the first that does not. */
-static PyObject *guest_out(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    void *ctx, *memory;
-    if (nargs < 2) {
-        PyErr_SetString(PyExc_TypeError, "guest_out(ctx, memory, ptr, ...)");
+/* check_writable(ptr, len): the range is inside linear memory. */
+static PyObject *guest_check_writable(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    guest_object *g = (guest_object *)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "check_writable(ptr, len)");
         return NULL;
     }
-    if (address_pair(args, &ctx, &memory, "memory") < 0)
+    int64_t len;
+    if (guest_range(g, args, UINT64_MAX, &len) == NULL)
         return NULL;
-    uint64_t size = api.memory_data_size(ctx, memory);
-    for (Py_ssize_t i = 2; i < nargs; i++) {
+    Py_RETURN_NONE;
+}
+
+/* check_out(ptr, ...): each ptr is an out-pointer, 4 bytes of linear memory. */
+static PyObject *guest_check_out(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    guest_object *g = (guest_object *)self;
+    uint64_t size = api.memory_data_size(g->ctx, g->memory);
+    for (Py_ssize_t i = 0; i < nargs; i++) {
         int64_t ptr = guest_u32(args[i]);
-        if (ptr < 0 || !in_range((uint64_t)ptr, 4, size))
-            return PyLong_FromSsize_t(i - 2);
+        if (ptr < 0 || !in_range((uint64_t)ptr, 4, size)) {
+            PyObject *four = PyLong_FromLong(4);
+            PyObject *result = four != NULL ? guest_fail(g, FAIL_OUTSIDE, args[i], four) : NULL;
+            Py_XDECREF(four);
+            return result;
+        }
     }
-    return PyLong_FromLong(-1);
+    Py_RETURN_NONE;
 }
 
-/* What guest_give reports besides success (0). */
-enum {
-    GIVE_BAD_OUT = 1,       /* an out-pointer is outside linear memory */
-    GIVE_NO_MEMORY = 2,     /* the guest allocator returned 0 */
-    GIVE_BAD_BUFFER = 3,    /* the allocator returned a buffer outside linear memory */
-};
+/* write(ptr, data): data (any bytes-like object) copied to [ptr, ptr + len(data)). */
+static PyObject *guest_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    guest_object *g = (guest_object *)self;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "write(ptr, data)");
+        return NULL;
+    }
+    Py_buffer data;
+    if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int64_t ptr = guest_u32(args[0]);
+    PyObject *result = NULL;
+    if (ptr < 0 || !in_range((uint64_t)ptr, (uint64_t)data.len, api.memory_data_size(g->ctx, g->memory))) {
+        PyObject *len = PyLong_FromSsize_t(data.len);
+        if (len != NULL)
+            guest_fail(g, FAIL_OUTSIDE, args[0], len);
+        Py_XDECREF(len);
+    } else {
+        memcpy(api.memory_data(g->ctx, g->memory) + ptr, data.buf, (size_t)data.len);
+        result = Py_NewRef(Py_None);
+    }
+    PyBuffer_Release(&data);
+    return result;
+}
 
-/* guest_give(ctx, memory, alloc, ptr_ptr, len_ptr, data) -> 0 | GIVE_* | (error, trap):
-   `data` copied into a buffer from the guest's allocator `alloc` (none for empty data:
-   address 0), whose address and length go to the out-pointers (u32 each). The allocator
-   runs without the GIL, as any wasm. */
-static PyObject *guest_give(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    void *ctx, *memory;
-    const char *data;
-    Py_ssize_t len;
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "guest_give(ctx, memory, alloc, ptr_ptr, len_ptr, data)");
-        return NULL;
-    }
-    if (address_pair(args, &ctx, &memory, "memory") < 0 || bytes_of(args[5], &data, &len) < 0)
-        return NULL;
-    void *alloc = PyLong_AsVoidPtr(args[2]);
-    if (alloc == NULL) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "guest_give: null allocator");
-        return NULL;
-    }
-    int64_t ptr_ptr = guest_u32(args[3]), len_ptr = guest_u32(args[4]);
-    uint64_t size = api.memory_data_size(ctx, memory);
-    if (ptr_ptr < 0 || len_ptr < 0 || !in_range((uint64_t)ptr_ptr, 4, size) || !in_range((uint64_t)len_ptr, 4, size))
-        return PyLong_FromLong(GIVE_BAD_OUT);
+/* Give `data` (bytes) through the out-pointers: 0, a GIVE_* code, or -1 with the failure
+   raised (an out-pointer outside linear memory, the allocator's own failure). The allocator
+   runs without the GIL, as any wasm; `data` is an immutable bytes object our caller holds
+   throughout. */
+static int give_bytes(guest_object *g, PyObject *ptr_obj, PyObject *len_obj, PyObject *data) {
+    const char *bytes = PyBytes_AS_STRING(data);
+    Py_ssize_t len = PyBytes_GET_SIZE(data);
+    PyObject *out[2] = {ptr_obj, len_obj};
+    PyObject *checked = guest_check_out((PyObject *)g, out, 2);
+    if (checked == NULL)
+        return -1;
+    Py_DECREF(checked);
+    int64_t ptr_ptr = guest_u32(ptr_obj), len_ptr = guest_u32(len_obj);
     if ((uint64_t)len > UINT32_MAX)
-        return PyLong_FromLong(GIVE_BAD_BUFFER);
+        return GIVE_BAD_BUFFER;
     uint32_t addr = 0;
     if (len > 0) {
-        /* `data` is a bytes object: immutable, and referenced by our caller throughout. */
         wt_val_raw_t vals[1];
         memset(vals, 0, sizeof vals);
         vals[0].i32 = (int32_t)len;
         void *trap = NULL;
-        void *error = call_wasm(ctx, alloc, vals, 1, &trap);
-        if (error != NULL || trap != NULL)
-            return Py_BuildValue("(NN)", PyLong_FromVoidPtr(error), PyLong_FromVoidPtr(trap));
+        void *error = call_wasm(g->ctx, g->alloc, vals, 1, &trap);
+        if (error != NULL || trap != NULL) {
+            PyObject *e = PyLong_FromVoidPtr(error), *t = PyLong_FromVoidPtr(trap);
+            if (e != NULL && t != NULL)
+                guest_fail(g, FAIL_ALLOCATOR, e, t);
+            Py_XDECREF(e);
+            Py_XDECREF(t);
+            return -1;
+        }
         addr = (uint32_t)vals[0].i32;
         if (addr == 0)
-            return PyLong_FromLong(GIVE_NO_MEMORY);
-        size = api.memory_data_size(ctx, memory); /* the allocator may have grown it */
-        if (!in_range(addr, (uint64_t)len, size))
-            return PyLong_FromLong(GIVE_BAD_BUFFER);
-        memcpy(api.memory_data(ctx, memory) + addr, data, (size_t)len);
+            return GIVE_NO_MEMORY;
+        /* The allocator may have grown the memory. */
+        if (!in_range(addr, (uint64_t)len, api.memory_data_size(g->ctx, g->memory)))
+            return GIVE_BAD_BUFFER;
+        memcpy(api.memory_data(g->ctx, g->memory) + addr, bytes, (size_t)len);
     }
-    uint8_t *base = api.memory_data(ctx, memory); /* memory only grows: the out-pointers hold */
+    uint8_t *base = api.memory_data(g->ctx, g->memory); /* memory only grows: the out-pointers hold */
     uint32_t n = (uint32_t)len;
     memcpy(base + ptr_ptr, &addr, 4);
     memcpy(base + len_ptr, &n, 4);
-    return PyLong_FromLong(0);
+    return 0;
+}
+
+/* give(ptr_ptr, len_ptr, data, *, checked=False): data (bytes-like, at most max_value
+   bytes) in a buffer from the guest's allocator (none for empty data: address 0), its
+   address and length written to the out-pointers (u32 each). Both out-pointers are
+   checked here whatever `checked` says. */
+static PyObject *guest_give(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
+    guest_object *g = (guest_object *)self;
+    Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (nargs != 3 || nkw > 1 ||
+        (nkw == 1 && !PyUnicode_Check(PyTuple_GET_ITEM(kwnames, 0))) ||
+        (nkw == 1 && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "checked") != 0)) {
+        PyErr_SetString(PyExc_TypeError, "give(ptr_ptr, len_ptr, data, *, checked=False)");
+        return NULL;
+    }
+    PyObject *data = PyBytes_CheckExact(args[2]) ? Py_NewRef(args[2]) : PyBytes_FromObject(args[2]);
+    if (data == NULL)
+        return NULL;
+    PyObject *result = NULL;
+    uint64_t len = (uint64_t)PyBytes_GET_SIZE(data);
+    if (len > g->max_value) {
+        guest_fail_n(g, FAIL_TOO_LARGE, len, g->max_value);
+    } else {
+        int code = give_bytes(g, args[0], args[1], data);
+        if (code == 0)
+            result = Py_NewRef(Py_None);
+        else if (code > 0)
+            guest_fail_n(g, FAIL_GIVE, (uint64_t)code, 0);
+    }
+    Py_DECREF(data);
+    return result;
+}
+
+static void guest_dealloc(PyObject *self) {
+    Py_XDECREF(((guest_object *)self)->fail);
+    Py_TYPE(self)->tp_free(self);
+}
+
+static PyMethodDef guest_methods[] = {
+    {"read", (PyCFunction)(void (*)(void))guest_read, METH_FASTCALL, "Read [ptr, ptr + len) as bytes."},
+    {"read_str", (PyCFunction)(void (*)(void))guest_read_str, METH_FASTCALL, "Read a UTF-8 name or key."},
+    {"check_writable", (PyCFunction)(void (*)(void))guest_check_writable, METH_FASTCALL,
+     "Refuse a range outside linear memory."},
+    {"check_out", (PyCFunction)(void (*)(void))guest_check_out, METH_FASTCALL,
+     "Refuse out-pointers without 4 bytes of linear memory."},
+    {"write", (PyCFunction)(void (*)(void))guest_write, METH_FASTCALL, "Write data at ptr."},
+    {"give", (PyCFunction)(void (*)(void))guest_give, METH_FASTCALL | METH_KEYWORDS,
+     "Give the guest data in a buffer of its own allocator, through two out-pointers."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject GuestType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "layotto.host._handler.Guest",
+    .tp_doc = "A function instance's linear memory, for the Runtime ABI's host functions; made by guest().",
+    .tp_basicsize = sizeof(guest_object),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = guest_dealloc,
+    .tp_methods = guest_methods,
+};
+
+/* guest(ctx, memory, alloc, fail, max_key, max_value) -> Guest */
+static PyObject *guest(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    void *ctx, *memory;
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "guest(ctx, memory, alloc, fail, max_key, max_value)");
+        return NULL;
+    }
+    if (address_pair(args, &ctx, &memory, "memory") < 0)
+        return NULL;
+    void *alloc = PyLong_AsVoidPtr(args[2]);
+    if (alloc == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "guest: null allocator");
+        return NULL;
+    }
+    if (!PyCallable_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "guest: fail must be callable");
+        return NULL;
+    }
+    uint64_t max_key = PyLong_AsUnsignedLongLong(args[4]), max_value = PyLong_AsUnsignedLongLong(args[5]);
+    if (PyErr_Occurred())
+        return NULL;
+    guest_object *g = PyObject_New(guest_object, &GuestType);
+    if (g == NULL)
+        return NULL;
+    g->ctx = ctx;
+    g->memory = memory;
+    g->alloc = alloc;
+    g->fail = Py_NewRef(args[3]);
+    g->max_key = max_key;
+    g->max_value = max_value;
+    return (PyObject *)g;
 }
 
 static PyMethodDef methods[] = {
@@ -921,12 +1103,8 @@ static PyMethodDef methods[] = {
     {"call_i32", (PyCFunction)(void (*)(void))call_i32, METH_FASTCALL,
      "Call a wasm function of one i32 to one i32, with the GIL held."},
     {"memory_size", (PyCFunction)(void (*)(void))memory_size, METH_FASTCALL, "A linear memory's size in bytes."},
-    {"guest_read", (PyCFunction)(void (*)(void))guest_read, METH_FASTCALL, "Read a range of linear memory."},
-    {"guest_write", (PyCFunction)(void (*)(void))guest_write, METH_FASTCALL, "Write a range of linear memory."},
-    {"guest_out", (PyCFunction)(void (*)(void))guest_out, METH_FASTCALL,
-     "Check out-pointers: the index of the first outside linear memory, or -1."},
-    {"guest_give", (PyCFunction)(void (*)(void))guest_give, METH_FASTCALL,
-     "Copy bytes into a guest-allocated buffer and return it through two out-pointers."},
+    {"guest", (PyCFunction)(void (*)(void))guest, METH_FASTCALL,
+     "The Runtime ABI's view of a function instance's linear memory (a Guest)."},
     {"host_function", host_function, METH_VARARGS, "A Python callable as a wasmtime unchecked host function."},
     {"host_clock", host_clock, METH_NOARGS,
      "Seconds this thread spent in host functions called from the depth it is at now."},
@@ -945,7 +1123,7 @@ PyMODINIT_FUNC PyInit__handler(void) {
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "wasm linear memory is little-endian; this file reads it in place"
 #endif
-    if (PyType_Ready(&InstanceType) < 0)
+    if (PyType_Ready(&InstanceType) < 0 || PyType_Ready(&GuestType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

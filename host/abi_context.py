@@ -28,13 +28,8 @@ MAX_VALUE = SPEC.limits.get("max_value", 4 << 20)
 KNOWN_CAPABILITIES = frozenset(SPEC.capabilities)
 
 _U32 = struct.Struct("<I")
-_guest_read = _handler.guest_read
-_guest_write = _handler.guest_write
-_guest_give = _handler.guest_give
-_guest_out = _handler.guest_out
-# What _handler.guest_give reports besides success (0).
+# What giving a result can fail for besides the allocator (host/_handler.c GIVE_*).
 _GIVE_FAILURES = {
-    1: "an out-pointer is outside linear memory",
     2: "the guest allocator returned 0",
     3: "the guest allocator returned a buffer outside linear memory",
 }
@@ -53,6 +48,30 @@ BUFFER_LIMIT = 2 * MAX_VALUE
 
 def _outside(ptr: int, length: int) -> AbiStatus:
     return AbiStatus(Status.INVALID_MEMORY_ACCESS, f"[{ptr:#x}, +{length}) is outside linear memory")
+
+
+def _too_long(length: int, limit: int) -> AbiStatus:
+    return AbiStatus(Status.LIMIT_EXCEEDED, f"{length} bytes exceeds the limit of {limit}")
+
+
+_NOT_UTF8 = "not valid UTF-8"
+
+
+def _guest_failure(code: int, a: Any, b: Any) -> AbiStatus:
+    """What a :class:`_handler.Guest` method refused, as the Python methods say it (the
+    codes are host/_handler.c's FAIL_*); an allocator's trap or error is raised as is."""
+    if code == 0:
+        return _outside(a, b)
+    if code == 1:
+        return _too_long(a, b)
+    if code == 2:
+        return AbiStatus(Status.BAD_ARGUMENT, _NOT_UTF8)
+    if code == 3:
+        return AbiStatus(Status.LIMIT_EXCEEDED, f"a result of {a} bytes exceeds {b}")
+    if code == 4:
+        return AbiStatus(Status.INVALID_MEMORY_ACCESS, _GIVE_FAILURES[a])
+    capi.raise_failure(a, b)  # 5: the guest allocator failed or trapped
+    return AbiStatus(Status.INTERNAL_FAILURE, "the guest allocator failed")
 
 
 class OverNetwork:
@@ -108,7 +127,20 @@ class AbiContext:
     raw: tuple[int, int, int] | None = None
     _view: memoryview | None = field(default=None, repr=False)
 
-    # --- guest memory, checked --------------------------------------------------------
+    def __post_init__(self) -> None:
+        if self.raw is not None:
+            # A store made through the C API: its memory is read, written and given to by
+            # a _handler.Guest, whose methods take the place of the Python ones below (the
+            # same checks, statuses and messages; no memoryview, no Python frame per call).
+            guest = _handler.guest(*self.raw, _guest_failure, MAX_KEY, MAX_VALUE)
+            self.read = guest.read  # type: ignore[method-assign]
+            self.read_str = guest.read_str  # type: ignore[method-assign]
+            self.check_writable = guest.check_writable  # type: ignore[method-assign]
+            self.check_out = guest.check_out  # type: ignore[method-assign]
+            self.write = guest.write  # type: ignore[method-assign]
+            self.give = guest.give  # type: ignore[method-assign]
+
+    # --- guest memory, checked (through a memoryview: nanoprocesses) --------------------
 
     def view(self) -> memoryview:
         """The guest's memory, fetched once per host call (until the guest allocates)."""
@@ -127,29 +159,17 @@ class AbiContext:
 
     def read(self, ptr: int, length: int, limit: int = MAX_VALUE) -> bytes:
         if length > limit:
-            raise AbiStatus(Status.LIMIT_EXCEEDED, f"{length} bytes exceeds the limit of {limit}")
-        raw = self.raw
-        if raw is not None:
-            data = _guest_read(raw[0], raw[1], ptr, length)
-        else:
-            view = self._view if self._view is not None else self.view()
-            data = bytes(view[ptr : ptr + length]) if 0 <= ptr and 0 <= length <= len(view) - ptr else None
-        if data is None:
+            raise _too_long(length, limit)
+        view = self._view if self._view is not None else self.view()
+        if not (0 <= ptr and 0 <= length <= len(view) - ptr):
             raise _outside(ptr, length)
-        return data
+        return bytes(view[ptr : ptr + length])
 
     def read_str(self, ptr: int, length: int) -> str:
-        raw = self.raw
-        if raw is not None and length <= MAX_KEY:  # (read, inlined: names and keys are hot)
-            data = _guest_read(raw[0], raw[1], ptr, length)
-            if data is None:
-                raise _outside(ptr, length)
-        else:
-            data = self.read(ptr, length, MAX_KEY)
         try:
-            return data.decode()
+            return self.read(ptr, length, MAX_KEY).decode()
         except UnicodeDecodeError as exc:
-            raise AbiStatus(Status.BAD_ARGUMENT, "not valid UTF-8") from exc
+            raise AbiStatus(Status.BAD_ARGUMENT, _NOT_UTF8) from exc
 
     def check_writable(self, ptr: int, length: int) -> None:
         view = self._view if self._view is not None else self.view()
@@ -158,23 +178,12 @@ class AbiContext:
 
     def check_out(self, *ptrs: int) -> None:
         """Each of ``ptrs`` is an out-pointer: 4 bytes of linear memory to write a result to."""
-        raw = self.raw
-        if raw is not None:
-            bad = _guest_out(raw[0], raw[1], *ptrs)
-            if bad >= 0:
-                raise _outside(ptrs[bad], 4)
-            return
         last = len(self.view()) - 4
         for ptr in ptrs:
             if not 0 <= ptr <= last:
                 raise _outside(ptr, 4)
 
     def write(self, ptr: int, data: bytes) -> None:
-        raw = self.raw
-        if raw is not None and data.__class__ is bytes:
-            if not _guest_write(raw[0], raw[1], ptr, data):
-                raise _outside(ptr, len(data))
-            return
         view = self.view()
         if ptr < 0 or ptr + len(data) > len(view):
             raise _outside(ptr, len(data))
@@ -186,15 +195,6 @@ class AbiContext:
         n = len(data)
         if n > MAX_VALUE:
             raise AbiStatus(Status.LIMIT_EXCEEDED, f"a result of {n} bytes exceeds {MAX_VALUE}")
-        raw = self.raw
-        if raw is not None:  # in C: the allocation, the copy and the out-pointers, each checked
-            result = _guest_give(raw[0], raw[1], raw[2], ptr_ptr, len_ptr, bytes(data))
-            self._view = None  # the allocator may have grown (moved) the memory
-            if result.__class__ is tuple:  # the allocator trapped or failed
-                capi.raise_failure(*result)
-            if result:
-                raise AbiStatus(Status.INVALID_MEMORY_ACCESS, _GIVE_FAILURES[result])
-            return
         if not checked:
             self.check_out(ptr_ptr, len_ptr)
         addr = 0

@@ -418,3 +418,81 @@ def test_a_function_instance_gives_results_through_checked_out_pointers(componen
             assert response.body == bytes([STATUS["OK"], STATUS["OK"], 5, bad, bad, bad]) + b"value"
     finally:
         fn.stop()
+
+
+def test_guest_memory_in_c_answers_as_the_python_checks_do(components) -> None:
+    """A function instance's guest memory is read, checked, written and given to by
+    host/_handler.c's Guest; a nanoprocess's through a memoryview (Python). For the same
+    memory and the same arguments, in range or not, both return the same results or refuse
+    with the same status and message (what the guest and the function's log see)."""
+    fn = make_function(
+        NodeRuntime(None),
+        bytes(wasmtime.wat2wasm(GIVING)),
+        "guest-memory",
+        capabilities=parse_capabilities("state"),
+        services=HostServices(components, None),
+    )
+    instance = fn._take()
+    assert instance is not None
+    try:
+        in_c = instance.abi
+        assert in_c is not None and in_c.raw is not None
+        in_python = AbiContext(
+            name="test/python",
+            memory=instance.memory,
+            allocate=instance.alloc.call1,
+            capabilities=in_c.capabilities,
+            app_id=in_c.app_id,
+            components=components,
+        )
+        assert type(in_c.read) is not type(in_python.read)  # (two implementations indeed)
+        end = instance.memory.size()
+        in_python.write(300, b"\xff\xfe not UTF-8")
+        in_python.write(400, "naïve".encode())
+        max_key, max_value = abi_host.MAX_KEY, abi_host.MAX_VALUE
+
+        def outcome(ctx: AbiContext, op: str, *args: object):
+            try:
+                return "ok", getattr(ctx, op)(*args)
+            except errors.AbiStatus as exc:
+                return exc.status, str(exc)
+
+        cases = [
+            ("read", 40, 5),
+            ("read", end - 2, 2),
+            ("read", end - 2, 3),
+            ("read", end, 0),
+            ("read", end + 1, 0),
+            ("read", 0xFFFFFFFF, 1),
+            ("read", 0, 64, 16),
+            ("read", 0, max_value + 1),
+            ("read_str", 400, 6),
+            ("read_str", 300, 4),
+            ("read_str", 0, max_key + 1),
+            ("read_str", end - 1, 2),
+            ("check_out", 0, end - 4),
+            ("check_out", 0, end - 3, 4),
+            ("check_out", 0xFFFFFFFC),
+            ("check_writable", end - 6, 6),
+            ("check_writable", end - 6, 7),
+            ("write", end - 2, b"ab"),
+            ("write", end - 1, b"ab"),
+            ("write", 600, bytearray(b"bytes-like")),
+            ("give", end - 2, 204, b"x"),
+            ("give", 200, 204, b"x" * (max_value + 1)),
+        ]
+        for op, *args in cases:
+            assert outcome(in_c, op, *args) == outcome(in_python, op, *args), (op, args)
+        assert in_c.read(600, 10) == b"bytes-like"
+        # A given result: the same bytes behind the out-pointers whichever way it was given.
+        for ctx in (in_c, in_python):
+            ctx.give(200, 204, b"a result", checked=True)
+            at, n = struct.unpack("<II", ctx.read(200, 8))
+            assert (n, ctx.read(at, n)) == (8, b"a result")
+            ctx.give(200, 204, b"")
+            assert struct.unpack("<II", ctx.read(200, 8)) == (0, 0)
+        with pytest.raises(TypeError):
+            in_c.give(200, 204, b"x", check=True)
+    finally:
+        fn._give_back(instance, healthy=False)
+        fn.stop()
