@@ -34,17 +34,23 @@ class FunctionRegistry:
         # ingress finds the function of an ``id`` header here without decoding it (any other
         # header value goes the way of get()). Read it, never change it.
         self.sole: dict[bytes, Registered] = {}
+        self._sole_by_id: dict[str, Registered] = {}  # the same, by id: get()'s common case
 
     def _index(self, function_id: str) -> None:
+        group = self._by_id.get(function_id)
+        fn = group[0] if group is not None and len(group) == 1 else None
+        if fn is None:
+            self._sole_by_id.pop(function_id, None)
+        else:
+            self._sole_by_id[function_id] = fn
         try:
             key = function_id.encode()
         except UnicodeEncodeError:  # (a lone surrogate: no header decodes to it)
             return
-        group = self._by_id.get(function_id)
-        if group is not None and len(group) == 1:
-            self.sole[key] = group[0]
-        else:
+        if fn is None:
             self.sole.pop(key, None)
+        else:
+            self.sole[key] = fn
 
     def add(self, fn: Registered) -> None:
         group = self._by_id.get(fn.id)
@@ -72,6 +78,9 @@ class FunctionRegistry:
     def get(self, function_id: str, namespace: str | None = None):  # noqa: ANN201 - a Function
         """A function serving ``function_id`` (round robin), or None; with ``namespace``,
         only one of that namespace."""
+        fn = self._sole_by_id.get(function_id)
+        if fn is not None:  # (the id is served by one function)
+            return fn if namespace is None or fn.namespace == namespace else None
         group = self._by_id.get(function_id)
         if not group:
             return None
