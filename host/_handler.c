@@ -666,12 +666,128 @@ static inline double monotonic(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+static inline double host_clock_now(void) {
+    return host_seconds[host_depth < MAX_HOST_DEPTH ? host_depth + 1 : MAX_HOST_DEPTH];
+}
+
 static PyObject *host_clock(PyObject *self, PyObject *unused) {
     (void)self;
     (void)unused;
-    uint32_t below = host_depth < MAX_HOST_DEPTH ? host_depth + 1 : MAX_HOST_DEPTH;
-    return PyFloat_FromDouble(host_seconds[below]);
+    return PyFloat_FromDouble(host_clock_now());
 }
+
+/* --- CPU accounting of function runs ------------------------------------------------------
+ *
+ * Each thread keeps a stack of the function runs in progress on it (a run nests in another
+ * when a host call of the outer one invokes the inner one). The time between marks goes to
+ * the run on top, so a run's own time excludes those nested in it, and is charged to its
+ * function's share (host/scheduler.py Share.charge) when it ends, or sooner at a checkpoint
+ * (a call with a CPU limit, from its deadline callback). A thread meters with the clock its
+ * outermost run asks for: the wall clock on the event loop (which does nothing else during
+ * an inline call, and reads it far more cheaply), the thread's CPU clock on workers (not the
+ * wait for the GIL). Runs nested deeper than MAX_RUNS are counted to the deepest frame (the
+ * interpreter's recursion limit stops any real nesting long before). */
+
+#define MAX_RUNS 128
+
+typedef struct {
+    PyObject *share; /* a strong reference while the run lasts */
+    double own;      /* its own time so far, up to `run_mark` */
+    double charged;  /* what was charged to the share already (checkpoints) */
+    double began;    /* the clock when it began */
+    double host0;    /* host_clock_now() when it began */
+} run_frame;
+
+static _Thread_local run_frame runs[MAX_RUNS];
+static _Thread_local uint32_t run_depth; /* may exceed MAX_RUNS: see above */
+static _Thread_local double run_mark;
+static _Thread_local clockid_t run_clock_id;
+static PyObject *charge_name; /* "charge" */
+
+static inline double run_clock(void) {
+    struct timespec ts;
+    clock_gettime(run_clock_id, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static int charge(PyObject *share, double seconds) {
+    if (seconds <= 0)
+        return 0;
+    PyObject *value = PyFloat_FromDouble(seconds);
+    if (value == NULL)
+        return -1;
+    PyObject *done = PyObject_CallMethodOneArg(share, charge_name, value);
+    Py_DECREF(value);
+    Py_XDECREF(done);
+    return done != NULL ? 0 : -1;
+}
+
+/* run_begin(share, wall_clock): a run of share's function begins on this thread. */
+static PyObject *run_begin(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "run_begin(share, wall_clock)");
+        return NULL;
+    }
+    if (run_depth == 0)
+        run_clock_id = PyObject_IsTrue(args[1]) ? CLOCK_MONOTONIC : CLOCK_THREAD_CPUTIME_ID;
+    double now = run_clock();
+    if (run_depth > 0 && run_depth <= MAX_RUNS)
+        runs[run_depth - 1].own += now - run_mark;
+    if (run_depth < MAX_RUNS) {
+        run_frame *f = &runs[run_depth];
+        f->share = Py_NewRef(args[0]);
+        f->own = f->charged = 0.0;
+        f->began = now;
+        f->host0 = host_clock_now();
+    }
+    run_depth++;
+    run_mark = now;
+    Py_RETURN_NONE;
+}
+
+/* run_end() -> (own, in_wasm): the run on top ends; its own time (charged to its share
+   now) and the part of its whole time not spent in its host calls (its time in wasm). */
+static PyObject *run_end(PyObject *self, PyObject *unused) {
+    if (run_depth == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "run_end() without a run");
+        return NULL;
+    }
+    double now = run_clock();
+    run_depth--;
+    if (run_depth >= MAX_RUNS) { /* counted to the deepest frame, which goes on */
+        run_mark = now;
+        return Py_BuildValue("(dd)", 0.0, 0.0);
+    }
+    run_frame *f = &runs[run_depth];
+    f->own += now - run_mark;
+    run_mark = now;
+    double wasm = (now - f->began) - (host_clock_now() - f->host0);
+    PyObject *share = f->share;
+    f->share = NULL;
+    int failed = charge(share, f->own - f->charged);
+    Py_DECREF(share);
+    if (failed)
+        return NULL;
+    return Py_BuildValue("(dd)", f->own, wasm > 0 ? wasm : 0.0);
+}
+
+/* run_checkpoint(): charge the run on top what it used so far (its quota is checked
+   against it). */
+static PyObject *run_checkpoint(PyObject *self, PyObject *unused) {
+    if (run_depth == 0 || run_depth > MAX_RUNS)
+        Py_RETURN_NONE;
+    run_frame *f = &runs[run_depth - 1];
+    double now = run_clock();
+    f->own += now - run_mark;
+    run_mark = now;
+    double due = f->own - f->charged;
+    f->charged = f->own;
+    if (charge(f->share, due) < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *runs_in_progress(PyObject *self, PyObject *unused) { return PyLong_FromUnsignedLong(run_depth); }
 
 typedef struct {
     PyObject *fn;
@@ -1106,6 +1222,11 @@ static PyMethodDef methods[] = {
     {"guest", (PyCFunction)(void (*)(void))guest, METH_FASTCALL,
      "The Runtime ABI's view of a function instance's linear memory (a Guest)."},
     {"host_function", host_function, METH_VARARGS, "A Python callable as a wasmtime unchecked host function."},
+    {"run_begin", (PyCFunction)(void (*)(void))run_begin, METH_FASTCALL,
+     "A run of a function begins on this thread (its CPU time is metered)."},
+    {"run_end", run_end, METH_NOARGS, "The run on top ends: (own time, time in wasm); its own time is charged."},
+    {"run_checkpoint", run_checkpoint, METH_NOARGS, "Charge the run on top what it used so far."},
+    {"runs_in_progress", runs_in_progress, METH_NOARGS, "How many runs are in progress on this thread."},
     {"host_clock", host_clock, METH_NOARGS,
      "Seconds this thread spent in host functions called from the depth it is at now."},
     {NULL, NULL, 0, NULL},
@@ -1124,6 +1245,9 @@ PyMODINIT_FUNC PyInit__handler(void) {
 #error "wasm linear memory is little-endian; this file reads it in place"
 #endif
     if (PyType_Ready(&InstanceType) < 0 || PyType_Ready(&GuestType) < 0)
+        return NULL;
+    charge_name = PyUnicode_InternFromString("charge");
+    if (charge_name == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

@@ -42,12 +42,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from time import perf_counter, thread_time
 from typing import Any
 
 import wasmtime
 
 from layotto.host import scheduler
-from layotto.host._handler import host_clock
+from layotto.host._handler import run_begin, run_end, runs_in_progress
 from layotto.host.abi_host import (
     BUFFER_LIMIT,
     AbiContext,
@@ -326,11 +327,10 @@ class Function(InstancePool):
 
     def _run(self, instance: BaseInstance, request: Request, ticks: int, kind: str) -> Response:
         """One call on this thread, its CPU time charged to this function."""
-        meter = scheduler.meter(kind == "inline")
-        clock = meter.clock  # CPU time on a worker: not the wait for the GIL after wasm
-        if meter.top is None and not self.uses_abi:
+        if not self.uses_abi and not runs_in_progress():
             # Nothing can nest in it (no Runtime ABI), nor is it nested: its time is its own,
-            # all of it in wasm. The inline fast path.
+            # all of it in wasm. The inline fast path. (The clocks: as _handler.run_begin's.)
+            clock = perf_counter if kind == "inline" else thread_time
             began = clock()
             try:
                 return self._serve(instance, request, ticks, kind, None)
@@ -339,17 +339,13 @@ class Function(InstancePool):
                 self.share.charge(spent)
                 self.cost = self.wasm_cost = _average(self.cost, spent)
         call = scheduler.current()
-        host0 = host_clock()
-        meter.enter(self.share)
-        began = meter.mark
+        run_begin(self.share, kind == "inline")  # metered in C: host/_handler.c
         try:
             return self._serve(instance, request, ticks, kind, call)
         finally:
-            self.cost = _average(self.cost, meter.exit())
-            # Its time in wasm, what a worker would take off the loop: the run less its
-            # host calls (the functions those invoked included).
-            in_wasm = meter.mark - began - (host_clock() - host0)
-            self.wasm_cost = _average(self.wasm_cost, in_wasm if in_wasm > 0 else 0.0)
+            own, in_wasm = run_end()  # in wasm: what a worker would take off the loop
+            self.cost = _average(self.cost, own)
+            self.wasm_cost = _average(self.wasm_cost, in_wasm)
 
     def _serve(
         self, instance: BaseInstance, request: Request, ticks: int, kind: str, call: scheduler.Call | None

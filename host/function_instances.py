@@ -135,7 +135,7 @@ class BaseInstance:
         if left <= 0:
             return Stop.DEADLINE
         if fn.share.quota is not None:  # limits.cpu: charge what it used, wait if over
-            scheduler.meter(False).checkpoint()
+            _handler.run_checkpoint()
             if not fn.share.throttle():
                 return Stop.KILLED
             return Resume(1)

@@ -26,8 +26,9 @@ The workers serve the functions fairly, as the kernel's CFS serves cgroups:
   it needs one even while the workers saturate the node.
 
 Every call's CPU time is charged to its function exactly (the thread's CPU clock on a
-worker; wall time inline, where the loop does nothing else), which is what ``layotto ps``,
-CRI's stats and the metrics report.
+worker; wall time inline, where the loop does nothing else; a call nested in another, an
+invoke, to the callee), which is what ``layotto ps``, CRI's stats and the metrics report.
+The meter is in C (host/_handler.c ``run_begin``/``run_end``); it calls :meth:`Share.charge`.
 
 A call knows where it runs through :func:`current` (a thread-local :class:`Call`): the
 Runtime ABI asks it before it waits on the network (:func:`network_wait`), so an inline call
@@ -148,69 +149,6 @@ def network_wait(what: str) -> Iterator[None]:
         return
     with worker.scheduler.waiting():
         yield
-
-
-class _Segment:
-    __slots__ = ("share", "own", "outer")
-
-    def __init__(self, share: Share, outer: _Segment | None) -> None:
-        self.share = share
-        self.own = 0.0
-        self.outer = outer
-
-
-class CpuMeter:
-    """Exact CPU accounting on one thread: the time between marks is charged to the
-    function whose call runs (a nested call's time to the callee, not to its caller).
-    A meter uses the thread's CPU clock on workers, the wall clock on the event loop
-    (which does nothing else during an inline call, and reads it far more cheaply)."""
-
-    __slots__ = ("clock", "top", "mark")
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self.clock = clock
-        self.top: _Segment | None = None
-        self.mark = 0.0
-
-    def enter(self, share: Share) -> None:
-        now = self.clock()
-        top = self.top
-        if top is not None:
-            spent = now - self.mark
-            top.own += spent
-            top.share.charge(spent)
-        self.top = _Segment(share, top)
-        self.mark = now
-
-    def checkpoint(self) -> None:
-        """Charge what the current call used so far (its quota is checked against it)."""
-        top = self.top
-        if top is not None:
-            now = self.clock()
-            spent = now - self.mark
-            top.own += spent
-            top.share.charge(spent)
-            self.mark = now
-
-    def exit(self) -> float:
-        """End the current call's segment; its own CPU time in all."""
-        top = self.top
-        assert top is not None
-        now = self.clock()
-        spent = now - self.mark
-        top.own += spent
-        top.share.charge(spent)
-        self.top = top.outer
-        self.mark = now
-        return top.own
-
-
-def meter(inline: bool) -> CpuMeter:
-    """This thread's CPU meter (made on first use with the clock ``inline`` calls for)."""
-    m = getattr(_local, "meter", None)
-    if m is None:
-        m = _local.meter = CpuMeter(time.perf_counter if inline else time.thread_time)
-    return m
 
 
 class Share:
