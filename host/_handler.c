@@ -652,10 +652,10 @@ static PyObject *memory_size(PyObject *self, PyObject *const *args, Py_ssize_t n
 /* Time in host functions, per thread and per nesting depth: `host_seconds[d]` adds up the
  * wall-clock time of the host calls made at depth `d` (1: from a function called from
  * Python; 2: from a function invoked from inside such a host call; ...), each measured with
- * the GIL held. A function's run reads the counter of the depth below it before and after
- * (`host_clock`): the difference is the time its own host calls took, whatever functions
- * they called in turn; the rest of the run was wasm. Deeper calls share the last counter
- * (a run that deep just sees its time in wasm overstated). */
+ * the GIL held. A function's run reads the counter of the depth below it when it begins and
+ * ends (`host_clock_now`, in run_begin and run_end): the difference is the time its own host
+ * calls took, whatever functions they called in turn; the rest of the run was wasm. Deeper
+ * calls share the last counter (a run that deep just sees its time in wasm overstated). */
 #define MAX_HOST_DEPTH 32
 static _Thread_local uint32_t host_depth;
 static _Thread_local double host_seconds[MAX_HOST_DEPTH + 1];
@@ -670,11 +670,6 @@ static inline double host_clock_now(void) {
     return host_seconds[host_depth < MAX_HOST_DEPTH ? host_depth + 1 : MAX_HOST_DEPTH];
 }
 
-static PyObject *host_clock(PyObject *self, PyObject *unused) {
-    (void)self;
-    (void)unused;
-    return PyFloat_FromDouble(host_clock_now());
-}
 
 /* --- CPU accounting of function runs ------------------------------------------------------
  *
@@ -1227,8 +1222,6 @@ static PyMethodDef methods[] = {
     {"run_end", run_end, METH_NOARGS, "The run on top ends: (own time, time in wasm); its own time is charged."},
     {"run_checkpoint", run_checkpoint, METH_NOARGS, "Charge the run on top what it used so far."},
     {"runs_in_progress", runs_in_progress, METH_NOARGS, "How many runs are in progress on this thread."},
-    {"host_clock", host_clock, METH_NOARGS,
-     "Seconds this thread spent in host functions called from the depth it is at now."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -71,7 +71,7 @@ def host_function(fn: abi_spec.Function) -> Callable[..., int | str]:
     name = fn.name
 
     def call(*args: int) -> int | str:
-        # (Its time is measured by the C trampoline: _handler.host_clock.)
+        # (Its time is measured by the C trampoline: host/_handler.c host_callback.)
         ctx = current()
         if ctx is None:
             return Status.INTERNAL_FAILURE

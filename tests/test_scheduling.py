@@ -312,7 +312,7 @@ def test_time_in_wasm_is_each_functions_own(runtime: NodeRuntime, wasm_dir: Path
     """What decides inline or worker is a function's time in wasm: a caller's excludes its
     host calls, the function it invoked included (~2 ms of wasm in fn_work here); the
     callee's is its own. Measured by the C trampoline per nesting depth
-    (_handler.host_clock)."""
+    (host/_handler.c: run_begin, run_end)."""
     functions = FunctionRegistry()
     services = HostServices(None, HostInvoker(functions))
     work = make(runtime, wasm_dir, "fn_work", services=services, function_id="id_2")
