@@ -3,6 +3,7 @@ making a function the way the node host does."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -45,3 +46,45 @@ def make_function(runtime: NodeRuntime, wasm: bytes, name: str, **options: Any) 
         env=[],
         **options,
     )
+
+
+class Recorder(asyncio.Transport):
+    """What a protocol writes, and whether it closed: a transport for feeding the parser."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = bytearray()
+        self.closed = False
+        self.after_close = b""
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            self.after_close += data
+        self.data += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any
 
 import pytest
 
@@ -18,6 +17,7 @@ from layotto.host.function import Request, Response
 from layotto.host.function_registry import FunctionRegistry
 from layotto.host.ingress import HttpProtocol, Ingress, IngressLimits, render
 from layotto.host.ingress_limits import BODY, HEAD, IDLE
+from tests.support import Recorder
 
 
 class Fn:
@@ -35,48 +35,11 @@ class Fn:
         return self.call_inline(request)
 
 
-class Wire(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.data = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.closed = True
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
-
-
 def exchange(ingress: Ingress, feeds: list[bytes]) -> bytes:
     """What one connection of ``ingress`` answers to ``feeds`` (each its own data_received)."""
 
     async def run() -> bytes:
-        wire = Wire()
+        wire = Recorder()
         protocol = HttpProtocol(ingress)
         protocol.connection_made(wire)
         for feed in feeds:
@@ -174,7 +137,7 @@ def test_the_stamps_of_a_head_and_a_body_are_those_of_the_feeds_they_began_in() 
     ingress = Ingress(registry)
 
     async def run() -> None:
-        wire = Wire()
+        wire = Recorder()
         protocol = HttpProtocol(ingress)
         protocol.connection_made(wire)
         ingress._sweeper.cancel()

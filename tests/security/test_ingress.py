@@ -39,7 +39,7 @@ from layotto.host.runtime import NodeRuntime
 from layotto.images import builder
 from tests.conftest import find_host_process
 from tests.containerd_env import Containerd
-from tests.support import wait_for
+from tests.support import Recorder, wait_for
 
 RUNTIME = "io.containerd.layotto.v1"
 IMAGE = "docker.io/library/layotto-fnsec:latest"
@@ -672,48 +672,6 @@ def test_a_lost_connection_releases_its_pending_requests(live: Callable[..., Liv
 
 
 # --------------------------------------------------------------- the parser and render() under hypothesis
-
-
-class Recorder(asyncio.Transport):
-    """What a protocol writes, and whether it closed: a transport for feeding the parser."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.data = bytearray()
-        self.closed = False
-        self.after_close = b""
-
-    def write(self, data: bytes) -> None:
-        if self.closed:
-            self.after_close += data
-        self.data += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.closed = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
 
 
 class ResponseParts:
