@@ -150,12 +150,14 @@ class InstancePool:
         return self._live
 
     def memory_bytes(self) -> int:
-        with self._lock:
-            idle = list(self._idle)
+        """The linear memory of the idle instances. Read under the pool's lock: an instance
+        taken from the pool meanwhile may be closed by its caller (a trap, a stop), and its
+        Store freed, so its memory may only be read while it is still idle here."""
         total = 0
-        for instance in idle:
-            try:
-                total += instance.memory.size()
-            except Exception:
-                pass
+        with self._lock:
+            for instance in self._idle:
+                try:
+                    total += instance.memory.size()
+                except Exception:
+                    pass
         return total

@@ -4,6 +4,7 @@ the inline path and the scheduler's workers."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -178,3 +179,45 @@ def test_call_counters_count_every_outcome_from_every_thread() -> None:
     fast = LATENCY_BUCKETS.index(0.00025)
     assert stats.buckets[fast] == 2 * per_thread
     assert stats.latency_sum == pytest.approx(4 * per_thread / 2 * (0.0002 + 0.2))
+
+
+def test_memory_is_measured_only_while_instances_are_idle_in_the_pool(
+    runtime: NodeRuntime, wasm_dir: Path
+) -> None:
+    """CRI's stats read the idle instances' memory while requests take, trap and close
+    instances on other threads, and a stop closes the idle ones: an instance's memory is
+    read only under the pool's lock, while the pool still holds it (a Store freed under a
+    reader would crash the node host)."""
+    fn = make(runtime, wasm_dir, "fn-hello")
+    try:
+        for _ in range(3):
+            assert fn.call_inline(get(b"/", b"name=x")) is not None
+        instance = fn._idle[0]
+        seen: list[bool] = []
+        memory = instance.memory
+
+        class Watched:
+            def size(self) -> int:
+                seen.append(fn._lock.locked())
+                return memory.size()
+
+        instance._memory = Watched()  # type: ignore[assignment]
+        assert fn.memory_bytes() > 0
+        assert seen and all(seen)
+        # And under a race: takers closing instances (as after a trap) while stats are read.
+        instance._memory = memory
+        stop = time.monotonic() + 1.0
+
+        def churn() -> None:
+            while time.monotonic() < stop:
+                taken = fn._take()
+                if taken is not None:
+                    fn._give_back(taken, healthy=False)
+
+        worker = threading.Thread(target=churn)
+        worker.start()
+        while time.monotonic() < stop:
+            fn.memory_bytes()
+        worker.join()
+    finally:
+        fn.stop()
