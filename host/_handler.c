@@ -913,8 +913,17 @@ typedef struct {
     PyObject_HEAD
     void *ctx, *memory, *alloc;
     PyObject *fail;
+    handler_instance *owner; /* the Instance whose Store this is (a reference), or NULL */
     uint64_t max_key, max_value;
 } guest_object;
+
+/* Whether the Store is still there: every method refuses to touch a deleted one. */
+static bool guest_alive(guest_object *g) {
+    if (g->owner == NULL || g->owner->store != NULL)
+        return true;
+    PyErr_SetString(PyExc_RuntimeError, "guest memory of a deleted instance");
+    return false;
+}
 
 /* fail(code, a, b)'s codes, with what a and b are. */
 enum {
@@ -981,6 +990,8 @@ static const uint8_t *guest_range(guest_object *g, PyObject *const *args, uint64
 /* read(ptr, len, limit=max_value) -> bytes */
 static PyObject *guest_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     guest_object *g = (guest_object *)self;
+    if (!guest_alive(g))
+        return NULL;
     if (nargs < 2 || nargs > 3) {
         PyErr_SetString(PyExc_TypeError, "read(ptr, len, limit=max_value)");
         return NULL;
@@ -999,6 +1010,8 @@ static PyObject *guest_read(PyObject *self, PyObject *const *args, Py_ssize_t na
 /* read_str(ptr, len) -> str: a name or key (at most max_key bytes), strict UTF-8. */
 static PyObject *guest_read_str(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     guest_object *g = (guest_object *)self;
+    if (!guest_alive(g))
+        return NULL;
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "read_str(ptr, len)");
         return NULL;
@@ -1018,6 +1031,8 @@ static PyObject *guest_read_str(PyObject *self, PyObject *const *args, Py_ssize_
 /* check_writable(ptr, len): the range is inside linear memory. */
 static PyObject *guest_check_writable(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     guest_object *g = (guest_object *)self;
+    if (!guest_alive(g))
+        return NULL;
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "check_writable(ptr, len)");
         return NULL;
@@ -1031,6 +1046,8 @@ static PyObject *guest_check_writable(PyObject *self, PyObject *const *args, Py_
 /* check_out(ptr, ...): each ptr is an out-pointer, 4 bytes of linear memory. */
 static PyObject *guest_check_out(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     guest_object *g = (guest_object *)self;
+    if (!guest_alive(g))
+        return NULL;
     uint64_t size = api.memory_data_size(g->ctx, g->memory);
     for (Py_ssize_t i = 0; i < nargs; i++) {
         int64_t ptr = guest_u32(args[i]);
@@ -1047,6 +1064,8 @@ static PyObject *guest_check_out(PyObject *self, PyObject *const *args, Py_ssize
 /* write(ptr, data): data (any bytes-like object) copied to [ptr, ptr + len(data)). */
 static PyObject *guest_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     guest_object *g = (guest_object *)self;
+    if (!guest_alive(g))
+        return NULL;
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "write(ptr, data)");
         return NULL;
@@ -1120,6 +1139,8 @@ static int give_bytes(guest_object *g, PyObject *ptr_obj, PyObject *len_obj, PyO
    checked here whatever `checked` says. */
 static PyObject *guest_give(PyObject *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     guest_object *g = (guest_object *)self;
+    if (!guest_alive(g))
+        return NULL;
     Py_ssize_t nkw = kwnames != NULL ? PyTuple_GET_SIZE(kwnames) : 0;
     if (nargs != 3 || nkw > 1 ||
         (nkw == 1 && !PyUnicode_Check(PyTuple_GET_ITEM(kwnames, 0))) ||
@@ -1147,6 +1168,7 @@ static PyObject *guest_give(PyObject *self, PyObject *const *args, Py_ssize_t na
 
 static void guest_dealloc(PyObject *self) {
     Py_XDECREF(((guest_object *)self)->fail);
+    Py_XDECREF((PyObject *)((guest_object *)self)->owner);
     Py_TYPE(self)->tp_free(self);
 }
 
@@ -1172,11 +1194,18 @@ static PyTypeObject GuestType = {
     .tp_methods = guest_methods,
 };
 
-/* guest(ctx, memory, alloc, fail, max_key, max_value) -> Guest */
+/* guest(ctx, memory, alloc, fail, max_key, max_value, owner=None) -> Guest. With `owner`
+   (the _handler.Instance whose Store `ctx` is), the Guest keeps it and refuses to work once
+   it is deleted. */
 static PyObject *guest(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     void *ctx, *memory;
-    if (nargs != 6) {
-        PyErr_SetString(PyExc_TypeError, "guest(ctx, memory, alloc, fail, max_key, max_value)");
+    if (nargs != 6 && nargs != 7) {
+        PyErr_SetString(PyExc_TypeError, "guest(ctx, memory, alloc, fail, max_key, max_value, owner=None)");
+        return NULL;
+    }
+    PyObject *owner = nargs == 7 ? args[6] : Py_None;
+    if (owner != Py_None && !PyObject_TypeCheck(owner, &InstanceType)) {
+        PyErr_SetString(PyExc_TypeError, "guest: owner must be a _handler.Instance or None");
         return NULL;
     }
     if (address_pair(args, &ctx, &memory, "memory") < 0)
@@ -1201,6 +1230,7 @@ static PyObject *guest(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     g->memory = memory;
     g->alloc = alloc;
     g->fail = Py_NewRef(args[3]);
+    g->owner = owner != Py_None ? (handler_instance *)Py_NewRef(owner) : NULL;
     g->max_key = max_key;
     g->max_value = max_value;
     return (PyObject *)g;

@@ -125,6 +125,7 @@ class AbiContext:
     # (store context, memory, allocator) addresses of a store made through the C API: guest
     # memory is then read, written and given to in host/_handler.c, without a memoryview.
     raw: tuple[int, int, int] | None = None
+    owner: Any = None  # the _handler.Instance whose Store ``raw`` is: a deleted one is refused
     _view: memoryview | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -132,7 +133,7 @@ class AbiContext:
             # A store made through the C API: its memory is read, written and given to by
             # a _handler.Guest, whose methods take the place of the Python ones below (the
             # same checks, statuses and messages; no memoryview, no Python frame per call).
-            guest = _handler.guest(*self.raw, _guest_failure, MAX_KEY, MAX_VALUE)
+            guest = _handler.guest(*self.raw, _guest_failure, MAX_KEY, MAX_VALUE, self.owner)
             self.read = guest.read  # type: ignore[method-assign]
             self.read_str = guest.read_str  # type: ignore[method-assign]
             self.check_writable = guest.check_writable  # type: ignore[method-assign]

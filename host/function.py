@@ -263,10 +263,12 @@ class Function(InstancePool):
         *,
         always: bool = False,
         raw: tuple[int, int, int] | None = None,
+        owner: Any = None,
     ) -> AbiContext | None:
         """The Runtime ABI's view of one instance (None when the module imports no ABI,
         unless ``always``: Layotto-style modules keep their request buffers there);
-        ``raw``: its store context, memory and allocator addresses (AbiContext.raw)."""
+        ``raw``: its store context, memory and allocator addresses (AbiContext.raw), and
+        ``owner`` the _handler.Instance holding that Store, if one does."""
         if not self.uses_abi and not always:
             return None
         services = self.services
@@ -283,6 +285,7 @@ class Function(InstancePool):
             # host memory the guest's buffers may take: never more than its own memory
             buffer_limit=min(BUFFER_LIMIT, self.memory_limit),
             raw=raw,
+            owner=owner,
         )
 
     # --- invocation --------------------------------------------------------------------

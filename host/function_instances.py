@@ -207,7 +207,10 @@ class Instance(BaseInstance):
         self.handle = self.raw.instance
         self.abi = (
             fn.abi_context(
-                self.memory, self.alloc.call1, raw=(self.ctx, self.raw.mem_addr, self.raw.alloc_addr)
+                self.memory,
+                self.alloc.call1,
+                raw=(self.ctx, self.raw.mem_addr, self.raw.alloc_addr),
+                owner=self.handle,
             )
             if fn.uses_abi
             else None

@@ -496,3 +496,9 @@ def test_guest_memory_in_c_answers_as_the_python_checks_do(components) -> None:
     finally:
         fn._give_back(instance, healthy=False)
         fn.stop()
+    # Its Store deleted (the instance closed), the Guest touches nothing of it any more.
+    for op, args in [("read", (40, 5)), ("read_str", (40, 5)), ("check_out", (0,)), ("write", (0, b"x"))]:
+        with pytest.raises(RuntimeError, match="deleted instance"):
+            getattr(in_c, op)(*args)
+    with pytest.raises(RuntimeError, match="deleted instance"):
+        in_c.give(200, 204, b"x")
