@@ -28,6 +28,7 @@ MAX_VALUE = SPEC.limits.get("max_value", 4 << 20)
 KNOWN_CAPABILITIES = frozenset(SPEC.capabilities)
 
 _U32 = struct.Struct("<I")
+MAX_REMEMBERED_STORES = 32  # key prefixes an AbiContext keeps, by (kind, store)
 # What giving a result can fail for besides the allocator (host/_handler.c GIVE_*).
 _GIVE_FAILURES = {
     2: "the guest allocator returned 0",
@@ -127,6 +128,7 @@ class AbiContext:
     raw: tuple[int, int, int] | None = None
     owner: Any = None  # the _handler.Instance whose Store ``raw`` is: a deleted one is refused
     _view: memoryview | None = field(default=None, repr=False)
+    _prefixes: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)  # state_key's
 
     def __post_init__(self) -> None:
         if self.raw is not None:
@@ -231,11 +233,22 @@ class AbiContext:
 
     def state_key(self, store: str, key: str, kind: str = "state") -> str:
         """``key`` as stored: the shared rule of ``host.scoping.state_key`` (per app unless
-        the store says ``keyPrefix: name`` or ``none``)."""
-        try:
-            return scoping.state_key(self.components, kind, store, key, self.app_id, self.namespace)
-        except scoping.ScopeError as exc:
-            raise AbiStatus(Status.BAD_ARGUMENT, str(exc)) from exc
+        the store says ``keyPrefix: name`` or ``none``). A store's prefix is looked up once
+        per context: components and their metadata are fixed once built, and so are this
+        caller's app id and namespace (a few stores at most are remembered: the names come
+        from the guest)."""
+        if scoping.SEPARATOR in key:
+            try:
+                scoping.check_key(key)
+            except scoping.ScopeError as exc:
+                raise AbiStatus(Status.BAD_ARGUMENT, str(exc)) from exc
+        prefixes = self._prefixes
+        prefix = prefixes.get((kind, store))
+        if prefix is None:
+            prefix = scoping.key_prefix(self.components, kind, store, self.app_id, self.namespace)
+            if len(prefixes) < MAX_REMEMBERED_STORES:
+                prefixes[(kind, store)] = prefix
+        return prefix + key
 
     def topic(self, pubsub_name: str, topic: str) -> str:
         """The component topic for ``topic``: per namespace (``host.scoping.scoped_topic``)."""

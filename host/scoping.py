@@ -48,7 +48,8 @@ def owner(namespace: str | None, app_id: str) -> str:
     return f"{namespace}.{app_id}"
 
 
-def _check_key(key: str, what: str = "key") -> None:
+def check_key(key: str, what: str = "key") -> None:
+    """Refuse a key (or topic) containing the separator of scoped keys."""
     if SEPARATOR in key:
         raise ScopeError(f"input {what} '{key}' can't contain '{SEPARATOR}'")
 
@@ -70,7 +71,7 @@ def state_key(
 ) -> str:
     """``key`` as stored in ``store``: state, lock (``kind`` "lock") and sequencer
     (``kind`` "sequencer") keys. A key containing ``||`` is refused."""
-    _check_key(key)
+    check_key(key)
     return key_prefix(components, kind, store, app_id, namespace) + key
 
 
@@ -78,7 +79,7 @@ def scoped_topic(components: Any, pubsub_name: str, namespace: str | None, topic
     """The component topic for ``topic`` published or subscribed from ``namespace``:
     ``<namespace>||<topic>``, or ``topic`` itself when the pub/sub component says
     ``topicPrefix: none`` (or for the host itself, namespace None)."""
-    _check_key(topic, "topic")
+    check_key(topic, "topic")
     if namespace is None or _mode(components, "pubsub", pubsub_name, "topicPrefix", "namespace") == "none":
         return topic
     return f"{namespace}{SEPARATOR}{topic}"
@@ -112,7 +113,7 @@ def get_configuration(
     """The caller's configuration items for ``keys`` (all of its items when ``keys`` is
     empty), with the keys as the caller names them."""
     for key in keys:
-        _check_key(key)
+        check_key(key)
     store = components.configuration(store_name)
     prefix = key_prefix(components, "configuration", store_name, app_id, namespace)
     if not prefix:
@@ -133,7 +134,7 @@ def subscribe_configuration(
     when empty) in configuration store ``store_name``: it sees only its own app's items,
     under the keys it named. Returns the cancel function."""
     for key in keys:
-        _check_key(key)
+        check_key(key)
     store = components.configuration(store_name)
     prefix = key_prefix(components, "configuration", store_name, app_id, namespace)
     if not prefix:

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from layotto.abi import spec as abi_spec
 from layotto.host import abi_host, errors
+from layotto.host.abi_context import MAX_REMEMBERED_STORES
 from layotto.host.abi_host import AbiContext, WasmtimeMemory, calling, host_function, parse_capabilities
 from layotto.host.components.registry import load_components
 from layotto.host.engine import WasmEngine
@@ -249,6 +250,33 @@ def test_key_prefix_none_reads_the_raw_key(tmp_path) -> None:
         store, key = guest.put(100, b"state_demo"), guest.put(200, b"book1")
         assert guest.call("layotto_state_get", *store, *key, 1000, 1004, 1008, 1012) == STATUS["OK"]
         assert guest.get(guest.u32(1000), guest.u32(1004)) == b"100"
+
+
+def test_each_store_keeps_its_own_key_prefix_for_one_caller(tmp_path) -> None:
+    """A caller's key prefixes are remembered per store (AbiContext.state_key): stores with
+    different ``keyPrefix`` modes, asked in turns, each keep theirs; a key containing the
+    separator is refused however often the store was used; and store names made up by the
+    guest are not remembered without bound."""
+    config = tmp_path / "components.yaml"
+    config.write_text(
+        "state:\n"
+        "  shared: {type: sqlite, metadata: {keyPrefix: none}}\n"
+        "  named: {type: sqlite, metadata: {keyPrefix: name}}\n"
+        "  mine: {type: sqlite}\n"
+    )
+    with load_components(config, tmp_path) as components:
+        ctx = Guest(components, parse_capabilities("state")).ctx
+        for _ in range(3):
+            assert ctx.state_key("shared", "k") == "k"
+            assert ctx.state_key("named", "k") == "named||k"
+            assert ctx.state_key("mine", "k") == "tests.guest||k"
+            assert ctx.state_key("mine", "k", "lock") == "tests.guest||k"
+            with pytest.raises(errors.AbiStatus) as refused:
+                ctx.state_key("shared", "a||b")
+            assert refused.value.status == Status.BAD_ARGUMENT
+        for n in range(1000):
+            assert ctx.state_key(f"made-up-{n}", "k") == "tests.guest||k"
+        assert len(ctx._prefixes) <= MAX_REMEMBERED_STORES
 
 
 def test_calls_from_wasm_go_through_the_raw_import_table(components) -> None:
