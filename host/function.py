@@ -330,8 +330,9 @@ class Function(InstancePool):
 
     def _run(self, instance: BaseInstance, request: Request, ticks: int, kind: str) -> Response:
         """One call on this thread, its CPU time charged to this function."""
-        if not self.uses_abi and not runs_in_progress():
-            # Nothing can nest in it (no Runtime ABI), nor is it nested: its time is its own,
+        if not self.uses_abi and self.share.quota is None and not runs_in_progress():
+            # Nothing can nest in it (no Runtime ABI), nor is it nested, nor does a CPU limit
+            # charge it at checkpoints during the call (run_checkpoint): its time is its own,
             # all of it in wasm. The inline fast path. (The clocks: as _handler.run_begin's.)
             clock = perf_counter if kind == "inline" else thread_time
             began = clock()

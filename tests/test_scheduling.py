@@ -213,6 +213,19 @@ def test_a_cpu_limited_function_uses_at_most_its_quota(runtime: NodeRuntime, was
         fn.stop()
 
 
+def test_one_long_call_is_held_to_its_quota_while_it_runs(runtime: NodeRuntime, wasm_dir: Path) -> None:
+    """limits.cpu 100m on a function without ABI imports: a single call of ~60 ms of work is
+    charged at its checkpoints as it runs, so the quota holds it back during the call (not
+    only the calls after it)."""
+    fn = make(runtime, wasm_dir, "fn_work", cpu_quota=0.01, cpu_period=0.1)
+    try:
+        assert fn.call_sync(get(b"/", b"us=60000")).status == 200
+        assert fn.share.throttled > 0
+        assert fn.share.throttled_seconds > 0.1
+    finally:
+        fn.stop()
+
+
 @pytest.fixture
 def chain(runtime: NodeRuntime, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Chain]:
     """Layotto's demo chain in process: id_1 invokes id_2, which reads book1 from the state
