@@ -913,16 +913,32 @@ typedef struct {
     PyObject_HEAD
     void *ctx, *memory, *alloc;
     PyObject *fail;
-    handler_instance *owner; /* the Instance whose Store this is (a reference), or NULL */
+    PyObject *owner; /* what holds the Store (a reference), or NULL: see guest_alive */
     uint64_t max_key, max_value;
 } guest_object;
 
-/* Whether the Store is still there: every method refuses to touch a deleted one. */
+static PyObject *ctx_name; /* "ctx" */
+
+/* Whether the Store is still there: every method refuses to touch a deleted one. The owner
+   is a _handler.Instance (its store pointer), or an object whose `ctx` attribute becomes
+   None when it frees the Store (host/fastcall.py RawStore). */
 static bool guest_alive(guest_object *g) {
-    if (g->owner == NULL || g->owner->store != NULL)
+    PyObject *owner = g->owner;
+    if (owner == NULL)
         return true;
-    PyErr_SetString(PyExc_RuntimeError, "guest memory of a deleted instance");
-    return false;
+    bool alive;
+    if (Py_IS_TYPE(owner, &InstanceType)) {
+        alive = ((handler_instance *)owner)->store != NULL;
+    } else {
+        PyObject *ctx = PyObject_GetAttr(owner, ctx_name);
+        if (ctx == NULL)
+            return false;
+        alive = ctx != Py_None;
+        Py_DECREF(ctx);
+    }
+    if (!alive)
+        PyErr_SetString(PyExc_RuntimeError, "guest memory of a deleted instance");
+    return alive;
 }
 
 /* fail(code, a, b)'s codes, with what a and b are. */
@@ -1168,7 +1184,7 @@ static PyObject *guest_give(PyObject *self, PyObject *const *args, Py_ssize_t na
 
 static void guest_dealloc(PyObject *self) {
     Py_XDECREF(((guest_object *)self)->fail);
-    Py_XDECREF((PyObject *)((guest_object *)self)->owner);
+    Py_XDECREF(((guest_object *)self)->owner);
     Py_TYPE(self)->tp_free(self);
 }
 
@@ -1195,8 +1211,9 @@ static PyTypeObject GuestType = {
 };
 
 /* guest(ctx, memory, alloc, fail, max_key, max_value, owner=None) -> Guest. With `owner`
-   (the _handler.Instance whose Store `ctx` is), the Guest keeps it and refuses to work once
-   it is deleted. */
+   (what holds the Store `ctx` is: a _handler.Instance, or an object with a `ctx` attribute
+   that becomes None when the Store is freed), the Guest keeps it and refuses to work once
+   the Store is gone. */
 static PyObject *guest(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     void *ctx, *memory;
     if (nargs != 6 && nargs != 7) {
@@ -1204,10 +1221,6 @@ static PyObject *guest(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
         return NULL;
     }
     PyObject *owner = nargs == 7 ? args[6] : Py_None;
-    if (owner != Py_None && !PyObject_TypeCheck(owner, &InstanceType)) {
-        PyErr_SetString(PyExc_TypeError, "guest: owner must be a _handler.Instance or None");
-        return NULL;
-    }
     if (address_pair(args, &ctx, &memory, "memory") < 0)
         return NULL;
     void *alloc = PyLong_AsVoidPtr(args[2]);
@@ -1230,7 +1243,7 @@ static PyObject *guest(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     g->memory = memory;
     g->alloc = alloc;
     g->fail = Py_NewRef(args[3]);
-    g->owner = owner != Py_None ? (handler_instance *)Py_NewRef(owner) : NULL;
+    g->owner = owner != Py_None ? Py_NewRef(owner) : NULL;
     g->max_key = max_key;
     g->max_value = max_value;
     return (PyObject *)g;
@@ -1270,7 +1283,8 @@ PyMODINIT_FUNC PyInit__handler(void) {
     if (PyType_Ready(&InstanceType) < 0 || PyType_Ready(&GuestType) < 0)
         return NULL;
     charge_name = PyUnicode_InternFromString("charge");
-    if (charge_name == NULL)
+    ctx_name = PyUnicode_InternFromString("ctx");
+    if (charge_name == NULL || ctx_name == NULL)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)

@@ -126,7 +126,7 @@ class AbiContext:
     # (store context, memory, allocator) addresses of a store made through the C API: guest
     # memory is then read, written and given to in host/_handler.c, without a memoryview.
     raw: tuple[int, int, int] | None = None
-    owner: Any = None  # the _handler.Instance whose Store ``raw`` is: a deleted one is refused
+    owner: Any = None  # what holds ``raw``'s Store (_handler.Instance, RawStore): once freed, refused
     _view: memoryview | None = field(default=None, repr=False)
     _prefixes: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)  # state_key's
 

@@ -274,21 +274,30 @@ class Func:
 
 class Memory:
     """Bounds-checked access to an instance's linear memory, by address: a memoryview over
-    it, rebuilt only when the memory grows (valid until the next wasm call)."""
+    it, rebuilt only when the memory grows (valid until the next wasm call). With ``owner``
+    (the HandlerStore or RawStore holding the Store, whose ``ctx`` becomes None when it is
+    freed), a Memory outliving its Store refuses to read it."""
 
-    __slots__ = ("ctx", "mem_addr", "_base", "_size", "_view")
+    __slots__ = ("ctx", "mem_addr", "owner", "_base", "_size", "_view")
 
-    def __init__(self, ctx: int, mem_addr: int) -> None:
+    def __init__(self, ctx: int, mem_addr: int, owner: Any = None) -> None:
         self.ctx = ctx
         self.mem_addr = mem_addr
+        self.owner = owner
         self._base = 0
         self._size = -1
         self._view = memoryview(b"")
 
+    def _check(self) -> None:
+        if self.owner is not None and self.owner.ctx is None:
+            raise RuntimeError("linear memory of a deleted store")
+
     def size(self) -> int:
+        self._check()
         return _memory_data_size(self.ctx, self.mem_addr)
 
     def view(self) -> memoryview:
+        self._check()
         size = _memory_size(self.ctx, self.mem_addr)
         if size == self._size:  # a memory moves only when it grows: same size, same place
             return self._view

@@ -268,7 +268,7 @@ class Function(InstancePool):
         """The Runtime ABI's view of one instance (None when the module imports no ABI,
         unless ``always``: Layotto-style modules keep their request buffers there);
         ``raw``: its store context, memory and allocator addresses (AbiContext.raw), and
-        ``owner`` the _handler.Instance holding that Store, if one does."""
+        ``owner`` what holds that Store (a _handler.Instance or a RawStore)."""
         if not self.uses_abi and not always:
             return None
         services = self.services

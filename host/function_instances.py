@@ -219,7 +219,7 @@ class Instance(BaseInstance):
     @property
     def memory(self) -> Memory:
         if self._memory is None:
-            self._memory = Memory(self.ctx, self.raw.mem_addr)
+            self._memory = Memory(self.ctx, self.raw.mem_addr, self.raw)
         return self._memory
 
     @property
@@ -309,8 +309,10 @@ class ProxyInstance(BaseInstance):
             if alloc is None or memory is None:
                 raise ModuleError(f"{fn.name}: a Layotto function must export memory and malloc")
             self.alloc = Func(ctx, alloc, 1)
-            self.memory = Memory(ctx, memory)
-            abi = fn.abi_context(self.memory, self.alloc.call1, always=True, raw=(ctx, memory, alloc))
+            self.memory = Memory(ctx, memory, self.raw)
+            abi = fn.abi_context(
+                self.memory, self.alloc.call1, always=True, raw=(ctx, memory, alloc), owner=self.raw
+            )
             assert abi is not None  # always=True
             self.abi: AbiContext = abi
             arity = fn.export_arity

@@ -530,3 +530,31 @@ def test_guest_memory_in_c_answers_as_the_python_checks_do(components) -> None:
             getattr(in_c, op)(*args)
     with pytest.raises(RuntimeError, match="deleted instance"):
         in_c.give(200, 204, b"x")
+
+
+@pytest.mark.parametrize("module", ["faas_fn2", "layotto_fn2"])
+def test_memory_of_a_closed_instance_is_refused_not_read(components, wasm_dir, module: str) -> None:
+    """An instance's Memory and Runtime ABI view, kept past its close (a handler-ABI
+    instance; a Layotto-style one, whose Store is a RawStore), refuse to read the freed Store
+    instead of following its addresses."""
+    fn = make_function(
+        NodeRuntime(None),
+        (wasm_dir / f"{module}.wasm").read_bytes(),
+        module,
+        capabilities=parse_capabilities("state"),
+        services=HostServices(components, None),
+    )
+    try:
+        instance = fn._take()
+        assert instance is not None
+        memory, ctx = instance.memory, instance.abi
+        assert memory.size() > 0 and ctx is not None and len(ctx.read(0, 4)) == 4
+        fn._give_back(instance, healthy=False)  # closed: its Store is freed
+        with pytest.raises(RuntimeError, match="deleted"):
+            memory.size()
+        with pytest.raises(RuntimeError, match="deleted"):
+            memory.view()
+        with pytest.raises(RuntimeError, match="deleted"):
+            ctx.read(0, 4)
+    finally:
+        fn.stop()
