@@ -959,6 +959,18 @@ enum {
 
 static PyTypeObject GuestType;
 
+/* The start of every Guest method: the Store is still there and the call has between `least`
+   and `most` arguments (`usage` names them in the TypeError). */
+static bool guest_ready(guest_object *g, Py_ssize_t nargs, Py_ssize_t least, Py_ssize_t most, const char *usage) {
+    if (!guest_alive(g))
+        return false;
+    if (nargs < least || nargs > most) {
+        PyErr_Format(PyExc_TypeError, "Guest.%s", usage);
+        return false;
+    }
+    return true;
+}
+
 static PyObject *guest_fail(guest_object *g, int code, PyObject *a, PyObject *b) {
     PyObject *exc = PyObject_CallFunction(g->fail, "iOO", code, a != NULL ? a : Py_None, b != NULL ? b : Py_None);
     if (exc != NULL) {
@@ -1006,12 +1018,8 @@ static const uint8_t *guest_range(guest_object *g, PyObject *const *args, uint64
 /* read(ptr, len, limit=max_value) -> bytes */
 static PyObject *guest_read(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     guest_object *g = (guest_object *)self;
-    if (!guest_alive(g))
+    if (!guest_ready(g, nargs, 2, 3, "read(ptr, len, limit=max_value)"))
         return NULL;
-    if (nargs < 2 || nargs > 3) {
-        PyErr_SetString(PyExc_TypeError, "read(ptr, len, limit=max_value)");
-        return NULL;
-    }
     uint64_t limit = g->max_value;
     if (nargs == 3) {
         limit = PyLong_AsUnsignedLongLong(args[2]);
@@ -1026,12 +1034,8 @@ static PyObject *guest_read(PyObject *self, PyObject *const *args, Py_ssize_t na
 /* read_str(ptr, len) -> str: a name or key (at most max_key bytes), strict UTF-8. */
 static PyObject *guest_read_str(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     guest_object *g = (guest_object *)self;
-    if (!guest_alive(g))
+    if (!guest_ready(g, nargs, 2, 2, "read_str(ptr, len)"))
         return NULL;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "read_str(ptr, len)");
-        return NULL;
-    }
     int64_t len;
     const uint8_t *at = guest_range(g, args, g->max_key, &len);
     if (at == NULL)
@@ -1047,12 +1051,8 @@ static PyObject *guest_read_str(PyObject *self, PyObject *const *args, Py_ssize_
 /* check_writable(ptr, len): the range is inside linear memory. */
 static PyObject *guest_check_writable(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     guest_object *g = (guest_object *)self;
-    if (!guest_alive(g))
+    if (!guest_ready(g, nargs, 2, 2, "check_writable(ptr, len)"))
         return NULL;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "check_writable(ptr, len)");
-        return NULL;
-    }
     int64_t len;
     if (guest_range(g, args, UINT64_MAX, &len) == NULL)
         return NULL;
@@ -1080,12 +1080,8 @@ static PyObject *guest_check_out(PyObject *self, PyObject *const *args, Py_ssize
 /* write(ptr, data): data (any bytes-like object) copied to [ptr, ptr + len(data)). */
 static PyObject *guest_write(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     guest_object *g = (guest_object *)self;
-    if (!guest_alive(g))
+    if (!guest_ready(g, nargs, 2, 2, "write(ptr, data)"))
         return NULL;
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "write(ptr, data)");
-        return NULL;
-    }
     Py_buffer data;
     if (PyObject_GetBuffer(args[1], &data, PyBUF_SIMPLE) < 0)
         return NULL;

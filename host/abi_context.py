@@ -237,11 +237,10 @@ class AbiContext:
         per context: components and their metadata are fixed once built, and so are this
         caller's app id and namespace (a few stores at most are remembered: the names come
         from the guest)."""
-        if scoping.SEPARATOR in key:
-            try:
-                scoping.check_key(key)
-            except scoping.ScopeError as exc:
-                raise AbiStatus(Status.BAD_ARGUMENT, str(exc)) from exc
+        try:
+            scoping.check_key(key)
+        except scoping.ScopeError as exc:
+            raise AbiStatus(Status.BAD_ARGUMENT, str(exc)) from exc
         prefixes = self._prefixes
         prefix = prefixes.get((kind, store))
         if prefix is None:

@@ -8,6 +8,7 @@ import collections
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 LOG_LINE_LIMIT = 16 << 10  # a longer line (or output without a newline) is cut into lines this long
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -66,6 +67,17 @@ class FunctionLog:
                 sink(line.encode() + b"\n")
 
 
+def _folded(name: str) -> Any:
+    """A read-only counter of :class:`Stats`: its attribute ``name``, read once the
+    outcomes waiting are folded in."""
+
+    def read(stats: Stats) -> Any:
+        stats._fold()
+        return getattr(stats, name)
+
+    return property(read)
+
+
 class Stats:
     """Counters of one function, read by `layotto ps` and the metrics endpoint.
 
@@ -107,27 +119,9 @@ class Stats:
                 self._latency_sum += seconds
             self._invocations += n
 
-    @property
-    def invocations(self) -> int:
-        self._fold()
-        return self._invocations
-
-    @property
-    def errors(self) -> int:
-        self._fold()
-        return self._errors
-
-    @property
-    def codes(self) -> collections.Counter[int]:
-        self._fold()
-        return self._codes
-
-    @property
-    def buckets(self) -> list[int]:
-        self._fold()
-        return self._buckets
-
-    @property
-    def latency_sum(self) -> float:
-        self._fold()
-        return self._latency_sum
+    # The counters, each read after folding in the outcomes waiting.
+    invocations = _folded("_invocations")
+    errors = _folded("_errors")
+    codes = _folded("_codes")
+    buckets = _folded("_buckets")
+    latency_sum = _folded("_latency_sum")

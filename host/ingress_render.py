@@ -76,35 +76,32 @@ def render(response: Response, keep_alive: bool, head: bool = False) -> bytes:
     body = response.body
     if type(status) is int and type(body) is bytes:  # (so 200.0 or a str body miss the cache)
         try:
-            start = _HEADS.get((status, tuple(response.headers)))
+            key: tuple | None = (status, tuple(response.headers))
+            start = _HEADS.get(key)
         except TypeError:  # (headers that are not a list of tuples: checked by _render)
-            start = None
-        if start is not None:  # a head already checked: the common case, inline
-            if keep_alive and not head and status not in _NO_BODY:
-                return b"%scontent-length: %d\r\n\r\n%s" % (start, len(body), body)
-            return _finish(start, status, body, keep_alive, head)
+            key = None
+        else:
+            if start is not None:  # a head already checked: the common case, inline
+                if keep_alive and not head and status not in _NO_BODY:
+                    return b"%scontent-length: %d\r\n\r\n%s" % (start, len(body), body)
+                return _finish(start, status, body, keep_alive, head)
+    else:
+        key = None
     try:
-        return _render(response, keep_alive, head)
+        return _render(response, keep_alive, head, key)
     except _Invalid as exc:
-        return _render(_invalid(str(exc)), keep_alive, head)
+        return _render(_invalid(str(exc)), keep_alive, head, None)
 
 
 class _Invalid(Exception):
     pass
 
 
-def _render(response: Response, keep_alive: bool, head: bool) -> bytes:
+def _render(response: Response, keep_alive: bool, head: bool, key: tuple | None) -> bytes:
+    """Check and render a response whose head is not cached; ``key``: the head cache's key
+    for it (render's), under which its checked head is kept, or None."""
     status = response.status
     body = response.body
-    key = None
-    if type(status) is int and type(body) is bytes:
-        try:
-            key = (status, tuple(response.headers))
-            start = _HEADS.get(key)
-        except TypeError:  # (headers that are not a list of tuples: checked below)
-            key = start = None
-        if start is not None:
-            return _finish(start, status, body, keep_alive, head)
     line = _STATUS_LINES.get(status) if type(status) is int else None
     if line is None:
         raise _Invalid(f"response status {_short(status)}")

@@ -4,6 +4,7 @@ the inline path and the scheduler's workers."""
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from layotto.host.function import INLINE_BUDGET, INLINE_CHEAP, INLINE_HEAVY, Function, Request
+from layotto.host.function_stats import LATENCY_BUCKETS, Stats
 from layotto.host.runtime import NodeRuntime
 from tests.support import make_function
 
@@ -148,11 +150,6 @@ def test_configuration_changes_reach_a_subscribed_function(
 def test_call_counters_count_every_outcome_from_every_thread() -> None:
     """Stats folds the outcomes it was given when read (and when many are waiting):
     threads observing at once, reads in between, nothing lost or counted twice."""
-    import sys
-    import threading
-
-    from layotto.host.function_stats import LATENCY_BUCKETS, Stats
-
     stats = Stats()
     per_thread = Stats.FOLD_AT + 1000  # each thread passes the fold threshold too
 

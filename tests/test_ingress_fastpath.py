@@ -192,7 +192,8 @@ def test_chunk_framing_past_its_allowance_is_refused() -> None:
 def test_a_cached_head_renders_as_the_first_rendering_did(status: int, keep_alive: bool, head: bool) -> None:
     headers = [(b"content-type", b"text/plain"), (b"x-s", b"%d" % status)]
     body = b"body of %d" % status
-    first = ingress_render._render(Response(status, list(headers), body), keep_alive, head)
+    key = (status, tuple(headers))
+    first = ingress_render._render(Response(status, list(headers), body), keep_alive, head, key)
     assert (status, tuple(headers)) in ingress_render._HEADS
     assert render(Response(status, list(headers), body), keep_alive, head) == first
     # what the cache must not take for the status it equals

@@ -186,6 +186,12 @@ def make(runtime: NodeRuntime, wasm_dir: Path, module: str, **kw: object) -> Fun
     return make_function(runtime, (wasm_dir / f"{module}.wasm").read_bytes(), module, **kw)
 
 
+def make_id_1(runtime: NodeRuntime, wasm_dir: Path, services: HostServices) -> Function:
+    """faas_fn1 as Layotto's demo runs it: id ``id_1``, invoking ``id_2``."""
+    invoke = parse_capabilities("invoke")
+    return make(runtime, wasm_dir, "faas_fn1", services=services, capabilities=invoke, function_id="id_1")
+
+
 def test_a_cpu_limited_function_uses_at_most_its_quota(runtime: NodeRuntime, wasm_dir: Path) -> None:
     """limits.cpu 100m: eight callers keep the function busy for a second of wall time;
     it gets about 0.1 s of CPU (not the ~2 cores it would take), never runs inline, and
@@ -253,14 +259,7 @@ def chain(runtime: NodeRuntime, tmp_path: Path, request: pytest.FixtureRequest) 
             capabilities=parse_capabilities("state"),
             function_id="id_2",
         )
-        fn1 = make(
-            runtime,
-            request.getfixturevalue("wasm_dir"),
-            "faas_fn1",
-            services=services,
-            capabilities=parse_capabilities("invoke"),
-            function_id="id_1",
-        )
+        fn1 = make_id_1(runtime, request.getfixturevalue("wasm_dir"), services)
         functions.add(fn2)
         functions.add(fn1)
         try:
@@ -329,14 +328,7 @@ def test_time_in_wasm_is_each_functions_own(runtime: NodeRuntime, wasm_dir: Path
     functions = FunctionRegistry()
     services = HostServices(None, HostInvoker(functions))
     work = make(runtime, wasm_dir, "fn_work", services=services, function_id="id_2")
-    caller = make(
-        runtime,
-        wasm_dir,
-        "faas_fn1",
-        services=services,
-        capabilities=parse_capabilities("invoke"),
-        function_id="id_1",
-    )
+    caller = make_id_1(runtime, wasm_dir, services)
     functions.add(work)
     functions.add(caller)
     try:
